@@ -1,0 +1,234 @@
+"""The `zraft` command line: cluster, node and client commands (typer)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from zraft.config import ClusterConfig, ConfigError, Settings, load_config
+
+app = typer.Typer(help="zraft: a strongly consistent, replicated key-value store on Raft.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+cluster_app = typer.Typer(help="Run a whole cluster on this host, and look at it.", no_args_is_help=True)
+client_app = typer.Typer(help="One request against the cluster; the leader is found automatically.",
+                         no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(client_app, name="client")
+
+err = Console(stderr=True)
+
+ConfigOpt = typer.Option(Path("Config.txt"), "--config", "-c", envvar="ZRAFT_CONFIG",
+                         help="The cluster's Config.txt: one node per line.")
+DataDirOpt = typer.Option(Path("data"), "--data-dir", "-d", envvar="ZRAFT_DATA_DIR",
+                          help="Where nodes keep their state, one sub-folder per node id.")
+LogLevelOpt = typer.Option("INFO", "--log-level", envvar="ZRAFT_LOG_LEVEL",
+                           help="Terminal log level (DEBUG, INFO, WARNING, ERROR); the node's log file in its "
+                                "data dir gets INFO and up.")
+EndpointsOpt = typer.Option(None, "--endpoint", "-e",
+                            help="A node's client endpoint (tcp://IP:PORT); repeat for several. "
+                                 "Default: every node in --config.")
+TimeoutOpt = typer.Option(5.0, "--timeout", "-t", help="Give up after this many seconds.")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load(config: Path) -> ClusterConfig:
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _endpoints(config: Path, endpoints: Optional[list[str]]) -> list[str]:
+    if endpoints:
+        return [e if e.startswith("tcp://") else f"tcp://{e}" for e in endpoints]
+    return [n.client_endpoint for n in _load(config).nodes]
+
+
+# ---------------------------------------------------------------------- node
+
+
+@app.command()
+def node(
+    id: int = typer.Option(..., "--id", "-i", help="This node's id in Config.txt."),
+    config: Path = ConfigOpt,
+    data_dir: Path = DataDirOpt,
+    log_level: str = LogLevelOpt,
+) -> None:
+    """Run one node in the foreground (what `cluster up` spawns; also how a node runs on its own host)."""
+    from zraft.server import run_node
+
+    cluster = _load(config)
+    try:
+        cluster.node(id)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    settings = _settings()
+    try:
+        run_node(cluster, id, data_dir, settings, log_level)
+    except OSError as exc:  # e.g. a port in use, or the data dir locked by a running node
+        raise _fail(f"node {id} could not start: {exc}") from None
+
+
+# ---------------------------------------------------------------------- cluster
+
+
+@cluster_app.command("up")
+def cluster_up(config: Path = ConfigOpt, data_dir: Path = DataDirOpt, log_level: str = LogLevelOpt) -> None:
+    """Start one process per node in Config.txt and show their state until Ctrl-C (which stops them all)."""
+    from zraft.supervisor import Supervisor
+
+    cluster = _load(config)
+    _settings()  # fail before spawning anything
+    Supervisor(config, cluster, data_dir, log_level).run()
+
+
+@cluster_app.command("status")
+def cluster_status(
+    config: Path = ConfigOpt,
+    endpoints: Optional[list[str]] = EndpointsOpt,
+    as_json: bool = typer.Option(False, "--json", help="One JSON list, for scripts."),
+    timeout: float = typer.Option(1.0, "--timeout", "-t", help="How long to wait for each node."),
+) -> None:
+    """Every node's id, role, term, leader, commit and applied index, and whether it answers."""
+    from zraft.client import Client
+
+    eps = _endpoints(config, endpoints)
+    statuses = Client(eps).statuses(timeout)
+    rows = [{"endpoint": ep, "answers": st is not None, **(st or {})} for ep, st in zip(eps, statuses)]
+    for r in rows:
+        r.pop("ok", None)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    t = Table()
+    for col in ("id", "endpoint", "answers", "role", "term", "leader", "commit", "applied"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r.get("id", "-")), r["endpoint"], "yes" if r["answers"] else "[red]no[/]",
+                  str(r.get("role", "-")), str(r.get("term", "-")), str(r.get("leader", "-")),
+                  str(r.get("commit_index", "-")), str(r.get("applied_index", "-")))
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=200)
+    out.print(t)
+    if not any(r["answers"] for r in rows):
+        raise typer.Exit(1)
+
+
+def _control(op: str, node_id: int, data_dir: Path) -> None:
+    from zraft.supervisor import send_control
+
+    rep = send_control(data_dir, op, node_id)
+    if not rep.get("ok"):
+        raise _fail(rep.get("message", "failed"))
+    print(rep["message"])
+
+
+@cluster_app.command("start-node")
+def start_node(node_id: int = typer.Argument(..., help="Node id."), data_dir: Path = DataDirOpt) -> None:
+    """Ask the running `cluster up` supervisor to start node N again (it never restarts one by itself)."""
+    _control("start", node_id, data_dir)
+
+
+@cluster_app.command("stop-node")
+def stop_node(node_id: int = typer.Argument(..., help="Node id."), data_dir: Path = DataDirOpt) -> None:
+    """Ask the running supervisor to stop node N cleanly (SIGTERM)."""
+    _control("stop", node_id, data_dir)
+
+
+@cluster_app.command("kill-node")
+def kill_node(node_id: int = typer.Argument(..., help="Node id."), data_dir: Path = DataDirOpt) -> None:
+    """Ask the running supervisor to kill node N with SIGKILL, as a crash would."""
+    _control("kill", node_id, data_dir)
+
+
+# ---------------------------------------------------------------------- client
+
+
+def _run_client(config: Path, endpoints: Optional[list[str]], timeout: float, fn):
+    from zraft.client import Client, OutcomeUnknown, ZraftError
+
+    try:
+        with Client(_endpoints(config, endpoints), timeout=timeout) as c:
+            return fn(c)
+    except OutcomeUnknown as exc:
+        raise _fail(f"{exc.message} (outcome unknown; check with `zraft client get`)", 3) from None
+    except ZraftError as exc:
+        raise _fail(f"{exc.code}: {exc.message}", 2) from None
+
+
+def _out(value: bytes) -> None:
+    sys.stdout.buffer.write(value + b"\n")
+    sys.stdout.flush()
+
+
+@client_app.command("put")
+def client_put(key: str, value: str, config: Path = ConfigOpt, endpoints: Optional[list[str]] = EndpointsOpt,
+               timeout: float = TimeoutOpt) -> None:
+    """Set KEY to VALUE. Prints OK once the write is committed on a majority and applied."""
+    _run_client(config, endpoints, timeout, lambda c: c.put(key, value))
+    print("OK")
+
+
+@client_app.command("get")
+def client_get(key: str, config: Path = ConfigOpt, endpoints: Optional[list[str]] = EndpointsOpt,
+               timeout: float = TimeoutOpt) -> None:
+    """Print KEY's value (a linearizable read). Exit code 1 if there is no such key."""
+    value = _run_client(config, endpoints, timeout, lambda c: c.get(key))
+    if value is None:
+        raise _fail(f"no such key: {key}")
+    _out(value)
+
+
+@client_app.command("delete")
+def client_delete(key: str, config: Path = ConfigOpt, endpoints: Optional[list[str]] = EndpointsOpt,
+                  timeout: float = TimeoutOpt) -> None:
+    """Delete KEY. Prints 1 if it existed, 0 if not (etcdctl's convention)."""
+    deleted = _run_client(config, endpoints, timeout, lambda c: c.delete(key))
+    print(1 if deleted else 0)
+
+
+@client_app.command("cas")
+def client_cas(key: str, expect: str = typer.Argument(..., help="The value KEY must hold now; see --absent."),
+               value: str = typer.Argument(...),
+               absent: bool = typer.Option(False, "--absent", help="Expect KEY to be absent (EXPECT is ignored)."),
+               config: Path = ConfigOpt, endpoints: Optional[list[str]] = EndpointsOpt,
+               timeout: float = TimeoutOpt) -> None:
+    """Compare-and-swap: set KEY to VALUE only if it holds EXPECT. Exit code 1 if it did not swap."""
+    swapped, current = _run_client(config, endpoints, timeout,
+                                   lambda c: c.cas(key, None if absent else expect, value))
+    if not swapped:
+        shown = "absent" if current is None else current.decode(errors="replace")
+        raise _fail(f"not swapped: {key} is {shown}")
+    print("OK")
+
+
+@client_app.command("status")
+def client_status(config: Path = ConfigOpt, endpoints: Optional[list[str]] = EndpointsOpt) -> None:
+    """Same as `zraft cluster status --json`."""
+    cluster_status(config, endpoints, as_json=True, timeout=1.0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

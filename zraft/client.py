@@ -1,0 +1,182 @@
+"""The zraft client library: leader discovery, redirects and honest retries.
+
+    from zraft.client import Client
+    with Client(["tcp://127.0.0.1:5000", "tcp://127.0.0.1:5001"]) as c:
+        c.put(b"foo", b"bar")
+        c.get(b"foo")          # b"bar"
+
+Requests go to the last known leader. A ``not_leader`` reply is followed to the hinted
+leader; a node that can't be reached, or one that knows no leader, is skipped for the
+next one, with backoff, until the deadline. Reads and anything that certainly did not
+take effect are retried. A write whose outcome is unknown (sent, but no reply, or a
+``timeout`` reply) is never retried: :class:`OutcomeUnknown` says so, and the caller
+decides.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import msgpack
+import zmq
+
+from zraft import protocol
+
+CONNECT_TIMEOUT_S = 0.3
+
+
+class ZraftError(Exception):
+    """A request failed. ``code`` is the protocol's error code (or ``unreachable``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class OutcomeUnknown(ZraftError):
+    """A write was sent but its outcome is unknown: it may or may not have been applied."""
+
+
+def _bytes(v: bytes | str) -> bytes:
+    return v.encode() if isinstance(v, str) else v
+
+
+class Client:
+    def __init__(self, endpoints: Iterable[str], timeout: float = 5.0) -> None:
+        self.endpoints = list(endpoints)
+        if not self.endpoints:
+            raise ValueError("no endpoints")
+        self.timeout = timeout
+        self.ctx = zmq.Context.instance()
+        self.leader: str | None = None
+        self._next = 0
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass  # sockets live for one request each; nothing to release
+
+    # ------------------------------------------------------------------ operations
+
+    def put(self, key: bytes | str, value: bytes | str) -> None:
+        self._call({"op": "put", "key": _bytes(key), "value": _bytes(value)}, write=True)
+
+    def get(self, key: bytes | str) -> bytes | None:
+        return self._call({"op": "get", "key": _bytes(key)}, write=False)["value"]
+
+    def delete(self, key: bytes | str) -> bool:
+        return self._call({"op": "delete", "key": _bytes(key)}, write=True)["deleted"]
+
+    def cas(self, key: bytes | str, expect: bytes | str | None, value: bytes | str) -> tuple[bool, bytes | None]:
+        """Set ``key`` to ``value`` if it holds ``expect`` (None: if absent). Returns (swapped, current value)."""
+        rep = self._call({"op": "cas", "key": _bytes(key), "expect": None if expect is None else _bytes(expect),
+                          "value": _bytes(value)}, write=True)
+        return rep["swapped"], rep["value"]
+
+    def status(self, endpoint: str, timeout: float = 1.0) -> dict[str, Any] | None:
+        """One node's status, or None if it does not answer within ``timeout``."""
+        rep = self.request(endpoint, {"op": "status"}, timeout)
+        return rep if rep and rep.get("ok") else None
+
+    def statuses(self, timeout: float = 1.0) -> list[dict[str, Any] | None]:
+        """Every endpoint's status, asked all at once; None for a node that does not answer in time."""
+        frame = msgpack.packb({"op": "status"}, use_bin_type=True)
+        socks = []
+        for ep in self.endpoints:
+            s = self.ctx.socket(zmq.REQ)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(ep)
+            s.send(frame)
+            socks.append(s)
+        poller = zmq.Poller()
+        for s in socks:
+            poller.register(s, zmq.POLLIN)
+        out: dict[zmq.Socket, dict[str, Any] | None] = dict.fromkeys(socks)
+        deadline = time.monotonic() + timeout
+        try:
+            pending = len(socks)
+            while pending and (left := deadline - time.monotonic()) > 0:
+                for s, _ in poller.poll(int(left * 1000) + 1):
+                    rep = msgpack.unpackb(s.recv(), raw=False)
+                    out[s] = rep if isinstance(rep, dict) and rep.get("ok") else None
+                    poller.unregister(s)
+                    pending -= 1
+        finally:
+            for s in socks:
+                s.close()
+        return [out[s] for s in socks]
+
+    # ------------------------------------------------------------------ plumbing
+
+    def request(self, endpoint: str, req: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        """One raw request to one node; None if it can't be reached or does not answer in time."""
+        sent, rep = self._exchange(endpoint, msgpack.packb(req, use_bin_type=True), timeout)
+        return rep
+
+    def _exchange(self, endpoint: str, frame: bytes, timeout: float) -> tuple[bool, dict[str, Any] | None]:
+        """Returns (sent, reply). ``sent`` is False only when the node certainly never got the request."""
+        sock = self.ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a node we are not connected to
+        try:
+            sock.connect(endpoint)
+            if not sock.poll(int(min(timeout, CONNECT_TIMEOUT_S) * 1000), zmq.POLLOUT):
+                return False, None
+            sock.send(frame)
+            if not sock.poll(int(timeout * 1000)):
+                return True, None
+            return True, msgpack.unpackb(sock.recv(), raw=False)
+        finally:
+            sock.close()
+
+    def _targets(self) -> str:
+        if self.leader is not None:
+            return self.leader
+        ep = self.endpoints[self._next % len(self.endpoints)]
+        self._next += 1
+        return ep
+
+    def _call(self, req: dict[str, Any], write: bool) -> dict[str, Any]:
+        deadline = time.monotonic() + self.timeout
+        frame = msgpack.packb(req, use_bin_type=True)
+        backoff = 0.02
+        last_error = "no node answered"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ZraftError(protocol.UNAVAILABLE, f"gave up after {self.timeout} s: {last_error}")
+            endpoint = self._targets()
+            sent, rep = self._exchange(endpoint, frame, remaining)
+            if rep is None:
+                self.leader = None
+                if sent and write:
+                    raise OutcomeUnknown(protocol.TIMEOUT, f"no reply from {endpoint}: the write may or may not "
+                                                           "have been applied")
+                last_error = f"{endpoint} did not answer"
+                continue
+            if rep.get("ok") is True:
+                self.leader = endpoint
+                return rep
+            code, message = rep.get("error", "?"), rep.get("message", "")
+            last_error = f"{code} from {endpoint}: {message}"
+            if code == protocol.NOT_LEADER:
+                hint = rep.get("leader")
+                self.leader = hint if hint and hint != endpoint else None
+                if self.leader is None:  # no known leader (an election is on): wait a little
+                    time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+                    backoff = min(backoff * 2, 0.5)
+            elif code == protocol.UNAVAILABLE:
+                self.leader = None
+                time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+                backoff = min(backoff * 2, 0.5)
+            elif code == protocol.TIMEOUT and write:
+                raise OutcomeUnknown(code, message)
+            elif code != protocol.TIMEOUT:
+                raise ZraftError(code, message)

@@ -1,0 +1,92 @@
+"""The client wire protocol (docs/PROTOCOL.md): request validation and reply shapes.
+
+One request and one reply, each a single frame holding one msgpack map with text keys.
+Keys and values may arrive as bin or str (str means its UTF-8 bytes); replies carry bin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+NOT_LEADER = "not_leader"
+BAD_REQUEST = "bad_request"
+TOO_LARGE = "too_large"
+TIMEOUT = "timeout"
+UNAVAILABLE = "unavailable"
+
+WRITE_OPS = frozenset({"put", "delete", "cas"})
+OPS = WRITE_OPS | {"get", "status"}
+
+
+class RequestError(Exception):
+    """A request that can't be served as sent; ``code`` is BAD_REQUEST or TOO_LARGE."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_key_bytes: int = 4096
+    max_value_bytes: int = 1 << 20
+    max_request_bytes: int = 2 << 20
+
+
+@dataclass(slots=True)
+class Request:
+    op: str
+    key: bytes = b""
+    value: bytes | None = None
+    expect: bytes | None = None
+
+
+def _as_bytes(req: dict, name: str, limit: int, nil_ok: bool = False) -> bytes | None:
+    if name not in req:
+        raise RequestError(BAD_REQUEST, f"{req['op']} needs the field {name!r}")
+    v = req[name]
+    if v is None and nil_ok:
+        return None
+    if isinstance(v, str):
+        v = v.encode()
+    elif not isinstance(v, bytes):
+        want = "bin, str or nil" if nil_ok else "bin or str"
+        raise RequestError(BAD_REQUEST, f"field {name!r} must be {want}, not {type(v).__name__}")
+    if len(v) > limit:
+        raise RequestError(TOO_LARGE, f"{name} is {len(v)} bytes, over the limit of {limit}")
+    return v
+
+
+def parse_request(raw: bytes, limits: Limits) -> Request:
+    """Decode and validate one request frame. Raises RequestError."""
+    if len(raw) > limits.max_request_bytes:
+        raise RequestError(TOO_LARGE, f"request is {len(raw)} bytes, over the limit of {limits.max_request_bytes}")
+    try:
+        req = msgpack.unpackb(raw, raw=False)
+    except Exception as exc:  # msgpack raises many unrelated types for bad input
+        raise RequestError(BAD_REQUEST, f"not a single msgpack value ({type(exc).__name__}: {exc})") from None
+    if not isinstance(req, dict):
+        raise RequestError(BAD_REQUEST, f"a request is a msgpack map, not {type(req).__name__}")
+    op = req.get("op")
+    if op not in OPS:
+        raise RequestError(BAD_REQUEST, f"unknown op {op!r}; expected one of {sorted(OPS)}")
+    if op == "status":
+        return Request(op)
+    key = _as_bytes(req, "key", limits.max_key_bytes)
+    if op in ("get", "delete"):
+        return Request(op, key)
+    value = _as_bytes(req, "value", limits.max_value_bytes)
+    if op == "put":
+        return Request(op, key, value)
+    return Request(op, key, value, _as_bytes(req, "expect", limits.max_value_bytes, nil_ok=True))
+
+
+def ok(**fields: Any) -> bytes:
+    return msgpack.packb({"ok": True, **fields}, use_bin_type=True)
+
+
+def error(code: str, message: str, **fields: Any) -> bytes:
+    return msgpack.packb({"ok": False, "error": code, "message": message, **fields}, use_bin_type=True)

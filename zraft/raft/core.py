@@ -1,0 +1,542 @@
+"""The Raft consensus core: a pure, deterministic state machine.
+
+Events go in through four doors: :meth:`RaftNode.step` (a message from a peer),
+:meth:`RaftNode.tick` (one unit of logical time), :meth:`RaftNode.propose` (client
+commands) and :meth:`RaftNode.read_index` (linearizable reads). Effects come out of
+:meth:`RaftNode.ready` as one :class:`Ready` batch. Nothing in here touches a socket,
+a clock, a thread or a disk; all randomness comes from the ``rng`` it is given, so a
+seeded simulation replays exactly.
+
+The driver's side of the bargain, for every Ready it takes:
+
+1. persist ``hard_state`` and ``entries`` durably (entries replace any stored entries
+   from ``entries[0].index`` on), before sending any message of the Ready that depends
+   on them (votes, append acknowledgements) and before applying;
+2. send ``messages`` (a leader's AppendEntries may go out before its own fsync, as in
+   the Raft thesis 10.2.1: the leader counts itself only for what it handed out here);
+3. apply ``committed`` in order, then answer ``reads`` once applied >= their index;
+4. finish all of that before the next call into the core.
+
+Structure follows etcd-io/raft: :meth:`step` does the term checks once, then hands the
+message to the current role's handler.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from zraft.raft.log import RaftLog
+from zraft.raft.messages import (
+    AppendEntries,
+    AppendEntriesResponse,
+    Entry,
+    Heartbeat,
+    HeartbeatResponse,
+    Message,
+    RequestVote,
+    RequestVoteResponse,
+)
+
+
+class Role(str, Enum):
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre-candidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+@dataclass(frozen=True)
+class RaftConfig:
+    id: int
+    voters: tuple[int, ...]  # every voting member, this node included
+    election_ticks: int = 10  # election timeout is random in [election_ticks, 2 * election_ticks)
+    heartbeat_ticks: int = 1
+    pre_vote: bool = True  # thesis 9.6: poll before campaigning, so a rejoining node can't inflate terms
+    check_quorum: bool = True  # a leader that can't hear a quorum for an election timeout steps down
+    max_inflight_msgs: int = 256  # pipelining window per follower, in AppendEntries messages
+    max_msg_bytes: int = 1 << 20  # soft cap on entry payload per AppendEntries
+
+    def __post_init__(self) -> None:
+        if self.id not in self.voters:
+            raise ValueError(f"node {self.id} is not among the voters {self.voters}")
+        if len(set(self.voters)) != len(self.voters):
+            raise ValueError(f"duplicate voter ids in {self.voters}")
+        if self.election_ticks <= self.heartbeat_ticks:
+            raise ValueError("election_ticks must be greater than heartbeat_ticks")
+
+
+@dataclass(slots=True, frozen=True)
+class HardState:
+    """What must survive a crash besides the log: the current term and the vote cast in it."""
+
+    term: int = 0
+    voted_for: int | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ReadState:
+    """A read that is safe to serve once the state machine has applied ``index``."""
+
+    request_id: Any
+    index: int
+
+
+@dataclass(slots=True)
+class Ready:
+    """Everything the driver must do after a batch of events (see the module docstring)."""
+
+    role: Role
+    term: int
+    leader: int | None
+    commit_index: int
+    hard_state: HardState | None = None
+    entries: list[Entry] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
+    committed: list[Entry] = field(default_factory=list)
+    reads: list[ReadState] = field(default_factory=list)
+    dropped_reads: list[Any] = field(default_factory=list)  # can't be served here: not (or no longer) leader
+
+
+class Progress:
+    """The leader's view of one follower (etcd's Progress, without snapshots yet).
+
+    Probing: one AppendEntries at a time until the follower's match point is found.
+    Replicating: entries stream optimistically, up to ``max_inflight`` unacknowledged
+    messages; ``inflight`` holds the last index of each.
+    """
+
+    __slots__ = ("match", "next", "probing", "probe_sent", "inflight", "recent_active", "read_seq")
+
+    def __init__(self, next_index: int) -> None:
+        self.match = 0
+        self.next = next_index
+        self.probing = True
+        self.probe_sent = False
+        self.inflight: deque[int] = deque()
+        self.recent_active = False
+        self.read_seq = 0
+
+    def paused(self, max_inflight: int) -> bool:
+        return self.probe_sent if self.probing else len(self.inflight) >= max_inflight
+
+    def become_probe(self) -> None:
+        self.probing, self.probe_sent = True, False
+        self.inflight.clear()
+        self.next = self.match + 1
+
+    def become_replicate(self) -> None:
+        self.probing, self.probe_sent = False, False
+        self.inflight.clear()
+        self.next = self.match + 1
+
+    def ack(self, index: int) -> None:
+        while self.inflight and self.inflight[0] <= index:
+            self.inflight.popleft()
+
+
+class RaftNode:
+    def __init__(self, config: RaftConfig, hard_state: HardState | None = None, log: RaftLog | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.id = config.id
+        self.peers = tuple(v for v in config.voters if v != config.id)
+        self.quorum = len(config.voters) // 2 + 1
+        self.rng = rng or random.Random(config.id)
+        hs = hard_state or HardState()
+        self.term = hs.term
+        self.voted_for = hs.voted_for
+        self._persisted_hs = hs
+        self.log = log or RaftLog()
+        self.role = Role.FOLLOWER
+        self.leader: int | None = None
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.election_timeout = self._random_timeout()
+        self.votes: dict[int, bool] = {}
+        self.progress: dict[int, Progress] = {}
+        self.self_match = 0
+        self.read_seq = 0
+        self._reads_pending: deque[tuple[int, int, list[Any]]] = deque()  # (read_seq, commit index, ids)
+        self._reads_before_commit: list[Any] = []  # arrived before this term's first commit
+        self._msgs: list[Message] = []
+        self._reads_ready: list[ReadState] = []
+        self._reads_dropped: list[Any] = []
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def commit_index(self) -> int:
+        return self.log.committed
+
+    @property
+    def applied_index(self) -> int:
+        return self.log.applied
+
+    def tick(self) -> None:
+        """Advance logical time by one tick."""
+        self.election_elapsed += 1
+        if self.role is Role.LEADER:
+            self._tick_leader()
+        elif self.election_elapsed >= self.election_timeout:
+            self.election_elapsed = 0
+            self.campaign()
+
+    def campaign(self) -> None:
+        """Start an election now (with a pre-vote round first when enabled)."""
+        if self.role is Role.LEADER:
+            return
+        if self.config.pre_vote:
+            self._become_pre_candidate()
+        else:
+            self._become_candidate()
+
+    def propose(self, commands: list[bytes]) -> int | None:
+        """Append commands to the leader's log, all in one batch.
+
+        Returns the index of the first one (they occupy consecutive indexes in the
+        current term), or None when this node is not the leader.
+        """
+        if self.role is not Role.LEADER:
+            return None
+        first = self.log.last_index + 1
+        self.log.append([Entry(self.term, first + i, c) for i, c in enumerate(commands)])
+        self._broadcast_append()
+        return first
+
+    def read_index(self, request_ids: list[Any]) -> None:
+        """Ask for linearizable reads (ReadIndex, thesis 6.4); one heartbeat round serves them all.
+
+        Each id comes back in a later Ready, either in ``reads`` with the index the
+        state machine must reach before the read is served, or in ``dropped_reads``.
+        """
+        if not request_ids:
+            return
+        if self.role is not Role.LEADER:
+            self._reads_dropped.extend(request_ids)
+        elif self.log.term_at(self.log.committed) != self.term:
+            # Until an entry of its own term commits, a new leader does not know the commit index.
+            self._reads_before_commit.extend(request_ids)
+        else:
+            self._start_read_round(list(request_ids))
+
+    def step(self, m: Message) -> None:
+        """Handle one message from a peer."""
+        if m.term > self.term:
+            if isinstance(m, RequestVote):
+                if self._in_lease():
+                    return  # a leader we heard from recently is alive: don't let this node disrupt it
+                if not m.pre_vote:
+                    self._become_follower(m.term, None)
+            elif isinstance(m, RequestVoteResponse) and m.pre_vote and m.granted:
+                pass  # a granted pre-vote carries the term we would campaign in, not a newer one
+            else:
+                leader = m.src if isinstance(m, AppendEntries | Heartbeat) else None
+                self._become_follower(m.term, leader)
+        elif m.term < self.term:
+            if isinstance(m, AppendEntries | Heartbeat) and (self.config.check_quorum or self.config.pre_vote):
+                # A stale leader (or one cut off while we moved on): tell it our term so it steps
+                # down. Without this, pre-vote could leave a node with a higher term stuck forever.
+                self._send(AppendEntriesResponse(self.term, self.id, m.src, success=False))
+            elif isinstance(m, RequestVote) and m.pre_vote:
+                self._send(RequestVoteResponse(self.term, self.id, m.src, granted=False, pre_vote=True))
+            return
+
+        if isinstance(m, RequestVote):
+            self._handle_vote_request(m)
+        elif self.role is Role.LEADER:
+            self._step_leader(m)
+        elif self.role is Role.FOLLOWER:
+            self._step_follower(m)
+        else:
+            self._step_candidate(m)
+
+    def has_ready(self) -> bool:
+        log = self.log
+        return bool(
+            self._msgs or self._reads_ready or self._reads_dropped
+            or log.unstable_from <= log.last_index or log.committed > log.applied
+            or self._persisted_hs != HardState(self.term, self.voted_for)
+        )
+
+    def ready(self) -> Ready:
+        """Take the effects of everything since the last call (see the module docstring)."""
+        entries = self.log.take_unstable()
+        if entries and self.role is Role.LEADER:
+            self.self_match = entries[-1].index
+            self._maybe_commit()
+        hs = HardState(self.term, self.voted_for)
+        rd = Ready(role=self.role, term=self.term, leader=self.leader, commit_index=self.log.committed,
+                   hard_state=hs if hs != self._persisted_hs else None, entries=entries,
+                   messages=self._msgs, committed=self.log.take_committed(),
+                   reads=self._reads_ready, dropped_reads=self._reads_dropped)
+        self._persisted_hs = hs
+        self._msgs, self._reads_ready, self._reads_dropped = [], [], []
+        return rd
+
+    # ------------------------------------------------------------------ roles
+
+    def _random_timeout(self) -> int:
+        return self.rng.randrange(self.config.election_ticks, 2 * self.config.election_ticks)
+
+    def _reset_timers(self) -> None:
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.election_timeout = self._random_timeout()
+
+    def _in_lease(self) -> bool:
+        """Heard from a live leader within the minimum election timeout (thesis 4.2.3, 9.6)."""
+        return (self.config.check_quorum and self.leader is not None
+                and self.election_elapsed < self.config.election_ticks)
+
+    def _become_follower(self, term: int, leader: int | None) -> None:
+        if term != self.term:
+            self.term, self.voted_for = term, None
+        if self.role is Role.LEADER:
+            self._drop_reads()
+        self.role = Role.FOLLOWER
+        self.leader = leader
+        self.progress = {}
+        self._reset_timers()
+
+    def _become_pre_candidate(self) -> None:
+        self.role = Role.PRE_CANDIDATE
+        self.leader = None
+        self.votes = {self.id: True}
+        self._reset_timers()
+        if not self._poll_won():
+            self._request_votes(self.term + 1, pre_vote=True)
+
+    def _become_candidate(self) -> None:
+        self.term += 1
+        self.voted_for = self.id
+        self.role = Role.CANDIDATE
+        self.leader = None
+        self.votes = {self.id: True}
+        self._reset_timers()
+        if not self._poll_won():
+            self._request_votes(self.term, pre_vote=False)
+
+    def _become_leader(self) -> None:
+        self.role = Role.LEADER
+        self.leader = self.id
+        self._reset_timers()
+        nxt = self.log.last_index + 1
+        self.progress = {p: Progress(nxt) for p in self.peers}
+        for pr in self.progress.values():
+            pr.recent_active = True  # give everyone a full election timeout before check-quorum
+        self.self_match = self.log.unstable_from - 1
+        # A no-op entry of the new term: committing it commits everything before it (5.4.2)
+        # and tells the leader the commit index, which ReadIndex needs.
+        self.propose([b""])
+
+    def _request_votes(self, term: int, pre_vote: bool) -> None:
+        for p in self.peers:
+            self._send(RequestVote(term, self.id, p, self.log.last_index, self.log.last_term, pre_vote))
+
+    def _poll_won(self) -> bool:
+        """Count the votes so far; win or lose the election if a quorum decided. True if decided."""
+        granted = sum(1 for v in self.votes.values() if v)
+        if granted >= self.quorum:
+            if self.role is Role.PRE_CANDIDATE:
+                self._become_candidate()
+            else:
+                self._become_leader()
+            return True
+        if len(self.votes) - granted >= self.quorum:
+            self._become_follower(self.term, None)
+            return True
+        return False
+
+    def _handle_vote_request(self, m: RequestVote) -> None:
+        can_vote = (
+            self.voted_for == m.src
+            or (self.voted_for is None and self.leader is None)
+            or (m.pre_vote and m.term > self.term)
+        )
+        if can_vote and self.log.is_up_to_date(m.last_log_index, m.last_log_term):
+            # A granted pre-vote answers in the term asked about; see step().
+            self._send(RequestVoteResponse(m.term, self.id, m.src, granted=True, pre_vote=m.pre_vote))
+            if not m.pre_vote:
+                self.voted_for = m.src
+                self.election_elapsed = 0
+        else:
+            self._send(RequestVoteResponse(self.term, self.id, m.src, granted=False, pre_vote=m.pre_vote))
+
+    # ------------------------------------------------------------------ follower and candidates
+
+    def _step_follower(self, m: Message) -> None:
+        if isinstance(m, AppendEntries):
+            self.leader, self.election_elapsed = m.src, 0
+            self._handle_append(m)
+        elif isinstance(m, Heartbeat):
+            self.leader, self.election_elapsed = m.src, 0
+            self.log.commit_to(min(m.commit, self.log.last_index))
+            self._send(HeartbeatResponse(self.term, self.id, m.src, m.read_seq))
+
+    def _step_candidate(self, m: Message) -> None:
+        if isinstance(m, AppendEntries | Heartbeat):
+            # Someone won this term: follow it.
+            self._become_follower(self.term, m.src)
+            self._step_follower(m)
+        elif isinstance(m, RequestVoteResponse) and m.pre_vote == (self.role is Role.PRE_CANDIDATE):
+            self.votes.setdefault(m.src, m.granted)
+            self._poll_won()
+
+    def _handle_append(self, m: AppendEntries) -> None:
+        log = self.log
+        if log.matches(m.prev_index, m.prev_term):
+            last_new = log.merge(m.prev_index, m.entries)
+            log.commit_to(min(m.commit, last_new))
+            self._send(AppendEntriesResponse(self.term, self.id, m.src, success=True, match_index=last_new))
+            return
+        # Reject, with a hint that lets the leader skip the whole conflicting term.
+        if m.prev_index > log.last_index:
+            conflict_term, conflict_index = 0, log.last_index + 1
+        else:
+            conflict_term = log.term_at(m.prev_index) or 0
+            conflict_index = log.first_index_of_term(m.prev_index)
+        self._send(AppendEntriesResponse(self.term, self.id, m.src, success=False, reject_index=m.prev_index,
+                                         conflict_term=conflict_term, conflict_index=conflict_index))
+
+    # ------------------------------------------------------------------ leader
+
+    def _tick_leader(self) -> None:
+        if self.election_elapsed >= self.config.election_ticks:
+            self.election_elapsed = 0
+            if self.config.check_quorum:
+                active = 1 + sum(1 for pr in self.progress.values() if pr.recent_active)
+                if active < self.quorum:
+                    self._become_follower(self.term, None)
+                    return
+                for pr in self.progress.values():
+                    pr.recent_active = False
+        self.heartbeat_elapsed += 1
+        if self.heartbeat_elapsed >= self.config.heartbeat_ticks:
+            self.heartbeat_elapsed = 0
+            self._broadcast_heartbeat()
+
+    def _step_leader(self, m: Message) -> None:
+        if isinstance(m, AppendEntriesResponse):
+            self._handle_append_response(m)
+        elif isinstance(m, HeartbeatResponse):
+            pr = self.progress.get(m.src)
+            if pr is None:
+                return
+            pr.recent_active = True
+            # Messages may have been lost: allow another probe, or free one slot of a full window.
+            pr.probe_sent = False
+            if not pr.probing and pr.inflight and len(pr.inflight) >= self.config.max_inflight_msgs:
+                pr.inflight.popleft()
+            if m.read_seq > pr.read_seq:
+                pr.read_seq = m.read_seq
+                self._release_reads()
+            if pr.match < self.log.last_index:
+                self._send_append(m.src)
+        elif isinstance(m, AppendEntries | Heartbeat):
+            raise AssertionError(f"two leaders in term {self.term}: {self.id} and {m.src}")
+
+    def _handle_append_response(self, m: AppendEntriesResponse) -> None:
+        pr = self.progress.get(m.src)
+        if pr is None:
+            return
+        pr.recent_active = True
+        if not m.success:
+            if m.reject_index <= pr.match or (pr.probing and m.reject_index != pr.next - 1):
+                return  # stale: answers a message sent before we learned better
+            if m.conflict_term:
+                last_of_term = self.log.last_index_of_term(m.conflict_term)
+                nxt = last_of_term + 1 if last_of_term is not None else m.conflict_index
+            else:
+                nxt = m.conflict_index
+            pr.become_probe()
+            pr.next = max(pr.match + 1, min(nxt, m.reject_index))
+            self._send_append(m.src)
+            return
+        if m.match_index > pr.match:
+            pr.match = m.match_index
+            if pr.probing:
+                pr.become_replicate()
+            else:
+                pr.ack(m.match_index)
+            self._maybe_commit()
+        elif pr.probing:
+            pr.probe_sent = False
+        pr.next = max(pr.next, pr.match + 1)
+        while self._send_append(m.src, allow_empty=False):
+            pass
+
+    def _send_append(self, peer: int, allow_empty: bool = True) -> bool:
+        """Send the next AppendEntries to ``peer`` if its window allows. True if something was sent."""
+        pr = self.progress[peer]
+        if pr.paused(self.config.max_inflight_msgs):
+            return False
+        log = self.log
+        last = log.last_index
+        entries: list[Entry] = []
+        if pr.next <= last:
+            budget = self.config.max_msg_bytes
+            hi = pr.next
+            while hi <= last and (budget > 0 or hi == pr.next):
+                budget -= len(log.entries[hi - log.snapshot_index - 1].data) + 16
+                hi += 1
+            entries = log.slice(pr.next, hi)
+        if not entries and not allow_empty:
+            return False
+        prev = pr.next - 1
+        self._send(AppendEntries(self.term, self.id, peer, prev, log.term_at(prev), entries, log.committed))
+        if pr.probing:
+            pr.probe_sent = True
+        elif entries:
+            pr.next = entries[-1].index + 1
+            pr.inflight.append(entries[-1].index)
+        return True
+
+    def _broadcast_append(self) -> None:
+        for p in self.peers:
+            self._send_append(p, allow_empty=False)
+        if not self.peers:
+            self._maybe_commit()
+
+    def _broadcast_heartbeat(self) -> None:
+        for p, pr in self.progress.items():
+            self._send(Heartbeat(self.term, self.id, p, min(pr.match, self.log.committed), self.read_seq))
+
+    def _maybe_commit(self) -> None:
+        """Commit the highest index a quorum holds, if it is of the current term (5.4.2)."""
+        matches = sorted([self.self_match, *(pr.match for pr in self.progress.values())], reverse=True)
+        n = matches[self.quorum - 1]
+        if n > self.log.committed and self.log.term_at(n) == self.term:
+            self.log.commit_to(n)
+            if self._reads_before_commit:
+                waiting, self._reads_before_commit = self._reads_before_commit, []
+                self._start_read_round(waiting)
+
+    # ------------------------------------------------------------------ reads
+
+    def _start_read_round(self, request_ids: list[Any]) -> None:
+        self.read_seq += 1
+        self._reads_pending.append((self.read_seq, self.log.committed, request_ids))
+        self._broadcast_heartbeat()
+        self._release_reads()
+
+    def _release_reads(self) -> None:
+        """Serve every pending read whose heartbeat round a quorum has answered."""
+        seqs = sorted([self.read_seq, *(pr.read_seq for pr in self.progress.values())], reverse=True)
+        confirmed = seqs[self.quorum - 1]
+        while self._reads_pending and self._reads_pending[0][0] <= confirmed:
+            _, index, ids = self._reads_pending.popleft()
+            self._reads_ready.extend(ReadState(i, index) for i in ids)
+
+    def _drop_reads(self) -> None:
+        for _, _, ids in self._reads_pending:
+            self._reads_dropped.extend(ids)
+        self._reads_pending.clear()
+        self._reads_dropped.extend(self._reads_before_commit)
+        self._reads_before_commit = []
+
+    def _send(self, m: Message) -> None:
+        self._msgs.append(m)

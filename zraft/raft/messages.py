@@ -1,0 +1,164 @@
+"""Raft messages: plain dataclasses, and their msgpack encoding for the wire.
+
+Every message carries the sender's ``term`` and the ``src``/``dst`` node ids. An
+entry's command travels as the same ``bytes`` it is stored as: the driver encodes a
+client command once and nothing re-encodes it on the way to disk or to a peer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+import msgpack
+
+
+@dataclass(slots=True)
+class Entry:
+    """One log entry. ``data`` is an encoded state machine command; ``b""`` is a no-op."""
+
+    term: int
+    index: int
+    data: bytes = b""
+
+
+@dataclass(slots=True)
+class RequestVote:
+    """Ask for a vote. With ``pre_vote`` it is only a poll: nobody's term or vote changes,
+    and ``term`` is the term the candidate would campaign in (thesis 9.6)."""
+
+    TYPE: ClassVar[int] = 1
+    term: int
+    src: int
+    dst: int
+    last_log_index: int
+    last_log_term: int
+    pre_vote: bool = False
+
+
+@dataclass(slots=True)
+class RequestVoteResponse:
+    TYPE: ClassVar[int] = 2
+    term: int
+    src: int
+    dst: int
+    granted: bool
+    pre_vote: bool = False
+
+
+@dataclass(slots=True)
+class AppendEntries:
+    """Replicate ``entries`` after (prev_index, prev_term); ``commit`` is the leader's commit index."""
+
+    TYPE: ClassVar[int] = 3
+    term: int
+    src: int
+    dst: int
+    prev_index: int
+    prev_term: int
+    entries: list[Entry] = field(default_factory=list)
+    commit: int = 0
+
+
+@dataclass(slots=True)
+class AppendEntriesResponse:
+    """Answer to AppendEntries.
+
+    On success ``match_index`` is the last index known to match the leader's log. On
+    reject, ``reject_index`` is the prev_index that did not match and the hint lets the
+    leader skip a whole term at once: ``conflict_term`` is the follower's term at
+    ``reject_index`` (0 if its log is shorter) and ``conflict_index`` the first index the
+    follower holds of that term (or its last index + 1 when its log is shorter).
+    """
+
+    TYPE: ClassVar[int] = 4
+    term: int
+    src: int
+    dst: int
+    success: bool
+    match_index: int = 0
+    reject_index: int = 0
+    conflict_term: int = 0
+    conflict_index: int = 0
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    """Leader liveness and commit propagation, without log matching.
+
+    ``commit`` is min(leader commit, what the leader knows the follower matches), so a
+    follower can always adopt it. ``read_seq`` is echoed back: a quorum of echoes
+    confirms leadership for every ReadIndex request up to that sequence number.
+    """
+
+    TYPE: ClassVar[int] = 5
+    term: int
+    src: int
+    dst: int
+    commit: int = 0
+    read_seq: int = 0
+
+
+@dataclass(slots=True)
+class HeartbeatResponse:
+    TYPE: ClassVar[int] = 6
+    term: int
+    src: int
+    dst: int
+    read_seq: int = 0
+
+
+Message = RequestVote | RequestVoteResponse | AppendEntries | AppendEntriesResponse | Heartbeat | HeartbeatResponse
+
+_TYPES: dict[int, type] = {
+    cls.TYPE: cls
+    for cls in (RequestVote, RequestVoteResponse, AppendEntries, AppendEntriesResponse, Heartbeat, HeartbeatResponse)
+}
+_FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in _TYPES.values()}
+_ENTRIES_POS = _FIELDS[AppendEntries].index("entries")
+
+
+def to_wire(msg: Message) -> list:
+    """The message as a msgpack-ready list: [type, field values in declaration order].
+
+    AppendEntries carries its entries as a flat list [term, data, term, data, ...]; their
+    indexes follow from prev_index, so they never travel.
+    """
+    values = [getattr(msg, name) for name in _FIELDS[type(msg)]]
+    if isinstance(msg, AppendEntries):
+        flat: list = []
+        for e in msg.entries:
+            flat.append(e.term)
+            flat.append(e.data)
+        values[_ENTRIES_POS] = flat
+    return [msg.TYPE, *values]
+
+
+def from_wire(obj: list) -> Message:
+    """Inverse of :func:`to_wire`. Raises ValueError on anything malformed."""
+    try:
+        cls = _TYPES[obj[0]]
+        msg = cls(*obj[1:])
+        if isinstance(msg, AppendEntries):
+            flat = msg.entries
+            base = msg.prev_index + 1
+            msg.entries = [Entry(flat[i], base + i // 2, flat[i + 1]) for i in range(0, len(flat), 2)]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ValueError(f"malformed raft message: {exc}") from exc
+    return msg
+
+
+def encode_batch(msgs: list[Message]) -> bytes:
+    """Encode several messages (for one peer) as one frame."""
+    return msgpack.packb([to_wire(m) for m in msgs], use_bin_type=True)
+
+
+def decode_batch(frame: bytes) -> list[Message]:
+    """Decode a frame made by :func:`encode_batch`. Raises ValueError on garbage."""
+    try:
+        objs = msgpack.unpackb(frame, raw=False, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated exception types
+        raise ValueError(f"undecodable raft frame: {exc}") from exc
+    if not isinstance(objs, list):
+        raise ValueError("raft frame is not a list")
+    return [from_wire(o) for o in objs]

@@ -1,0 +1,213 @@
+"""`zraft cluster up`: spawn one node process per Config.txt line, watch them, show their state.
+
+The supervisor does not restart a node that dies: failover is there to be watched.
+`zraft cluster stop-node N` / `start-node N` (or `kill-node N` for SIGKILL) reach it
+through a control socket, ``DATA_DIR/supervisor.ipc``. Ctrl-C or SIGTERM stops every
+node with SIGTERM (SIGKILL after a grace period). Each node gets PR_SET_PDEATHSIG, so
+if the supervisor itself is killed with SIGKILL its nodes die with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from zraft.client import Client
+from zraft.config import ClusterConfig
+
+STOP_GRACE_S = 5.0
+REFRESH_S = 0.5
+
+
+def control_endpoint(data_dir: str | os.PathLike) -> str:
+    return f"ipc://{Path(data_dir).resolve() / 'supervisor.ipc'}"
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it when the supervisor dies (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    # Own process group: Ctrl-C in the terminal is the supervisor's to handle; it stops the nodes.
+    os.setpgid(0, 0)
+
+
+@dataclass
+class NodeProc:
+    id: int
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    exit_code: int | None = None
+    status: dict[str, Any] | None = field(default=None)
+
+
+class Supervisor:
+    def __init__(self, config_path: Path, cluster: ClusterConfig, data_dir: Path, log_level: str,
+                 console: Console | None = None) -> None:
+        self.config_path = config_path.resolve()
+        self.cluster = cluster
+        self.data_dir = data_dir.resolve()
+        self.log_level = log_level
+        self.console = console or Console(stderr=True)
+        self.nodes = {n.id: NodeProc(n.id) for n in cluster.nodes}
+        self.client = Client([n.client_endpoint for n in cluster.nodes])
+        self.stopping = False
+
+    # ------------------------------------------------------------------ node processes
+
+    def start_node(self, node_id: int) -> str:
+        n = self.nodes[node_id]
+        if n.proc is not None and n.proc.poll() is None:
+            return f"node {node_id} is already running (pid {n.proc.pid})"
+        node_dir = self.data_dir / str(node_id)
+        node_dir.mkdir(parents=True, exist_ok=True)
+        with open(node_dir / "console.log", "ab") as out:
+            n.proc = subprocess.Popen(
+                [sys.executable, "-m", "zraft", "node", "--id", str(node_id), "--config", str(self.config_path),
+                 "--data-dir", str(self.data_dir), "--log-level", "WARNING"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        n.started, n.exit_code, n.status = time.monotonic(), None, None
+        return f"node {node_id} started (pid {n.proc.pid})"
+
+    def stop_node(self, node_id: int, sig: int = signal.SIGTERM) -> str:
+        n = self.nodes[node_id]
+        if n.proc is None or n.proc.poll() is not None:
+            return f"node {node_id} is not running"
+        n.proc.send_signal(sig)
+        if sig == signal.SIGTERM:
+            try:
+                n.proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                n.proc.kill()
+        n.proc.wait()
+        return f"node {node_id} (pid {n.proc.pid}) stopped with {signal.Signals(sig).name}"
+
+    def stop_all(self) -> None:
+        running = [n for n in self.nodes.values() if n.proc is not None and n.proc.poll() is None]
+        for n in running:
+            n.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for n in running:
+            try:
+                n.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                n.proc.kill()
+                n.proc.wait()
+
+    # ------------------------------------------------------------------ control socket
+
+    def _handle_control(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                raw = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                req = msgpack.unpackb(raw, raw=False)
+                op, node_id = req["op"], int(req["id"])
+                if node_id not in self.nodes:
+                    raise KeyError(f"no node {node_id} in {self.config_path.name} (ids: {sorted(self.nodes)})")
+                actions = {"start": lambda: self.start_node(node_id),
+                           "stop": lambda: self.stop_node(node_id),
+                           "kill": lambda: self.stop_node(node_id, signal.SIGKILL)}
+                if op not in actions:
+                    raise KeyError(f"unknown control op {op!r}")
+                msg = actions[op]()
+                self.console.print(f"[bold]{msg}[/]")
+                sock.send(msgpack.packb({"ok": True, "message": msg}))
+            except Exception as exc:  # a bad control request must not take the supervisor down
+                sock.send(msgpack.packb({"ok": False, "message": str(exc)}))
+
+    # ------------------------------------------------------------------ the view
+
+    def _refresh(self) -> None:
+        statuses = self.client.statuses(timeout=0.3)
+        for n, st in zip(self.nodes.values(), statuses):
+            n.status = st
+            if n.proc is not None and n.exit_code is None and n.proc.poll() is not None:
+                n.exit_code = n.proc.returncode
+                how = (f"killed by {signal.Signals(-n.exit_code).name}" if n.exit_code < 0
+                       else f"exited with code {n.exit_code}")
+                self.console.print(f"[red]node {n.id} (pid {n.proc.pid}) {how}[/]; "
+                                   f"bring it back with: zraft cluster start-node {n.id}")
+
+    def table(self) -> Table:
+        t = Table(title=f"zraft cluster ({self.config_path.name}, data in {self.data_dir})", title_justify="left")
+        for col in ("node", "pid", "process", "role", "term", "leader", "commit", "applied", "client endpoint"):
+            t.add_column(col, justify="right" if col in ("pid", "term", "commit", "applied") else "left")
+        for addr in self.cluster.nodes:
+            n = self.nodes[addr.id]
+            alive = n.proc is not None and n.proc.poll() is None
+            st = n.status or {}
+            role = st.get("role", "-" if not alive else "starting")
+            style = {"leader": "bold green", "candidate": "yellow"}.get(role, "")
+            t.add_row(str(addr.id), str(n.proc.pid) if n.proc else "-",
+                      "[green]alive[/]" if alive else "[red]dead[/]", f"[{style}]{role}[/]" if style else role,
+                      str(st.get("term", "-")), str(st.get("leader", "-")), str(st.get("commit_index", "-")),
+                      str(st.get("applied_index", "-")), addr.client_endpoint)
+        return t
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ctx = zmq.Context.instance()
+        control = ctx.socket(zmq.REP)
+        control.setsockopt(zmq.LINGER, 0)
+        control.bind(control_endpoint(self.data_dir))
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            for node_id in self.nodes:
+                self.console.print(self.start_node(node_id))
+            with Live(self.table(), console=self.console, auto_refresh=False,
+                      transient=False) as live:
+                while not self.stopping:
+                    if control.poll(int(REFRESH_S * 1000)):
+                        self._handle_control(control)
+                    self._refresh()
+                    live.update(self.table(), refresh=True)
+        finally:
+            self.console.print("stopping all nodes...")
+            self.stop_all()
+            control.close()
+            try:
+                os.unlink(self.data_dir / "supervisor.ipc")
+            except OSError:
+                pass
+            self.console.print("all nodes stopped")
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+
+
+def send_control(data_dir: str | os.PathLike, op: str, node_id: int, timeout: float = 10.0) -> dict[str, Any]:
+    """Ask a running supervisor to start, stop or kill one node."""
+    path = Path(data_dir).resolve() / "supervisor.ipc"
+    if not path.exists():
+        return {"ok": False, "message": f"no supervisor is running for data dir {Path(data_dir).resolve()} "
+                                        "(start one with: zraft cluster up)"}
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(control_endpoint(data_dir))
+        sock.send(msgpack.packb({"op": op, "id": node_id}))
+        if not sock.poll(int(timeout * 1000)):
+            return {"ok": False, "message": "the supervisor did not answer"}
+        return msgpack.unpackb(sock.recv(), raw=False)
+    finally:
+        sock.close()
