@@ -15,11 +15,14 @@ from zraft.config import ClusterConfig, ConfigError, Settings, load_config
 
 app = typer.Typer(help="zraft: a strongly consistent, replicated key-value store on Raft.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+fault_app = typer.Typer(help="Inject network faults into running nodes started with --allow-faults.",
+                        no_args_is_help=True)
 cluster_app = typer.Typer(help="Run a whole cluster on this host, and look at it.", no_args_is_help=True)
 client_app = typer.Typer(help="One request against the cluster; the leader is found automatically.",
                          no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(client_app, name="client")
+app.add_typer(fault_app, name="fault")
 
 err = Console(stderr=True)
 
@@ -33,6 +36,9 @@ LogLevelOpt = typer.Option("INFO", "--log-level", envvar="ZRAFT_LOG_LEVEL",
 EndpointsOpt = typer.Option(None, "--endpoint", "-e",
                             help="A node's client endpoint (tcp://IP:PORT); repeat for several. "
                                  "Default: every node in --config.")
+AllowFaultsOpt = typer.Option(False, "--allow-faults", envvar="ZRAFT_ALLOW_FAULTS",
+                              help="Accept fault injection requests (`zraft fault ...`). Off by default: "
+                                   "never on a production node.")
 TimeoutOpt = typer.Option(5.0, "--timeout", "-t", help="Give up after this many seconds.")
 
 
@@ -70,6 +76,7 @@ def node(
     config: Path = ConfigOpt,
     data_dir: Path = DataDirOpt,
     log_level: str = LogLevelOpt,
+    allow_faults: bool = AllowFaultsOpt,
 ) -> None:
     """Run one node in the foreground (what `cluster up` spawns; also how a node runs on its own host)."""
     from zraft.server import run_node
@@ -81,7 +88,7 @@ def node(
         raise _fail(str(exc)) from None
     settings = _settings()
     try:
-        run_node(cluster, id, data_dir, settings, log_level)
+        run_node(cluster, id, data_dir, settings, log_level, allow_faults)
     except OSError as exc:  # e.g. a port in use, or the data dir locked by a running node
         raise _fail(f"node {id} could not start: {exc}") from None
 
@@ -90,13 +97,14 @@ def node(
 
 
 @cluster_app.command("up")
-def cluster_up(config: Path = ConfigOpt, data_dir: Path = DataDirOpt, log_level: str = LogLevelOpt) -> None:
+def cluster_up(config: Path = ConfigOpt, data_dir: Path = DataDirOpt, log_level: str = LogLevelOpt,
+               allow_faults: bool = AllowFaultsOpt) -> None:
     """Start one process per node in Config.txt and show their state until Ctrl-C (which stops them all)."""
     from zraft.supervisor import Supervisor
 
     cluster = _load(config)
     _settings()  # fail before spawning anything
-    Supervisor(config, cluster, data_dir, log_level).run()
+    Supervisor(config, cluster, data_dir, log_level, allow_faults=allow_faults).run()
 
 
 @cluster_app.command("status")
@@ -224,6 +232,85 @@ def client_cas(key: str, expect: str = typer.Argument(..., help="The value KEY m
 def client_status(config: Path = ConfigOpt, endpoints: Optional[list[str]] = EndpointsOpt) -> None:
     """Same as `zraft cluster status --json`."""
     cluster_status(config, endpoints, as_json=True, timeout=1.0)
+
+
+# ---------------------------------------------------------------------- fault
+
+
+def _fault(config: Path, node_ids: list[int], req: dict) -> None:
+    from zraft.client import Client
+
+    cluster = _load(config)
+    ids = node_ids or cluster.ids
+    try:
+        eps = {i: cluster.node(i).client_endpoint for i in ids}
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    client = Client(eps.values())
+    failed = False
+    for node_id, ep in eps.items():
+        rep = client.request(ep, {"op": "fault", **req}, timeout=2.0)
+        if rep is None:
+            err.print(f"node {node_id}: no answer")
+            failed = True
+        elif not rep.get("ok"):
+            err.print(f"node {node_id}: {rep.get('error')}: {rep.get('message')}")
+            failed = True
+        else:
+            print(f"node {node_id}: {json.dumps(rep['faults'])}")
+    if failed:
+        raise typer.Exit(2)
+
+
+NodesArg = typer.Argument(None, help="Node ids (default: every node in Config.txt).")
+
+
+@fault_app.command("isolate")
+def fault_isolate(node_id: int = typer.Argument(..., help="The node to cut off."),
+                  peers: Optional[list[int]] = typer.Option(None, "--from", help="Cut it off from this peer only; "
+                                                            "repeat for several. Default: from all peers."),
+                  config: Path = ConfigOpt) -> None:
+    """Partition node N from some or all of its peers, both directions."""
+    _fault(config, [node_id], {"action": "isolate", "peers": peers or None})
+
+
+@fault_app.command("heal")
+def fault_heal(nodes: Optional[list[int]] = NodesArg, config: Path = ConfigOpt) -> None:
+    """Undo every isolation on the given nodes."""
+    _fault(config, nodes or [], {"action": "heal", "peers": None})
+
+
+@fault_app.command("drop")
+def fault_drop(node_id: int, rate: float = typer.Argument(..., help="Fraction 0..1 of peer frames to drop, "
+                                                          "each direction."), config: Path = ConfigOpt) -> None:
+    """Drop a fraction of node N's peer messages."""
+    _fault(config, [node_id], {"action": "drop", "rate": rate})
+
+
+@fault_app.command("delay")
+def fault_delay(node_id: int, delay_ms: float = typer.Argument(..., help="Milliseconds."),
+                config: Path = ConfigOpt) -> None:
+    """Delay every message node N sends to its peers."""
+    _fault(config, [node_id], {"action": "delay", "delay_ms": delay_ms})
+
+
+@fault_app.command("drop-replies")
+def fault_drop_replies(node_id: int, count: int = typer.Argument(..., help="How many."),
+                       config: Path = ConfigOpt) -> None:
+    """Apply the next COUNT writes on node N but lose their replies (to test client retries)."""
+    _fault(config, [node_id], {"action": "drop_replies", "count": count})
+
+
+@fault_app.command("clear")
+def fault_clear(nodes: Optional[list[int]] = NodesArg, config: Path = ConfigOpt) -> None:
+    """Remove every injected fault from the given nodes."""
+    _fault(config, nodes or [], {"action": "clear"})
+
+
+@fault_app.command("show")
+def fault_show(nodes: Optional[list[int]] = NodesArg, config: Path = ConfigOpt) -> None:
+    """Show the faults in force on each node."""
+    _fault(config, nodes or [], {"action": "show"})
 
 
 def main() -> None:

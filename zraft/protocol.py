@@ -18,7 +18,8 @@ TIMEOUT = "timeout"
 UNAVAILABLE = "unavailable"
 
 WRITE_OPS = frozenset({"put", "delete", "cas"})
-OPS = WRITE_OPS | {"get", "status"}
+OPS = WRITE_OPS | {"get", "status", "fault"}
+FAULT_ACTIONS = frozenset({"isolate", "heal", "drop", "delay", "drop_replies", "clear", "show"})
 
 
 class RequestError(Exception):
@@ -42,6 +43,7 @@ class Request:
     key: bytes = b""
     value: bytes | None = None
     expect: bytes | None = None
+    fault: dict[str, Any] | None = None  # op "fault": the validated fault injection request
 
 
 def _as_bytes(req: dict, name: str, limit: int, nil_ok: bool = False) -> bytes | None:
@@ -75,6 +77,8 @@ def parse_request(raw: bytes, limits: Limits) -> Request:
         raise RequestError(BAD_REQUEST, f"unknown op {op!r}; expected one of {sorted(OPS)}")
     if op == "status":
         return Request(op)
+    if op == "fault":
+        return Request(op, fault=_parse_fault(req))
     key = _as_bytes(req, "key", limits.max_key_bytes)
     if op in ("get", "delete"):
         return Request(op, key)
@@ -82,6 +86,35 @@ def parse_request(raw: bytes, limits: Limits) -> Request:
     if op == "put":
         return Request(op, key, value)
     return Request(op, key, value, _as_bytes(req, "expect", limits.max_value_bytes, nil_ok=True))
+
+
+def _parse_fault(req: dict) -> dict[str, Any]:
+    """Validate a fault injection request (docs/PROTOCOL.md, "Fault injection")."""
+    action = req.get("action")
+    if action not in FAULT_ACTIONS:
+        raise RequestError(BAD_REQUEST, f"unknown fault action {action!r}; expected one of {sorted(FAULT_ACTIONS)}")
+    out: dict[str, Any] = {"action": action}
+    if action in ("isolate", "heal"):
+        peers = req.get("peers")
+        if peers is not None and not (isinstance(peers, list) and all(type(p) is int for p in peers)):
+            raise RequestError(BAD_REQUEST, "peers must be a list of node ids, or nil for all peers")
+        out["peers"] = peers
+    elif action == "drop":
+        rate = req.get("rate")
+        if type(rate) not in (int, float) or not 0 <= rate <= 1:
+            raise RequestError(BAD_REQUEST, "rate must be a number from 0 to 1")
+        out["rate"] = float(rate)
+    elif action == "delay":
+        ms = req.get("delay_ms")
+        if type(ms) not in (int, float) or not 0 <= ms <= 60_000:
+            raise RequestError(BAD_REQUEST, "delay_ms must be a number from 0 to 60000")
+        out["delay_ms"] = float(ms)
+    elif action == "drop_replies":
+        count = req.get("count")
+        if type(count) is not int or count < 0:
+            raise RequestError(BAD_REQUEST, "count must be a non-negative integer")
+        out["count"] = count
+    return out
 
 
 def ok(**fields: Any) -> bytes:

@@ -53,7 +53,7 @@ class PendingRead:
 
 class NodeServer:
     def __init__(self, cluster: ClusterConfig, node_id: int, data_dir: str | os.PathLike,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None, allow_faults: bool = False) -> None:
         self.cluster = cluster
         self.me = cluster.node(node_id)
         self.settings = settings or Settings()
@@ -83,6 +83,8 @@ class NodeServer:
         self.deadlines: deque[tuple[float, bool, int]] = deque()  # (deadline, is_write, index or read id)
         self.next_read_id = 0
         self.role, self.term, self.leader = self.node.role, self.node.term, self.node.leader
+        self.allow_faults = allow_faults
+        self.drop_write_replies = 0  # fault injection: lose the next N replies to applied writes
         self.stopping = False
         log.info("node %d starting: term %d, log %d..%d, applied %d", node_id, self.node.term,
                  raft_log.first_index, raft_log.last_index, self.sm.applied_index)
@@ -99,7 +101,9 @@ class NodeServer:
         next_tick = time.monotonic() + tick
         try:
             while not self.stopping:
-                wait_ms = max(0.0, (next_tick - time.monotonic()) * 1000)
+                due = self.transport.flush_delayed(time.monotonic())  # frames held by an injected delay
+                wake = next_tick if due is None else min(next_tick, due)
+                wait_ms = max(0.0, (wake - time.monotonic()) * 1000)
                 ready = dict(poller.poll(wait_ms))
                 if self.transport.router in ready:
                     for m in self.transport.receive():
@@ -154,6 +158,10 @@ class NodeServer:
             if w is None:
                 continue
             if w.term == entry.term:
+                if self.drop_write_replies > 0:
+                    self.drop_write_replies -= 1
+                    log.warning("fault injection: dropping the reply to the write at index %d", entry.index)
+                    continue
                 self._reply(w.envelope, protocol.ok(**result))
             else:
                 # Another leader's entry took this index: our proposal was never committed.
@@ -202,6 +210,8 @@ class NodeServer:
                 continue
             if req.op == "status":
                 self._reply(envelope, self._status())
+            elif req.op == "fault":
+                self._reply(envelope, self._fault(req.fault))
             elif self.stopping:
                 self._reply(envelope, protocol.error(protocol.UNAVAILABLE, "node is shutting down"))
             elif self.node.role is not Role.LEADER:
@@ -243,6 +253,31 @@ class NodeServer:
         role = "candidate" if n.role is Role.PRE_CANDIDATE else n.role.value
         return protocol.ok(id=self.me.id, role=role, term=n.term, leader=n.leader, commit_index=n.commit_index,
                            applied_index=self.sm.applied_index, last_index=n.log.last_index, pid=os.getpid())
+
+    def _fault(self, req: dict) -> bytes:
+        if not self.allow_faults:
+            return protocol.error(protocol.BAD_REQUEST, f"fault injection is disabled on node {self.me.id}; start "
+                                                        "it with --allow-faults (ZRAFT_ALLOW_FAULTS=1) to enable it")
+        f = self.transport.faults
+        action = req["action"]
+        everyone = set(self.transport.dealers)
+        if action == "isolate":
+            f.isolated |= everyone if req["peers"] is None else set(req["peers"]) & everyone
+        elif action == "heal":
+            f.isolated -= everyone if req["peers"] is None else set(req["peers"])
+        elif action == "drop":
+            f.drop_rate = req["rate"]
+        elif action == "delay":
+            f.delay_s = req["delay_ms"] / 1000
+        elif action == "drop_replies":
+            self.drop_write_replies = req["count"]
+        elif action == "clear":
+            f.isolated.clear()
+            f.drop_rate = f.delay_s = 0.0
+            self.drop_write_replies = 0
+        if action != "show":
+            log.warning("node %d: fault injection %s -> %s", self.me.id, req, f.describe())
+        return protocol.ok(id=self.me.id, faults={**f.describe(), "drop_replies": self.drop_write_replies})
 
     def _not_leader(self) -> bytes:
         leader = self.node.leader
@@ -297,7 +332,7 @@ def setup_logging(data_dir: Path, level: str) -> None:
 
 
 def run_node(cluster: ClusterConfig, node_id: int, data_dir: str | os.PathLike, settings: Settings,
-             log_level: str = "INFO") -> None:
+             log_level: str = "INFO", allow_faults: bool = False) -> None:
     node_dir = Path(data_dir) / str(node_id)
     setup_logging(node_dir, log_level)
-    NodeServer(cluster, node_id, node_dir, settings).run()
+    NodeServer(cluster, node_id, node_dir, settings, allow_faults).run()

@@ -57,7 +57,8 @@ class NodeProc:
 
 class Supervisor:
     def __init__(self, config_path: Path, cluster: ClusterConfig, data_dir: Path, log_level: str,
-                 console: Console | None = None) -> None:
+                 console: Console | None = None, allow_faults: bool = False) -> None:
+        self.allow_faults = allow_faults
         self.config_path = config_path.resolve()
         self.cluster = cluster
         self.data_dir = data_dir.resolve()
@@ -78,7 +79,8 @@ class Supervisor:
         with open(node_dir / "console.log", "ab") as out:
             n.proc = subprocess.Popen(
                 [sys.executable, "-m", "zraft", "node", "--id", str(node_id), "--config", str(self.config_path),
-                 "--data-dir", str(self.data_dir), "--log-level", "WARNING"],
+                 "--data-dir", str(self.data_dir), "--log-level", "WARNING",
+                 *(["--allow-faults"] if self.allow_faults else [])],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         n.started, n.exit_code, n.status = time.monotonic(), None, None
         return f"node {node_id} started (pid {n.proc.pid})"

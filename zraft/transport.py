@@ -8,8 +8,12 @@ not connected and arriving stale once it is back.
 
 from __future__ import annotations
 
+import heapq
 import logging
+import random
+import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -17,6 +21,29 @@ from zraft.config import NodeAddress
 from zraft.raft.messages import Message, decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Faults:
+    """Injected network faults (``zraft fault ...``): off unless a node allows them.
+
+    ``isolated`` peers are cut off both ways; ``drop_rate`` drops that fraction of peer
+    frames in each direction; ``delay_s`` holds every outbound frame that long.
+    """
+
+    isolated: set[int] = field(default_factory=set)
+    drop_rate: float = 0.0
+    delay_s: float = 0.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def active(self) -> bool:
+        return bool(self.isolated) or self.drop_rate > 0 or self.delay_s > 0
+
+    def cuts(self, peer: int) -> bool:
+        return peer in self.isolated or (self.drop_rate > 0 and self.rng.random() < self.drop_rate)
+
+    def describe(self) -> dict:
+        return {"isolated": sorted(self.isolated), "drop_rate": self.drop_rate, "delay_ms": self.delay_s * 1000}
 
 
 class PeerTransport:
@@ -39,19 +66,41 @@ class PeerTransport:
             d.connect(p.peer_endpoint)
             self.dealers[p.id] = d
         self.dropped = 0
+        self.faults = Faults()
+        self._delayed: list[tuple[float, int, int, bytes]] = []  # heap of (due, seq, peer, frame)
+        self._delay_seq = 0
 
     def send(self, messages: list[Message]) -> None:
         by_peer: dict[int, list[Message]] = defaultdict(list)
         for m in messages:
             by_peer[m.dst].append(m)
+        faults = self.faults.active()
         for dst, msgs in by_peer.items():
-            sock = self.dealers.get(dst)
-            if sock is None:
+            if dst not in self.dealers:
                 continue
-            try:
-                sock.send(encode_batch(msgs), zmq.NOBLOCK)
-            except zmq.Again:
-                self.dropped += len(msgs)
+            if faults:
+                if self.faults.cuts(dst):
+                    self.dropped += len(msgs)
+                    continue
+                if self.faults.delay_s > 0:
+                    self._delay_seq += 1
+                    due = time.monotonic() + self.faults.delay_s
+                    heapq.heappush(self._delayed, (due, self._delay_seq, dst, encode_batch(msgs)))
+                    continue
+            self._send_frame(dst, encode_batch(msgs))
+
+    def _send_frame(self, dst: int, frame: bytes) -> None:
+        try:
+            self.dealers[dst].send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+
+    def flush_delayed(self, now: float) -> float | None:
+        """Send the delayed frames that are due; returns when the next one is due, if any."""
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, dst, frame = heapq.heappop(self._delayed)
+            self._send_frame(dst, frame)
+        return self._delayed[0][0] if self._delayed else None
 
     def receive(self, limit: int = 1000) -> list[Message]:
         """Every message waiting now (from at most ``limit`` frames), without blocking."""
@@ -65,6 +114,8 @@ class PeerTransport:
                 msgs = decode_batch(frames[-1])
             except ValueError as exc:
                 log.warning("dropping a malformed peer frame from %r: %s", frames[0], exc)
+                continue
+            if self.faults.active() and msgs and self.faults.cuts(msgs[0].src):
                 continue
             out.extend(m for m in msgs if m.dst == self.me.id and m.src in self.dealers)
         return out
