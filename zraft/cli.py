@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -61,7 +60,7 @@ def _settings() -> Settings:
         raise _fail(str(exc)) from None
 
 
-def _endpoints(config: Path, endpoints: Optional[list[str]]) -> list[str]:
+def _endpoints(config: Path, endpoints: list[str] | None) -> list[str]:
     if endpoints:
         return [e if e.startswith("tcp://") else f"tcp://{e}" for e in endpoints]
     return [n.client_endpoint for n in _load(config).nodes]
@@ -110,7 +109,7 @@ def cluster_up(config: Path = ConfigOpt, data_dir: Path = DataDirOpt, log_level:
 @cluster_app.command("status")
 def cluster_status(
     config: Path = ConfigOpt,
-    endpoints: Optional[list[str]] = EndpointsOpt,
+    endpoints: list[str] | None = EndpointsOpt,
     as_json: bool = typer.Option(False, "--json", help="One JSON list, for scripts."),
     timeout: float = typer.Option(1.0, "--timeout", "-t", help="How long to wait for each node."),
 ) -> None:
@@ -119,7 +118,7 @@ def cluster_status(
 
     eps = _endpoints(config, endpoints)
     statuses = Client(eps).statuses(timeout)
-    rows = [{"endpoint": ep, "answers": st is not None, **(st or {})} for ep, st in zip(eps, statuses)]
+    rows = [{"endpoint": ep, "answers": st is not None, **(st or {})} for ep, st in zip(eps, statuses, strict=False)]
     for r in rows:
         r.pop("ok", None)
     if as_json:
@@ -170,7 +169,7 @@ def kill_node(node_id: int = typer.Argument(..., help="Node id."), data_dir: Pat
 # ---------------------------------------------------------------------- client
 
 
-def _run_client(config: Path, endpoints: Optional[list[str]], timeout: float, fn):
+def _run_client(config: Path, endpoints: list[str] | None, timeout: float, fn):
     from zraft.client import Client, OutcomeUnknown, ZraftError
 
     try:
@@ -188,7 +187,7 @@ def _out(value: bytes) -> None:
 
 
 @client_app.command("put")
-def client_put(key: str, value: str, config: Path = ConfigOpt, endpoints: Optional[list[str]] = EndpointsOpt,
+def client_put(key: str, value: str, config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
                timeout: float = TimeoutOpt) -> None:
     """Set KEY to VALUE. Prints OK once the write is committed on a majority and applied."""
     _run_client(config, endpoints, timeout, lambda c: c.put(key, value))
@@ -196,7 +195,7 @@ def client_put(key: str, value: str, config: Path = ConfigOpt, endpoints: Option
 
 
 @client_app.command("get")
-def client_get(key: str, config: Path = ConfigOpt, endpoints: Optional[list[str]] = EndpointsOpt,
+def client_get(key: str, config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
                timeout: float = TimeoutOpt) -> None:
     """Print KEY's value (a linearizable read). Exit code 1 if there is no such key."""
     value = _run_client(config, endpoints, timeout, lambda c: c.get(key))
@@ -206,7 +205,7 @@ def client_get(key: str, config: Path = ConfigOpt, endpoints: Optional[list[str]
 
 
 @client_app.command("delete")
-def client_delete(key: str, config: Path = ConfigOpt, endpoints: Optional[list[str]] = EndpointsOpt,
+def client_delete(key: str, config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
                   timeout: float = TimeoutOpt) -> None:
     """Delete KEY. Prints 1 if it existed, 0 if not (etcdctl's convention)."""
     deleted = _run_client(config, endpoints, timeout, lambda c: c.delete(key))
@@ -217,7 +216,7 @@ def client_delete(key: str, config: Path = ConfigOpt, endpoints: Optional[list[s
 def client_cas(key: str, expect: str = typer.Argument(..., help="The value KEY must hold now; see --absent."),
                value: str = typer.Argument(...),
                absent: bool = typer.Option(False, "--absent", help="Expect KEY to be absent (EXPECT is ignored)."),
-               config: Path = ConfigOpt, endpoints: Optional[list[str]] = EndpointsOpt,
+               config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
                timeout: float = TimeoutOpt) -> None:
     """Compare-and-swap: set KEY to VALUE only if it holds EXPECT. Exit code 1 if it did not swap."""
     swapped, current = _run_client(config, endpoints, timeout,
@@ -229,7 +228,7 @@ def client_cas(key: str, expect: str = typer.Argument(..., help="The value KEY m
 
 
 @client_app.command("status")
-def client_status(config: Path = ConfigOpt, endpoints: Optional[list[str]] = EndpointsOpt) -> None:
+def client_status(config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt) -> None:
     """Same as `zraft cluster status --json`."""
     cluster_status(config, endpoints, as_json=True, timeout=1.0)
 
@@ -267,7 +266,7 @@ NodesArg = typer.Argument(None, help="Node ids (default: every node in Config.tx
 
 @fault_app.command("isolate")
 def fault_isolate(node_id: int = typer.Argument(..., help="The node to cut off."),
-                  peers: Optional[list[int]] = typer.Option(None, "--from", help="Cut it off from this peer only; "
+                  peers: list[int] | None = typer.Option(None, "--from", help="Cut it off from this peer only; "
                                                             "repeat for several. Default: from all peers."),
                   config: Path = ConfigOpt) -> None:
     """Partition node N from some or all of its peers, both directions."""
@@ -275,7 +274,7 @@ def fault_isolate(node_id: int = typer.Argument(..., help="The node to cut off."
 
 
 @fault_app.command("heal")
-def fault_heal(nodes: Optional[list[int]] = NodesArg, config: Path = ConfigOpt) -> None:
+def fault_heal(nodes: list[int] | None = NodesArg, config: Path = ConfigOpt) -> None:
     """Undo every isolation on the given nodes."""
     _fault(config, nodes or [], {"action": "heal", "peers": None})
 
@@ -302,13 +301,13 @@ def fault_drop_replies(node_id: int, count: int = typer.Argument(..., help="How 
 
 
 @fault_app.command("clear")
-def fault_clear(nodes: Optional[list[int]] = NodesArg, config: Path = ConfigOpt) -> None:
+def fault_clear(nodes: list[int] | None = NodesArg, config: Path = ConfigOpt) -> None:
     """Remove every injected fault from the given nodes."""
     _fault(config, nodes or [], {"action": "clear"})
 
 
 @fault_app.command("show")
-def fault_show(nodes: Optional[list[int]] = NodesArg, config: Path = ConfigOpt) -> None:
+def fault_show(nodes: list[int] | None = NodesArg, config: Path = ConfigOpt) -> None:
     """Show the faults in force on each node."""
     _fault(config, nodes or [], {"action": "show"})
 

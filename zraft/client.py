@@ -8,13 +8,22 @@
 Requests go to the last known leader. A ``not_leader`` reply is followed to the hinted
 leader; a node that can't be reached, or one that knows no leader, is skipped for the
 next one, with backoff, until the deadline. Reads and anything that certainly did not
-take effect are retried. A write whose outcome is unknown (sent, but no reply, or a
-``timeout`` reply) is never retried: :class:`OutcomeUnknown` says so, and the caller
-decides.
+take effect are retried.
+
+Writes are exactly-once by default: each carries the client's session (a random
+``client_id`` and a sequence number, Raft thesis 6.3), so a write whose reply was lost
+is retried safely: the cluster answers a duplicate from its session memory instead of
+applying it twice. Without a session (``exactly_once=False``) a write whose outcome is
+unknown (sent, but no reply, or a ``timeout`` reply) is never retried. Either way, a
+write still unresolved at the deadline raises :class:`OutcomeUnknown`.
+
+A Client is not thread-safe: give each thread its own (a session is one sequence of
+requests, one at a time).
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -45,11 +54,16 @@ def _bytes(v: bytes | str) -> bytes:
 
 
 class Client:
-    def __init__(self, endpoints: Iterable[str], timeout: float = 5.0) -> None:
+    def __init__(self, endpoints: Iterable[str], timeout: float = 5.0, exactly_once: bool = True) -> None:
         self.endpoints = list(endpoints)
         if not self.endpoints:
             raise ValueError("no endpoints")
         self.timeout = timeout
+        self.exactly_once = exactly_once
+        self.client_id = 0
+        self.seq = 0
+        if exactly_once:
+            self._new_session()
         self.ctx = zmq.Context.instance()
         self.leader: str | None = None
         self._next = 0
@@ -143,30 +157,52 @@ class Client:
         self._next += 1
         return ep
 
+    def _new_session(self) -> None:
+        self.client_id = random.SystemRandom().randrange(1, 1 << 63)
+        self.seq = 0
+
     def _call(self, req: dict[str, Any], write: bool) -> dict[str, Any]:
         deadline = time.monotonic() + self.timeout
+        session = write and self.exactly_once
+        if session:
+            self.seq += 1
+            req = {**req, "client_id": self.client_id, "seq": self.seq}
         frame = msgpack.packb(req, use_bin_type=True)
+        # With a session, an attempt that gets no answer is retried, so don't wait the whole deadline on one.
+        attempt_timeout = max(1.0, self.timeout / 4) if session else self.timeout
         backoff = 0.02
         last_error = "no node answered"
+        ambiguous = False  # an attempt of this write may have been applied
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if ambiguous:
+                    raise OutcomeUnknown(protocol.TIMEOUT, f"gave up after {self.timeout} s: {last_error}; the "
+                                                           "write may or may not have been applied")
                 raise ZraftError(protocol.UNAVAILABLE, f"gave up after {self.timeout} s: {last_error}")
             endpoint = self._targets()
-            sent, rep = self._exchange(endpoint, frame, remaining)
+            sent, rep = self._exchange(endpoint, frame, min(remaining, attempt_timeout))
             if rep is None:
                 self.leader = None
-                if sent and write:
-                    raise OutcomeUnknown(protocol.TIMEOUT, f"no reply from {endpoint}: the write may or may not "
-                                                           "have been applied")
                 last_error = f"{endpoint} did not answer"
+                if sent and write:
+                    ambiguous = True
+                    if not session:
+                        raise OutcomeUnknown(protocol.TIMEOUT, f"no reply from {endpoint}: the write may or may "
+                                                               "not have been applied")
                 continue
             if rep.get("ok") is True:
                 self.leader = endpoint
                 return rep
             code, message = rep.get("error", "?"), rep.get("message", "")
             last_error = f"{code} from {endpoint}: {message}"
-            if code == protocol.NOT_LEADER:
+            if code == protocol.SESSION_EXPIRED and session and not ambiguous:
+                # Certainly not applied: the cluster forgot our session. Start a new one and resend.
+                self._new_session()
+                self.seq += 1
+                req = {**req, "client_id": self.client_id, "seq": self.seq}
+                frame = msgpack.packb(req, use_bin_type=True)
+            elif code == protocol.NOT_LEADER:
                 hint = rep.get("leader")
                 self.leader = hint if hint and hint != endpoint else None
                 if self.leader is None:  # no known leader (an election is on): wait a little
@@ -177,6 +213,10 @@ class Client:
                 time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
                 backoff = min(backoff * 2, 0.5)
             elif code == protocol.TIMEOUT and write:
-                raise OutcomeUnknown(code, message)
+                ambiguous = True
+                if not session:
+                    raise OutcomeUnknown(code, message)
+            elif code == protocol.SESSION_EXPIRED:
+                raise OutcomeUnknown(code, f"{message}; an earlier attempt of this write may have been applied")
             elif code != protocol.TIMEOUT:
                 raise ZraftError(code, message)

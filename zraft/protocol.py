@@ -11,6 +11,7 @@ from typing import Any
 
 import msgpack
 
+SESSION_EXPIRED = "session_expired"
 NOT_LEADER = "not_leader"
 BAD_REQUEST = "bad_request"
 TOO_LARGE = "too_large"
@@ -44,6 +45,7 @@ class Request:
     value: bytes | None = None
     expect: bytes | None = None
     fault: dict[str, Any] | None = None  # op "fault": the validated fault injection request
+    session: tuple[int, int] | None = None  # writes: (client_id, seq) for exactly-once
 
 
 def _as_bytes(req: dict, name: str, limit: int, nil_ok: bool = False) -> bytes | None:
@@ -80,12 +82,27 @@ def parse_request(raw: bytes, limits: Limits) -> Request:
     if op == "fault":
         return Request(op, fault=_parse_fault(req))
     key = _as_bytes(req, "key", limits.max_key_bytes)
-    if op in ("get", "delete"):
+    if op == "get":
         return Request(op, key)
+    session = _parse_session(req)
+    if op == "delete":
+        return Request(op, key, session=session)
     value = _as_bytes(req, "value", limits.max_value_bytes)
     if op == "put":
-        return Request(op, key, value)
-    return Request(op, key, value, _as_bytes(req, "expect", limits.max_value_bytes, nil_ok=True))
+        return Request(op, key, value, session=session)
+    return Request(op, key, value, _as_bytes(req, "expect", limits.max_value_bytes, nil_ok=True), session=session)
+
+
+def _parse_session(req: dict) -> tuple[int, int] | None:
+    """Optional exactly-once session of a write: ``client_id`` (1..2**63-1) and ``seq`` (>= 1)."""
+    client_id, seq = req.get("client_id"), req.get("seq")
+    if client_id is None and seq is None:
+        return None
+    if type(client_id) is not int or not 0 < client_id < 1 << 63:
+        raise RequestError(BAD_REQUEST, "client_id must be an integer from 1 to 2**63-1")
+    if type(seq) is not int or not 0 < seq < 1 << 63:
+        raise RequestError(BAD_REQUEST, "a write with a client_id needs seq, an integer from 1 to 2**63-1")
+    return client_id, seq
 
 
 def _parse_fault(req: dict) -> dict[str, Any]:

@@ -153,7 +153,7 @@ class NodeServer:
 
     def _apply(self, rd: Ready) -> None:
         results = self.sm.apply(rd.committed)
-        for entry, result in zip(rd.committed, results):
+        for entry, result in zip(rd.committed, results, strict=False):
             w = self.pending_writes.pop(entry.index, None)
             if w is None:
                 continue
@@ -161,8 +161,10 @@ class NodeServer:
                 if self.drop_write_replies > 0:
                     self.drop_write_replies -= 1
                     log.warning("fault injection: dropping the reply to the write at index %d", entry.index)
-                    continue
-                self._reply(w.envelope, protocol.ok(**result))
+                elif "error" in result:
+                    self._reply(w.envelope, protocol.error(result["error"], result["message"]))
+                else:
+                    self._reply(w.envelope, protocol.ok(**result))
             else:
                 # Another leader's entry took this index: our proposal was never committed.
                 self._reply(w.envelope, self._not_leader())
@@ -309,10 +311,10 @@ class NodeServer:
 
 def _command(req: Request) -> bytes:
     if req.op == "put":
-        return encode_put(req.key, req.value)
+        return encode_put(req.key, req.value, req.session)
     if req.op == "delete":
-        return encode_delete(req.key)
-    return encode_cas(req.key, req.expect, req.value)
+        return encode_delete(req.key, req.session)
+    return encode_cas(req.key, req.expect, req.value, req.session)
 
 
 def setup_logging(data_dir: Path, level: str) -> None:

@@ -7,6 +7,7 @@ Key layout (one keyspace, prefixes keep the parts apart and in order):
     m/applied         8-byte big-endian applied index of the state machine
     l/<index>         8-byte big-endian index -> 8-byte big-endian term + command bytes
     d/<key>           the key-value state machine's data
+    s/<client id>     8-byte big-endian client id -> msgpack [seq, result, last index]: a client session
 
 Two kinds of writes, each one atomic WriteBatch:
 
@@ -32,13 +33,14 @@ import plyvel
 
 from zraft.raft.core import HardState
 from zraft.raft.messages import Entry
-from zraft.statemachine import MemoryKV
+from zraft.statemachine import MemoryKV, SessionRecord
 
 _HARD_STATE = b"m/hardstate"
 _LOG_START = b"m/logstart"
 _APPLIED = b"m/applied"
 _LOG = b"l/"
 _DATA = b"d/"
+_SESSION = b"s/"
 _U64 = struct.Struct(">Q")
 
 
@@ -118,15 +120,27 @@ class LevelDBStorage:
     def get(self, key: bytes) -> bytes | None:
         return self.db.get(_DATA + key)
 
-    def write(self, updates: dict[bytes, bytes | None], applied_index: int) -> None:
+    def write(self, updates: dict[bytes, bytes | None], applied_index: int,
+              sessions: dict[int, SessionRecord | None] | None = None) -> None:
         with self.db.write_batch() as wb:
             for k, v in updates.items():
                 if v is None:
                     wb.delete(_DATA + k)
                 else:
                     wb.put(_DATA + k, v)
+            for client_id, rec in (sessions or {}).items():
+                key = _SESSION + _U64.pack(client_id)
+                if rec is None:
+                    wb.delete(key)
+                else:
+                    wb.put(key, msgpack.packb([rec.seq, rec.result, rec.last_index], use_bin_type=True))
             wb.put(_APPLIED, _U64.pack(applied_index))
         self._applied = applied_index
+
+    def load_sessions(self) -> dict[int, SessionRecord]:
+        with self.db.iterator(prefix=_SESSION) as it:
+            return {_U64.unpack(k[len(_SESSION):])[0]: SessionRecord(*msgpack.unpackb(v, raw=False))
+                    for k, v in it}
 
     def items(self) -> list[tuple[bytes, bytes]]:
         """Every key and value of the state machine, in key order (for checks and tools)."""

@@ -123,12 +123,12 @@ class Supervisor:
                 op, node_id = req["op"], int(req["id"])
                 if node_id not in self.nodes:
                     raise KeyError(f"no node {node_id} in {self.config_path.name} (ids: {sorted(self.nodes)})")
-                actions = {"start": lambda: self.start_node(node_id),
-                           "stop": lambda: self.stop_node(node_id),
-                           "kill": lambda: self.stop_node(node_id, signal.SIGKILL)}
-                if op not in actions:
+                if op == "start":
+                    msg = self.start_node(node_id)
+                elif op in ("stop", "kill"):
+                    msg = self.stop_node(node_id, signal.SIGTERM if op == "stop" else signal.SIGKILL)
+                else:
                     raise KeyError(f"unknown control op {op!r}")
-                msg = actions[op]()
                 self.console.print(f"[bold]{msg}[/]")
                 sock.send(msgpack.packb({"ok": True, "message": msg}))
             except Exception as exc:  # a bad control request must not take the supervisor down
@@ -138,7 +138,7 @@ class Supervisor:
 
     def _refresh(self) -> None:
         statuses = self.client.statuses(timeout=0.3)
-        for n, st in zip(self.nodes.values(), statuses):
+        for n, st in zip(self.nodes.values(), statuses, strict=False):
             n.status = st
             if n.proc is not None and n.exit_code is None and n.proc.poll() is not None:
                 n.exit_code = n.proc.returncode

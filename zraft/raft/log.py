@@ -25,7 +25,7 @@ class RaftLog:
         self.entries: list[Entry] = list(entries or [])
         if self.entries and self.entries[0].index != snapshot_index + 1:
             raise ValueError(f"log starts at {self.entries[0].index}, expected {snapshot_index + 1}")
-        for prev, cur in zip(self.entries, self.entries[1:]):
+        for prev, cur in zip(self.entries, self.entries[1:], strict=False):
             if cur.index != prev.index + 1 or cur.term < prev.term:
                 raise ValueError(f"log is not contiguous or terms decrease at index {cur.index}")
         self.unstable_from = self.last_index + 1  # everything given to us is already persisted
