@@ -312,6 +312,65 @@ def fault_show(nodes: list[int] | None = NodesArg, config: Path = ConfigOpt) -> 
     _fault(config, nodes or [], {"action": "show"})
 
 
+# ---------------------------------------------------------------------- bench
+
+
+@app.command()
+def bench(
+    config: Path = ConfigOpt,
+    endpoints: list[str] | None = EndpointsOpt,
+    clients: int = typer.Option(32, "--clients", "-C", min=1, help="Client processes, one request in flight each."),
+    duration: float = typer.Option(10.0, "--duration", "-T", min=0.1, help="Recorded seconds per phase."),
+    warmup: float = typer.Option(1.0, "--warmup", min=0.0, help="Unrecorded seconds before each phase."),
+    phases: str = typer.Option("put,get", "--phases", help="Comma-separated: put, get, mixed (50/50)."),
+    keys: int = typer.Option(10_000, "--keys", min=1, help="Key space size."),
+    value_size: int = typer.Option(128, "--value-size", min=0, help="Bytes per value."),
+    key_size: int = typer.Option(16, "--key-size", min=8, help="Bytes per key."),
+    preload_keys: bool = typer.Option(True, "--preload/--no-preload", help="Write every key once first."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per phase, for scripts."),
+) -> None:
+    """Measure throughput and latency against a running cluster (closed-loop client processes)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from zraft import bench as zb
+
+    wanted = [p.strip() for p in phases.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in zb.PHASES]
+    if unknown or not wanted:
+        raise _fail(f"unknown phase(s) {unknown}; choose from {', '.join(zb.PHASES)}")
+    spec = zb.BenchSpec(tuple(_endpoints(config, endpoints)), clients=clients, duration=duration, warmup=warmup,
+                        keys=keys, key_size=key_size, value_size=value_size)
+    try:
+        leader = zb.find_leader(spec.endpoints)
+    except RuntimeError as exc:
+        raise _fail(str(exc)) from None
+    results = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=err,
+                  transient=True, disable=as_json) as progress:
+        if preload_keys:
+            task = progress.add_task(f"preload {keys} keys", total=None)
+            zb.preload(spec, leader)
+            progress.remove_task(task)
+        for phase in wanted:
+            task = progress.add_task(f"{phase}: {clients} clients", total=warmup + duration)
+            res = zb.run_phase(spec, phase, leader,
+                               lambda done, total, t=task: progress.update(t, completed=done))
+            progress.remove_task(task)
+            results.append(res)
+            if as_json:
+                print(json.dumps(res.as_dict()), flush=True)
+    if as_json:
+        return
+    t = Table(title=f"zraft bench: {clients} clients, {duration:g} s per phase, {value_size} B values, leader {leader}")
+    for col in ("phase", "ops/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors", "client CPU (cores)"):
+        t.add_column(col, justify="left" if col == "phase" else "right")
+    for r in results:
+        t.add_row(r.phase, f"{r.ops_per_s:,.0f}", *(f"{v:.2f}" if v is not None else "-"
+                                                   for v in (r.p50_ms, r.p90_ms, r.p99_ms, r.max_ms)),
+                  str(r.errors), f"{r.client_cpu_cores:.2f}")
+    Console().print(t)
+
+
 def main() -> None:
     app()
 
