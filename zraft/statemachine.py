@@ -127,8 +127,10 @@ class KVStateMachine:
             results.append(result)
             if session is not None:
                 self.sessions[client_id] = session_updates[client_id] = SessionRecord(seq, result, e.index)
-        if len(self.sessions) > self.max_sessions:
-            self._evict_sessions(session_updates)
+                # After each entry, not once per batch: what is forgotten must not depend on how
+                # the entries were batched, or replicas (and a replay after restart) diverge.
+                if len(self.sessions) > self.max_sessions:
+                    self._evict_sessions(session_updates)
         self.applied_index = entries[-1].index
         self.backend.write(updates, self.applied_index, session_updates)
         return results

@@ -1,0 +1,374 @@
+"""LevelDBStorage against MemoryStorage (its model), and the LevelDB key layout.
+
+The stateful test drives both stores through random sequences of what a node does to
+them (append, suffix replacement, hard-state changes, applied batches, restarts) and
+checks after every step that the LevelDB store reads back exactly what the model holds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import tempfile
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from zraft.raft.core import HardState
+from zraft.raft.messages import Entry
+from zraft.statemachine import SessionRecord
+from zraft.storage import LevelDBStorage, LogState, MemoryStorage
+
+U64 = struct.Struct(">Q")
+# The many-example tests put their databases on tmpfs when there is one: sync=True writes
+# cost nothing there, so the run time does not depend on the disk (or on who else fsyncs).
+FAST_TMP = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+# A small key space, with keys that look like the storage's own prefixes (m/ l/ d/ s/) and keys.
+KEYS = (
+    b"", b"a", b"ab", b"m/", b"m/applied", b"m/hardstate", b"l/", b"l/\x00",
+    b"d/", b"d/a", b"s/", b"s/\x00", b"\x00", b"\xff",
+)
+META_KEYS = {b"m/hardstate", b"m/logstart", b"m/applied"}
+
+keys = st.sampled_from(KEYS)
+values = st.binary(max_size=6)  # includes b""
+updates_st = st.dictionaries(keys, st.none() | values, max_size=6)
+hard_states = st.builds(
+    HardState,
+    st.integers(0, 10) | st.integers(0, 2**40),
+    st.none() | st.integers(1, 7),
+)
+session_results = st.one_of(
+    st.just({}),
+    st.builds(lambda d: {"deleted": d}, st.booleans()),
+    st.builds(lambda s, v: {"swapped": s, "value": v}, st.booleans(), st.none() | values),
+)
+session_records = st.builds(SessionRecord, st.integers(1, 2**40), session_results, st.integers(1, 2**40))
+sessions_st = st.none() | st.dictionaries(
+    st.sampled_from([1, 2, 3, 255, 256, 2**63 - 1]), st.none() | session_records, max_size=4
+)
+term_steps = st.integers(0, 2) | st.just(2**32)  # non-negative: terms never decrease along the log
+payloads = st.just(b"") | st.binary(max_size=10)
+
+
+def draw_entries(data: st.DataObject, start: int, prev_term: int, min_size: int) -> list[Entry]:
+    """Entries start, start+1, ... with terms that never go below prev_term nor decrease."""
+    n = data.draw(st.integers(min_size, 5), label="n_entries")
+    entries = []
+    term = prev_term
+    for i in range(n):
+        term = max(term + data.draw(term_steps, label="term_step"), 1)
+        entries.append(Entry(term, start + i, data.draw(payloads, label="data")))
+    return entries
+
+
+def assert_same(db: LevelDBStorage, model: MemoryStorage) -> None:
+    assert db.load_hard_state() == model.load_hard_state()
+    log = db.load_log()
+    expected = model.load_log()
+    assert (log.snapshot_index, log.snapshot_term) == (0, 0)
+    assert (expected.snapshot_index, expected.snapshot_term) == (0, 0)
+    assert log.entries == expected.entries
+    assert [e.index for e in log.entries] == list(range(1, len(log.entries) + 1))
+    assert all(type(e.data) is bytes for e in log.entries)
+    assert db.last_index == model.last_index == len(expected.entries)
+    assert db.applied_index == model.applied_index
+    for k in KEYS:
+        assert db.get(k) == model.get(k), k
+    assert db.items() == model.items()
+    assert db.load_sessions() == model.load_sessions()
+
+
+def raw_keys(db: LevelDBStorage) -> list[bytes]:
+    with db.db.iterator(include_value=False) as it:
+        return list(it)
+
+
+class StorageComparison(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="zraft-test-storage-", dir=FAST_TMP)
+        self.db = LevelDBStorage(self.dir)
+        self.model = MemoryStorage()
+
+    def term_at(self, index: int) -> int:
+        return self.model.log[index - 1].term if index > 0 else 0
+
+    @rule(hard_state=st.none() | hard_states, data=st.data())
+    def append(self, hard_state: HardState | None, data: st.DataObject) -> None:
+        last = self.model.last_index
+        entries = draw_entries(data, last + 1, self.term_at(last), min_size=0)
+        self.db.save(hard_state, entries)
+        self.model.save(hard_state, entries)
+
+    @rule(hard_state=st.none() | hard_states, data=st.data())
+    def replace_suffix(self, hard_state: HardState | None, data: st.DataObject) -> None:
+        start = data.draw(st.integers(1, self.model.last_index + 1), label="start")
+        entries = draw_entries(data, start, self.term_at(start - 1), min_size=1)
+        self.db.save(hard_state, entries)
+        self.model.save(hard_state, entries)
+
+    @rule(hard_state=st.none() | hard_states)
+    def hard_state_only(self, hard_state: HardState | None) -> None:
+        self.db.save(hard_state, [])
+        self.model.save(hard_state, [])
+
+    @rule(updates=updates_st, step=st.integers(1, 3) | st.just(2**32), sessions=sessions_st)
+    def write(self, updates: dict[bytes, bytes | None], step: int, sessions) -> None:
+        applied = self.model.applied_index + step
+        if sessions is None:
+            self.db.write(dict(updates), applied)
+            self.model.write(dict(updates), applied)
+        else:
+            self.db.write(dict(updates), applied, dict(sessions))
+            self.model.write(dict(updates), applied, dict(sessions))
+
+    @rule()
+    def reopen(self) -> None:
+        self.db.close()
+        self.db = LevelDBStorage(self.dir)
+
+    @invariant()
+    def same_as_model(self) -> None:
+        assert_same(self.db, self.model)
+
+    @invariant()
+    def raw_layout(self) -> None:
+        log_keys, data_keys, session_keys = [], [], []
+        for k in raw_keys(self.db):
+            if k.startswith(b"l/"):
+                log_keys.append(k)
+            elif k.startswith(b"d/"):
+                data_keys.append(k[2:])
+            elif k.startswith(b"s/"):
+                session_keys.append(k)
+            else:
+                assert k in META_KEYS, k
+        assert log_keys == [b"l/" + U64.pack(e.index) for e in self.model.log]
+        assert data_keys == [k for k, _ in self.model.items()]
+        assert session_keys == [b"s/" + U64.pack(c) for c in sorted(self.model.sessions)]
+
+    def teardown(self) -> None:
+        try:
+            self.db.close()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+StorageComparison.TestCase.settings = settings(
+    max_examples=300,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestStorageComparison = StorageComparison.TestCase
+
+
+# --- plain unit tests ---------------------------------------------------------------------
+
+
+@pytest.fixture(params=["leveldb", "memory"])
+def store(request, tmp_path):
+    s = LevelDBStorage(tmp_path / "db") if request.param == "leveldb" else MemoryStorage()
+    yield s
+    s.close()
+
+
+def test_empty_store_defaults(store) -> None:
+    assert store.load_hard_state() == HardState(0, None)
+    assert store.load_log() == LogState(0, 0, [])
+    assert store.last_index == 0
+    assert store.applied_index == 0
+    for k in KEYS:
+        assert store.get(k) is None
+    assert store.items() == []
+    assert store.load_sessions() == {}
+
+
+def test_empty_save_changes_nothing(store) -> None:
+    store.save(None, [])
+    assert store.load_hard_state() == HardState()
+    assert store.load_log().entries == []
+    assert store.last_index == 0
+
+
+def test_empty_leveldb_store_writes_no_keys(tmp_path) -> None:
+    s = LevelDBStorage(tmp_path / "db")
+    s.save(None, [])
+    assert raw_keys(s) == []
+    s.close()
+    s = LevelDBStorage(tmp_path / "db")
+    assert (s.last_index, s.applied_index, s.load_hard_state()) == (0, 0, HardState())
+    s.close()
+
+
+def test_save_truncates_longer_suffix(store) -> None:
+    store.save(HardState(1, 1), [Entry(1, i, b"old%d" % i) for i in range(1, 8)])
+    store.save(HardState(2, None), [Entry(2, 4, b"new4"), Entry(2, 5, b"new5")])
+    assert store.last_index == 5
+    assert store.load_hard_state() == HardState(2, None)
+    assert store.load_log().entries == [
+        Entry(1, 1, b"old1"),
+        Entry(1, 2, b"old2"),
+        Entry(1, 3, b"old3"),
+        Entry(2, 4, b"new4"),
+        Entry(2, 5, b"new5"),
+    ]
+    # Replacing from the very first index drops everything.
+    store.save(None, [Entry(3, 1, b"")])
+    assert store.last_index == 1
+    assert store.load_log().entries == [Entry(3, 1, b"")]
+    assert store.load_hard_state() == HardState(2, None)
+
+
+def test_reopened_store_keeps_everything(tmp_path) -> None:
+    path = tmp_path / "db"
+    s = LevelDBStorage(path)
+    entries = [Entry(1, 1, b""), Entry(1, 2, b"\x00cmd"), Entry(3, 3, b"x" * 1000)]
+    s.save(HardState(3, 2), entries)
+    s.write({b"k1": b"v1", b"k2": b"", b"gone": b"soon"}, 2)
+    s.write({b"gone": None, b"k3": b"\xff"}, 3, {9: SessionRecord(4, {"swapped": False, "value": b"v1"}, 3)})
+    s.close()
+
+    s = LevelDBStorage(path)
+    assert s.load_hard_state() == HardState(3, 2)
+    assert s.load_log() == LogState(0, 0, entries)
+    assert s.last_index == 3
+    assert s.applied_index == 3
+    assert s.get(b"k1") == b"v1"
+    assert s.get(b"k2") == b""
+    assert s.get(b"gone") is None
+    assert s.items() == [(b"k1", b"v1"), (b"k2", b""), (b"k3", b"\xff")]
+    assert s.load_sessions() == {9: SessionRecord(4, {"swapped": False, "value": b"v1"}, 3)}
+
+    # It keeps working after the reopen: a truncation and a vote with no candidate.
+    s.save(HardState(4, None), [Entry(4, 2, b"y")])
+    s.close()
+    s = LevelDBStorage(path)
+    assert s.load_hard_state() == HardState(4, None)
+    assert s.load_log().entries == [Entry(1, 1, b""), Entry(4, 2, b"y")]
+    assert s.last_index == 2
+    assert s.applied_index == 3
+    s.close()
+
+
+ALL_BYTES = bytes(range(256))
+BINARY_ITEMS = (
+    [(bytes([b]), bytes([255 - b]) * (b % 4)) for b in range(256)]  # every single-byte key; b"" values too
+    + [
+        (b"", ALL_BYTES),
+        (ALL_BYTES, b""),
+        (b"m/hardstate", b"\x93\x01\x02"),  # looks like a msgpack hard state
+        (b"m/applied", U64.pack(99)),
+        (b"m/logstart", b"\x92\x05\x05"),
+        (b"m/", b"m"),
+        (b"l/", b"l"),
+        (b"l/" + U64.pack(1), U64.pack(7) + b"fake entry"),
+        (b"l/" + U64.pack(2**40), U64.pack(7)),
+        (b"d/", b"d"),
+        (b"d/d/", b"dd"),
+        (b"s/", b"s"),
+        (b"s/" + U64.pack(1), b"\x93\x01\x80\x01"),  # looks like a stored session
+        (b"\x00\x00", b"\x00"),
+        (b"\xff\xff\xff", b"\xff"),
+    ]
+)
+
+
+def check_binary_items(s) -> None:
+    for k, v in BINARY_ITEMS:
+        assert s.get(k) == v, k
+    assert s.get(b"m/nothing") is None
+    assert s.get(b"\x00\x00\x00") is None
+    assert s.items() == sorted(BINARY_ITEMS)
+    # Data keys that look like internal keys leave the raft state alone.
+    assert s.load_hard_state() == HardState(5, 3)
+    assert s.load_log() == LogState(0, 0, [Entry(5, 1, ALL_BYTES), Entry(5, 2, b"")])
+    assert s.last_index == 2
+    assert s.applied_index == 2
+    assert s.load_sessions() == {}
+
+
+def test_binary_keys_and_values(store) -> None:
+    store.save(HardState(5, 3), [Entry(5, 1, ALL_BYTES), Entry(5, 2, b"")])
+    store.write(dict(BINARY_ITEMS), 2)
+    check_binary_items(store)
+
+
+def test_binary_keys_and_values_survive_reopen(tmp_path) -> None:
+    s = LevelDBStorage(tmp_path / "db")
+    s.save(HardState(5, 3), [Entry(5, 1, ALL_BYTES), Entry(5, 2, b"")])
+    s.write(dict(BINARY_ITEMS), 2)
+    s.close()
+    s = LevelDBStorage(tmp_path / "db")
+    try:
+        check_binary_items(s)
+        s.write({k: None for k, _ in BINARY_ITEMS}, 3)
+        assert s.items() == []
+        assert raw_keys(s) == [b"l/" + U64.pack(1), b"l/" + U64.pack(2), b"m/applied", b"m/hardstate"]
+    finally:
+        s.close()
+
+
+BOUNDARIES = [1, 2, 255, 256, 257, 2**16 - 1, 2**16, 2**16 + 1, 2**32 - 1, 2**32, 2**32 + 1, 2**40 + 3]
+
+
+def test_log_keys_sort_numerically_beyond_byte_boundaries(tmp_path) -> None:
+    """Log keys are 8-byte big-endian: their byte order is the index order, so load_log and
+    the last index found on open (a reverse scan) are right across 2**8, 2**16 and 2**32."""
+    path = tmp_path / "db"
+    s = LevelDBStorage(path)
+    # One save (it only deletes the range it replaces, so sparse indexes are fine here).
+    entries = [Entry(i % 1000 + 1, i, b"e%d" % i) for i in BOUNDARIES]
+    s.save(None, entries)
+    assert s.last_index == 2**40 + 3
+    for i in BOUNDARIES:
+        assert s.db.get(b"l/" + i.to_bytes(8, "big")) == U64.pack(i % 1000 + 1) + b"e%d" % i
+    assert s.load_log().entries == entries
+    s.close()
+
+    s = LevelDBStorage(path)
+    assert s.last_index == 2**40 + 3
+    assert [e.index for e in s.load_log().entries] == BOUNDARIES
+    s.close()
+
+
+@pytest.mark.parametrize("base", [2**8, 2**16, 2**32])
+def test_truncation_across_a_byte_boundary(tmp_path, base) -> None:
+    path = tmp_path / "db"
+    s = LevelDBStorage(path)
+    # A contiguous run base-3 .. base+3 (the storage does not care where the log starts).
+    first = [Entry(7, i, b"a%d" % i) for i in range(base - 3, base + 4)]
+    s.save(HardState(7, 1), first)
+    assert s.last_index == base + 3
+    # Replace from base-1: base-1 .. base+3 go, base-1 .. base come in.
+    second = [Entry(8, base - 1, b"b1"), Entry(8, base, b"b2")]
+    s.save(HardState(8, 2), second)
+    assert s.last_index == base
+    expected = first[:2] + second
+    assert s.load_log().entries == expected
+    s.close()
+
+    s = LevelDBStorage(path)
+    assert s.last_index == base
+    assert s.load_log().entries == expected
+    assert s.load_hard_state() == HardState(8, 2)
+    # Append across the boundary again after the reopen.
+    s.save(None, [Entry(8, base + 1, b"c")])
+    assert [e.index for e in s.load_log().entries] == list(range(base - 3, base + 2))
+    s.close()
+
+
+def test_applied_index_is_big_endian_u64(tmp_path) -> None:
+    s = LevelDBStorage(tmp_path / "db")
+    s.write({}, 2**32 + 5)
+    assert s.db.get(b"m/applied") == (2**32 + 5).to_bytes(8, "big")
+    s.close()
+    s = LevelDBStorage(tmp_path / "db")
+    assert s.applied_index == 2**32 + 5
+    assert s.items() == []
+    s.close()
