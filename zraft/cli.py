@@ -78,6 +78,8 @@ def node(
     allow_faults: bool = AllowFaultsOpt,
 ) -> None:
     """Run one node in the foreground (what `cluster up` spawns; also how a node runs on its own host)."""
+    import zmq
+
     from zraft.server import run_node
 
     cluster = _load(config)
@@ -88,7 +90,7 @@ def node(
     settings = _settings()
     try:
         run_node(cluster, id, data_dir, settings, log_level, allow_faults)
-    except OSError as exc:  # e.g. a port in use, or the data dir locked by a running node
+    except (OSError, zmq.ZMQError) as exc:  # e.g. a port in use, or the data dir locked by a running node
         raise _fail(f"node {id} could not start: {exc}") from None
 
 
@@ -99,11 +101,14 @@ def node(
 def cluster_up(config: Path = ConfigOpt, data_dir: Path = DataDirOpt, log_level: str = LogLevelOpt,
                allow_faults: bool = AllowFaultsOpt) -> None:
     """Start one process per node in Config.txt and show their state until Ctrl-C (which stops them all)."""
-    from zraft.supervisor import Supervisor
+    from zraft.supervisor import Supervisor, SupervisorError
 
     cluster = _load(config)
     _settings()  # fail before spawning anything
-    Supervisor(config, cluster, data_dir, log_level, allow_faults=allow_faults).run()
+    try:
+        Supervisor(config, cluster, data_dir, log_level, allow_faults=allow_faults).run()
+    except SupervisorError as exc:
+        raise _fail(str(exc)) from None
 
 
 @cluster_app.command("status")

@@ -75,7 +75,7 @@ def parse_request(raw: bytes, limits: Limits) -> Request:
     if not isinstance(req, dict):
         raise RequestError(BAD_REQUEST, f"a request is a msgpack map, not {type(req).__name__}")
     op = req.get("op")
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise RequestError(BAD_REQUEST, f"unknown op {op!r}; expected one of {sorted(OPS)}")
     if op == "status":
         return Request(op)
@@ -108,7 +108,7 @@ def _parse_session(req: dict) -> tuple[int, int] | None:
 def _parse_fault(req: dict) -> dict[str, Any]:
     """Validate a fault injection request (docs/PROTOCOL.md, "Fault injection")."""
     action = req.get("action")
-    if action not in FAULT_ACTIONS:
+    if not isinstance(action, str) or action not in FAULT_ACTIONS:
         raise RequestError(BAD_REQUEST, f"unknown fault action {action!r}; expected one of {sorted(FAULT_ACTIONS)}")
     out: dict[str, Any] = {"action": action}
     if action in ("isolate", "heal"):

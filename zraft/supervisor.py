@@ -10,6 +10,7 @@ if the supervisor itself is killed with SIGKILL its nodes die with it.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import signal
 import subprocess
@@ -44,6 +45,10 @@ def _die_with_parent() -> None:
         pass
     # Own process group: Ctrl-C in the terminal is the supervisor's to handle; it stops the nodes.
     os.setpgid(0, 0)
+
+
+class SupervisorError(RuntimeError):
+    """The supervisor cannot start (its message says why)."""
 
 
 @dataclass
@@ -165,8 +170,20 @@ class Supervisor:
 
     # ------------------------------------------------------------------ main loop
 
+    def _lock_data_dir(self) -> int:
+        """One supervisor per data dir: a second one would take over the control socket."""
+        fd = os.open(self.data_dir / "supervisor.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SupervisorError(f"another `zraft cluster up` is running for data dir {self.data_dir} "
+                                  "(it holds supervisor.lock); stop it first, or use another --data-dir") from None
+        return fd  # held until this process exits
+
     def run(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_data_dir()
         ctx = zmq.Context.instance()
         control = ctx.socket(zmq.REP)
         control.setsockopt(zmq.LINGER, 0)

@@ -230,14 +230,20 @@ class RaftNode:
                 if self._in_lease():
                     return  # a leader we heard from recently is alive: don't let this node disrupt it
                 if not m.pre_vote:
+                    # Adopt the term but keep the election timer running: only granting the vote (below)
+                    # restarts it (Figure 2). Otherwise a node with a stale log that keeps campaigning
+                    # holds off, forever, the up-to-date nodes that could win.
+                    elapsed = self.election_elapsed
                     self._become_follower(m.term, None)
+                    self.election_elapsed = elapsed
             elif isinstance(m, RequestVoteResponse) and m.pre_vote and m.granted:
                 pass  # a granted pre-vote carries the term we would campaign in, not a newer one
             else:
                 leader = m.src if isinstance(m, AppendEntries | Heartbeat) else None
                 self._become_follower(m.term, leader)
         elif m.term < self.term:
-            if isinstance(m, AppendEntries | Heartbeat) and (self.config.check_quorum or self.config.pre_vote):
+            if isinstance(m, AppendEntries | Heartbeat) and (self.config.check_quorum
+                                                             or self.config.pre_vote):
                 # A stale leader (or one cut off while we moved on): tell it our term so it steps
                 # down. Without this, pre-vote could leave a node with a higher term stuck forever.
                 self._send(AppendEntriesResponse(self.term, self.id, m.src, success=False))
@@ -295,6 +301,9 @@ class RaftNode:
     def _become_follower(self, term: int, leader: int | None) -> None:
         if term != self.term:
             self.term, self.voted_for = term, None
+            # Acks queued this turn go out only after this Ready is persisted, and the new term's
+            # leader may overwrite the entries they acknowledge before that: never send them.
+            self._msgs = [m for m in self._msgs if not (isinstance(m, AppendEntriesResponse) and m.success)]
         if self.role is Role.LEADER:
             self._drop_reads()
         self.role = Role.FOLLOWER

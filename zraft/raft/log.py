@@ -77,7 +77,7 @@ class RaftLog:
         return last_term > self.last_term or (last_term == self.last_term and last_index >= self.last_index)
 
     def first_index_of_term(self, index: int) -> int:
-        """The first index of the run of entries with the same term as ``index``, not crossing the snapshot."""
+        """The first index of the run of entries with ``index``'s term, not crossing the snapshot."""
         term = self.term_at(index)
         off = self.snapshot_index + 1
         i = index

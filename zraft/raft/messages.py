@@ -108,11 +108,15 @@ class HeartbeatResponse:
     read_seq: int = 0
 
 
-Message = RequestVote | RequestVoteResponse | AppendEntries | AppendEntriesResponse | Heartbeat | HeartbeatResponse
+Message = (
+    RequestVote | RequestVoteResponse | AppendEntries | AppendEntriesResponse | Heartbeat | HeartbeatResponse
+)
 
 _TYPES: dict[int, type] = {
     cls.TYPE: cls
-    for cls in (RequestVote, RequestVoteResponse, AppendEntries, AppendEntriesResponse, Heartbeat, HeartbeatResponse)
+    for cls in (
+        RequestVote, RequestVoteResponse, AppendEntries, AppendEntriesResponse, Heartbeat, HeartbeatResponse
+    )
 }
 _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in _TYPES.values()}
 _ENTRIES_POS = _FIELDS[AppendEntries].index("entries")

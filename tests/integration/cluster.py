@@ -1,0 +1,529 @@
+"""Helpers for the integration tests: real node processes on loopback, raw ZeroMQ requests.
+
+Every process a test starts goes through :func:`spawn`, which records it in
+:data:`REGISTRY` and gives it PR_SET_PDEATHSIG, so that
+
+* the fixtures can kill it (by pid) when a test ends, pass or fail;
+* the per-test leftover check (conftest.py) can prove it is gone;
+* it dies with pytest even if pytest itself is killed with SIGKILL.
+
+PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so spawn only
+from the main thread (the helpers here never spawn from a worker thread).
+
+Processes that a test did not start itself but caused (the nodes of a ``zraft cluster
+up`` supervisor) are tracked with :meth:`ProcessRegistry.track_pid` and checked too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# ------------------------------------------------------------------------------------ processes
+
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded here, never in the forked child
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    def preexec() -> None:  # runs in the child between fork and exec: no imports, no locks
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(125)
+
+    return preexec
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every process the tests start: no inherited ZRAFT_* variables
+    (the test decides every setting), the repo importable, output unbuffered."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZRAFT_")}
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + old if old else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("COLUMNS", "200")  # rich tables of the CLI: no wrapping in captured output
+    env.update(extra or {})
+    return env
+
+
+def zraft_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "zraft", *args]
+
+
+def _proc_start_time(pid: int) -> int | None:
+    """Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat), or
+    None if there is no such process or it is a zombie (dead, only not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    rest = stat[stat.rfind(")") + 2:].split()  # the command name may hold spaces and parens
+    if rest[0] in ("Z", "X"):
+        return None
+    return int(rest[19])
+
+
+def pid_alive(pid: int) -> bool:
+    return _proc_start_time(pid) is not None
+
+
+@dataclass
+class _External:
+    pid: int
+    start_time: int
+    what: str
+
+    def alive(self) -> bool:
+        return _proc_start_time(self.pid) == self.start_time  # same pid and not a reused one
+
+
+class ProcessRegistry:
+    """Every process the integration tests started (or caused), for the leftover checks."""
+
+    def __init__(self) -> None:
+        self.children: list[tuple[subprocess.Popen, str, bool]] = []  # (process, what, long_lived)
+        self.external: list[_External] = []
+        self.lock = threading.Lock()
+
+    def add(self, proc: subprocess.Popen, what: str, long_lived: bool = False) -> None:
+        """``long_lived``: owned by a fixture wider than one test (it kills it itself); the
+        per-test check leaves it alone, the end-of-session check does not."""
+        with self.lock:
+            self.children.append((proc, what, long_lived))
+
+    def track_pid(self, pid: int, what: str) -> None:
+        """Watch a process this test caused but did not spawn (e.g. a supervisor's node)."""
+        start = _proc_start_time(pid)
+        if start is None:
+            return
+        with self.lock:
+            if not any(e.pid == pid and e.start_time == start for e in self.external):
+                self.external.append(_External(pid, start, what))
+
+    def mark(self) -> tuple[int, int]:
+        with self.lock:
+            return len(self.children), len(self.external)
+
+    def reap_since(self, mark: tuple[int, int] = (0, 0), grace: float = 3.0,
+                   include_long_lived: bool = False) -> list[str]:
+        """Wait up to ``grace`` s for every process registered since ``mark`` to be gone;
+        SIGKILL (by pid) whatever is left. Returns a description of each leftover."""
+        with self.lock:
+            children = [(p, w) for p, w, long in self.children[mark[0]:] if include_long_lived or not long]
+            external = self.external[mark[1]:]
+        deadline = time.monotonic() + grace
+        leftovers = []
+        for proc, what in children:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                leftovers.append(f"pid {proc.pid} ({what})")
+                proc.kill()
+                proc.wait()
+        for ext in external:
+            while ext.alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if ext.alive():
+                leftovers.append(f"pid {ext.pid} ({ext.what})")
+                try:
+                    os.kill(ext.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return leftovers
+
+
+REGISTRY = ProcessRegistry()
+
+# Output files of the processes of the running test, printed (tails) when it fails.
+LOG_FILES: list[Path] = []
+
+
+def spawn(cmd: Sequence[str], *, what: str, log: Path | None = None, env: dict[str, str] | None = None,
+          cwd: Path | None = None, pipes: bool = False, long_lived: bool = False) -> subprocess.Popen:
+    """Start a process that dies with pytest. Output goes to ``log`` (appended) or, with
+    ``pipes``, to pipes the caller reads. Call from the main thread only."""
+    assert threading.current_thread() is threading.main_thread(), "PR_SET_PDEATHSIG is per thread"
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            out.write(f"===== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n".encode())
+            out.flush()
+            proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env=env or child_env(), cwd=cwd, preexec_fn=_die_with_parent(os.getpid()))
+        if log not in LOG_FILES:
+            LOG_FILES.append(log)
+    else:
+        stdio = subprocess.PIPE if pipes else subprocess.DEVNULL
+        proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=stdio, stderr=stdio,
+                                env=env or child_env(), cwd=cwd, preexec_fn=_die_with_parent(os.getpid()))
+    REGISTRY.add(proc, what, long_lived)
+    return proc
+
+
+@dataclass
+class CliResult:
+    args: list[str]
+    rc: int
+    out: str
+    err: str
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"`zraft {' '.join(self.args)}` -> rc {self.rc} in {self.seconds:.2f} s\n"
+                f"--- stdout\n{self.out}--- stderr\n{self.err}")
+
+
+def run_zraft(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 30.0) -> CliResult:
+    """Run one ``python -m zraft ...`` command to completion (killed after ``timeout``)."""
+    t0 = time.monotonic()
+    proc = spawn(zraft_cmd(*args), what=f"zraft {' '.join(args)}", env=env, cwd=cwd, pipes=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"`zraft {' '.join(args)}` did not finish in {timeout} s; "
+                             f"stdout {out!r}, stderr {err!r}") from None
+    return CliResult(list(args), proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"),
+                     time.monotonic() - t0)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_bytes().decode(errors="replace")
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# ------------------------------------------------------------------------------------ ports
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_used_bases: set[int] = set()
+
+
+def free_base(n: int = 3) -> int:
+    """A port P such that P..P+n-1, P+100.. and P+200.. are all bindable on 127.0.0.1 now.
+
+    Picked at random below the kernel's ephemeral range (where outgoing connections get
+    their ports), never twice in one session, so tests can run back to back."""
+    lo_eph, _ = _ephemeral_range()
+    hi = min(lo_eph, 65536) - 210 - n
+    lo = 10000 if hi > 12000 else 1024
+    for _ in range(500):
+        base = random.randrange(lo, hi)
+        if any(abs(base - b) < 210 for b in _used_bases):
+            continue
+        ports = [base + off + i for off in (0, 100, 200) for i in range(n)]
+        socks = []
+        try:
+            for p in ports:
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        _used_bases.add(base)
+        return base
+    raise RuntimeError("no free block of ports on 127.0.0.1")
+
+
+def free_port() -> int:
+    return free_base(1)
+
+
+# ------------------------------------------------------------------------------------ raw zmq
+
+
+def ctx() -> zmq.Context:
+    return zmq.Context.instance()
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False)
+
+
+def request(endpoint: str, req: Any = None, *, raw: bytes | None = None, timeout: float = 5.0) -> Any:
+    """One request on a fresh REQ socket; the decoded reply, or None if none came in time."""
+    s = ctx().socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    try:
+        s.connect(endpoint)
+        s.send(raw if raw is not None else pack(req))
+        if not s.poll(int(timeout * 1000)):
+            return None
+        return unpack(s.recv())
+    finally:
+        s.close()
+
+
+class _NotSent:
+    def __repr__(self) -> str:
+        return "NOT_SENT"
+
+
+NOT_SENT = _NotSent()  # pipeline()'s result for a request it never sent
+
+
+def pipeline(endpoint: str, reqs: Sequence[Any], *, window: int = 32, timeout: float = 60.0,
+             idle_timeout: float | None = None, on_reply: Callable[[int, Any], None] | None = None,
+             stop: threading.Event | None = None) -> list[Any]:
+    """Send ``reqs`` to one node with up to ``window`` in flight at once (one DEALER per
+    slot, a new request as soon as its slot's reply is in), all from the calling thread.
+
+    Returns one decoded reply per request: None for one sent with no reply before
+    ``timeout`` (overall) or ``idle_timeout`` (no reply at all for that long) or before
+    ``stop`` was set, and :data:`NOT_SENT` for one never sent.
+    """
+    results: list[Any] = [NOT_SENT] * len(reqs)
+    poller = zmq.Poller()
+    socks: list[zmq.Socket] = []
+    inflight: dict[zmq.Socket, int] = {}
+    nxt = 0
+    try:
+        for _ in range(min(window, len(reqs))):
+            s = ctx().socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(endpoint)
+            poller.register(s, zmq.POLLIN)
+            socks.append(s)
+            s.send_multipart([b"", pack(reqs[nxt])])
+            inflight[s] = nxt
+            results[nxt] = None
+            nxt += 1
+        deadline = time.monotonic() + timeout
+        last_reply = time.monotonic()
+        while inflight and not (stop is not None and stop.is_set()):
+            now = time.monotonic()
+            if now >= deadline or (idle_timeout is not None and now - last_reply >= idle_timeout):
+                break
+            for s, _ in poller.poll(100):
+                frames = s.recv_multipart()
+                i = inflight.pop(s)
+                results[i] = unpack(frames[-1])
+                last_reply = time.monotonic()
+                if on_reply is not None:
+                    on_reply(i, results[i])
+                if nxt < len(reqs):
+                    s.send_multipart([b"", pack(reqs[nxt])])
+                    inflight[s] = nxt
+                    results[nxt] = None
+                    nxt += 1
+    finally:
+        for s in socks:
+            s.close()
+    return results
+
+
+# ------------------------------------------------------------------------------------ a cluster
+
+
+@dataclass
+class Cluster:
+    """``n`` zraft nodes on 127.0.0.1, each a ``python -m zraft node`` process.
+
+    Config.txt (in the original C++ format), every node's data and output live in
+    ``workdir``. ``env`` holds ZRAFT_* settings for the nodes (default: none, i.e. the
+    production defaults)."""
+
+    workdir: Path
+    n: int = 3
+    env: dict[str, str] = field(default_factory=dict)
+    base: int = 0
+    long_lived: bool = False  # owned by a module-scoped fixture (see ProcessRegistry.add)
+    procs: dict[int, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.base = self.base or free_base(self.n)
+        self.config_path = self.workdir / "Config.txt"
+        self.config_path.write_text("".join(f'Ip="127.0.0.1",port="{self.base + i}"\n' for i in range(self.n)))
+        self.data_dir = self.workdir / "data"
+        self.ids = list(range(1, self.n + 1))
+
+    # --- addresses
+
+    def endpoint(self, node_id: int) -> str:
+        return f"tcp://127.0.0.1:{self.base + 100 + node_id - 1}"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [self.endpoint(i) for i in self.ids]
+
+    def log_path(self, node_id: int) -> Path:
+        return self.workdir / f"node{node_id}.out"
+
+    # --- processes
+
+    def start(self, node_id: int) -> subprocess.Popen:
+        assert node_id not in self.procs or self.procs[node_id].poll() is not None, f"node {node_id} runs"
+        proc = spawn(zraft_cmd("node", "--id", str(node_id), "--config", str(self.config_path),
+                               "--data-dir", str(self.data_dir)),
+                     what=f"node {node_id} of {self.workdir.name}", log=self.log_path(node_id),
+                     env=child_env(self.env), cwd=self.workdir, long_lived=self.long_lived)
+        self.procs[node_id] = proc
+        return proc
+
+    def start_all(self) -> None:
+        for i in self.ids:
+            self.start(i)
+
+    def alive(self, node_id: int) -> bool:
+        p = self.procs.get(node_id)
+        return p is not None and p.poll() is None
+
+    def kill(self, node_id: int, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int:
+        """Signal one node and wait for it to exit; returns its exit code."""
+        p = self.procs[node_id]
+        if p.poll() is None:
+            p.send_signal(sig)
+        return p.wait(timeout)
+
+    def kill_all(self, sig: int = signal.SIGKILL) -> None:
+        running = [p for p in self.procs.values() if p.poll() is None]
+        for p in running:
+            p.send_signal(sig)
+        for p in running:
+            p.wait(10)
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs.values():
+            p.wait()
+
+    # --- status
+
+    def status(self, node_id: int, timeout: float = 1.0) -> dict[str, Any] | None:
+        rep = request(self.endpoint(node_id), {"op": "status"}, timeout=timeout)
+        return rep if isinstance(rep, dict) and rep.get("ok") is True else None
+
+    def statuses(self, ids: Iterable[int] | None = None, timeout: float = 1.0) -> dict[int, dict | None]:
+        ids = list(self.ids if ids is None else ids)
+        socks = {}
+        for i in ids:
+            s = ctx().socket(zmq.REQ)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(self.endpoint(i))
+            s.send(pack({"op": "status"}))
+            socks[i] = s
+        out: dict[int, dict | None] = dict.fromkeys(ids)
+        deadline = time.monotonic() + timeout
+        try:
+            pending = dict(socks)
+            while pending and (left := deadline - time.monotonic()) > 0:
+                poller = zmq.Poller()
+                for s in pending.values():
+                    poller.register(s, zmq.POLLIN)
+                ready = dict(poller.poll(int(left * 1000) + 1))
+                for i, s in list(pending.items()):
+                    if s in ready:
+                        rep = unpack(s.recv())
+                        out[i] = rep if isinstance(rep, dict) and rep.get("ok") is True else None
+                        del pending[i]
+        finally:
+            for s in socks.values():
+                s.close()
+        return out
+
+    def wait_leader(self, ids: Iterable[int] | None = None, timeout: float = 20.0) -> int:
+        """Wait until every node of ``ids`` (default: the running ones) answers, exactly one
+        is leader and all agree on it and on the term. Returns the leader's id."""
+        ids = [i for i in self.ids if self.alive(i)] if ids is None else list(ids)
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            sts = self.statuses(ids, timeout=0.5)
+            last = sts
+            if all(sts.values()):
+                leaders = [i for i, st in sts.items() if st["role"] == "leader"]
+                if len(leaders) == 1:
+                    lead = sts[leaders[0]]
+                    if all(st["leader"] == leaders[0] and st["term"] == lead["term"] for st in sts.values()):
+                        return leaders[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no agreed leader among nodes {ids} within {timeout} s; last statuses: {last}")
+
+    def wait_caught_up(self, node_id: int, leader: int, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until ``node_id`` has applied everything the leader had committed when asked."""
+        st = self.status(leader)
+        assert st is not None, f"leader {leader} does not answer"
+        target = st["commit_index"]
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = self.status(node_id, timeout=0.5)
+            if last and last["applied_index"] >= target:
+                return last
+            time.sleep(0.05)
+        raise AssertionError(f"node {node_id} did not apply up to {target} (leader {leader}'s commit index) "
+                             f"within {timeout} s; last status {last}")
+
+    # --- clients
+
+    def client(self, timeout: float = 5.0, ids: Iterable[int] | None = None):
+        from zraft.client import Client
+
+        return Client([self.endpoint(i) for i in (self.ids if ids is None else ids)], timeout=timeout)
+
+    def cli(self, *args: str, timeout: float = 30.0) -> CliResult:
+        """``python -m zraft ARGS --config THIS/Config.txt`` (the option goes last)."""
+        return run_zraft(*args, "--config", str(self.config_path), cwd=self.workdir, timeout=timeout)
+
+    def put_many(self, leader: int, items: dict[bytes, bytes], window: int = 32,
+                 timeout: float = 120.0) -> list[Any]:
+        reqs = [{"op": "put", "key": k, "value": v} for k, v in items.items()]
+        return pipeline(self.endpoint(leader), reqs, window=window, timeout=timeout)
+
+    def get_many(self, node_id: int, keys: Sequence[bytes], window: int = 32,
+                 timeout: float = 120.0) -> dict[bytes, Any]:
+        reps = pipeline(self.endpoint(node_id), [{"op": "get", "key": k} for k in keys], window=window,
+                        timeout=timeout)
+        bad = [(k, r) for k, r in zip(keys, reps, strict=True) if not (isinstance(r, dict) and r.get("ok") is True)]
+        assert not bad, f"{len(bad)} of {len(keys)} gets failed on node {node_id}, e.g. {bad[:3]}"
+        return {k: r["value"] for k, r in zip(keys, reps, strict=True)}
+
+    def check_all_present(self, node_id: int, expected: dict[bytes, bytes | None]) -> None:
+        got = self.get_many(node_id, list(expected))
+        wrong = [(k, v, got[k]) for k, v in expected.items() if got[k] != v]
+        assert not wrong, (f"{len(wrong)} of {len(expected)} keys wrong on node {node_id} "
+                           f"(key, expected, got): {wrong[:5]}")
+
+
+def status_json(result: CliResult) -> list[dict[str, Any]]:
+    assert result.rc == 0, str(result)
+    return json.loads(result.out)

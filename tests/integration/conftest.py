@@ -1,0 +1,70 @@
+"""Fixtures of the integration tests: clusters of real node processes, and the guarantee
+that no test leaves a process behind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .cluster import LOG_FILES, REGISTRY, Cluster, tail
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind() -> Iterator[None]:
+    """Runs around every test (set up first, torn down last): once the test and its other
+    fixtures are done, every process it started (or caused) must be gone. Leftovers are
+    killed by pid, and the test errors."""
+    LOG_FILES.clear()
+    mark = REGISTRY.mark()
+    yield
+    leftovers = REGISTRY.reap_since(mark)
+    if leftovers:
+        pytest.fail("processes left behind (now killed): " + ", ".join(leftovers), pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """On failure, append the tail of every output file of the test's processes."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        item.zraft_failed = True  # type: ignore[attr-defined]  # for fixtures' teardown checks
+        for path in LOG_FILES:
+            rep.sections.append((f"tail of {path}", tail(path)))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    leftovers = REGISTRY.reap_since((0, 0), grace=1.0, include_long_lived=True)
+    if leftovers:
+        print("\nzraft integration tests: processes left behind (now killed): " + ", ".join(leftovers))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """A factory: ``make_cluster(n=3, env={...}, start=True)``. Every cluster it made is
+    killed (SIGKILL, by pid) when the test ends, however it ends."""
+    clusters: list[Cluster] = []
+
+    def make(n: int = 3, env: dict[str, str] | None = None, start: bool = True, name: str | None = None) -> Cluster:
+        c = Cluster(tmp_path / (name or f"cluster{len(clusters)}"), n=n, env=dict(env or {}))
+        clusters.append(c)
+        if start:
+            c.start_all()
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in clusters:
+            c.close()
+
+
+@pytest.fixture
+def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
+    """Three nodes with the default settings, up and agreed on a leader."""
+    c = make_cluster()
+    c.wait_leader()
+    return c

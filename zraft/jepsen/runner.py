@@ -1,0 +1,761 @@
+"""Jepsen-style runs: concurrent clients record a history while a nemesis injects faults;
+then the cluster is healed, every key is read once more, and the whole history is
+checked for linearizability.
+
+    python -m zraft.jepsen --scenario mixed --duration 600 --clients 5 --nodes 3 [--seed N] [--keep]
+
+Clients are threads, each with its own :class:`zraft.client.Client`, doing random
+put / get / cas / delete on a few keys with unique values; by default every other client
+uses exactly-once sessions for its writes (the library's default: a write whose reply is
+lost is retried, and the cluster must not apply it twice), the others don't (a write
+whose reply is lost is given up as unknown). Each op is recorded with its invocation
+and completion times and its outcome:
+
+* ``ok``: the reply was ok;
+* ``fail``: it certainly did not take effect: a :class:`ZraftError` that is not
+  :class:`OutcomeUnknown` (``not_leader``, ``unavailable``, ``bad_request``,
+  ``too_large``, or the client gave up without the request ever being accepted); and
+  any failed read (a read has no effect);
+* ``unknown``: a write that raised :class:`OutcomeUnknown` (no reply, or a ``timeout``
+  reply), or anything unexpected: it may have taken effect, at any later time, or not.
+
+Scenarios (the nemesis):
+
+=========== ===========================================================================
+kill        SIGKILL a random node, restart it a little later; sometimes a clean stop
+            (SIGTERM) instead, or SIGKILL of a majority or of every node at once
+pause       SIGSTOP a random node (sometimes a majority), SIGCONT it a little later
+partition   cut one node (random, or the leader) off from all others, split the others
+            in two halves that only one node bridges, or split the cluster in a random
+            majority and minority (fault API ``isolate`` with ``peers``, on both sides);
+            then heal
+leader      aimed at the current leader: kill it, pause it, cut it off, or cut it off
+            from all nodes but one, which still talks to everyone (a bridge)
+mixed       all of the above, plus message loss and delay between nodes, lost replies
+            to applied writes (``drop_replies``), and two faults at once
+=========== ===========================================================================
+
+At the end everything is healed (paused nodes resumed, dead ones restarted, network
+faults cleared), the runner waits for the cluster to converge (one leader, every node
+caught up), reads every key, and checks the history, final reads included. That also
+checks that nothing acknowledged was lost: an ok write must be the final value or have
+been overwritten by an op linearized after it.
+
+The command's exit code is 0 only if the history is linearizable, the cluster converged
+after healing and the run had no errors (a fault request not acknowledged, a failed
+final read, ...). ``--history FILE`` saves the history; ``--check FILE`` checks a saved
+one again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from zraft.client import Client, OutcomeUnknown, ZraftError
+from zraft.jepsen.checker import CheckResult, check
+from zraft.jepsen.cluster import LocalCluster
+from zraft.jepsen.history import (
+    CAS,
+    DELETE,
+    FAIL,
+    GET,
+    KINDS,
+    OK,
+    PUT,
+    UNKNOWN,
+    WRITES,
+    Op,
+    dump_history,
+    fmt,
+    load_history,
+)
+
+SCENARIOS = ("kill", "pause", "partition", "leader", "mixed")
+# The op mix of the clients.
+OP_WEIGHTS = {GET: 40, PUT: 25, CAS: 25, DELETE: 10}
+
+
+@dataclass
+class Fault:
+    """One fault the nemesis injected: what, on which nodes, from when to when (s from the start)."""
+
+    kind: str
+    nodes: list[int]
+    start: float
+    end: float | None = None
+    detail: str = ""
+
+    def describe(self) -> str:
+        end = f"{self.end:7.2f}" if self.end is not None else "    end"
+        where = ",".join(map(str, self.nodes))
+        return f"{self.start:7.2f} -> {end} s  {self.kind:<13} node{'s' if len(self.nodes) > 1 else ''} {where}" + (
+            f"  ({self.detail})" if self.detail else "")
+
+
+@dataclass
+class Result:
+    scenario: str
+    seed: int
+    nodes: int
+    clients: int
+    duration: float
+    history: list[Op]
+    faults: list[Fault]
+    check: CheckResult | None
+    t0: float  # time.monotonic() of the start of the faulted window
+    t_end: float  # ... and of its end
+    final_values: dict[Any, Any] = field(default_factory=dict)
+    converged: bool = False
+    convergence: str = ""  # how it converged, or why not
+    errors: list[str] = field(default_factory=list)  # anything else that went wrong
+    workdir: str = ""
+    sessions: str = "mixed"
+    pids: list[int] = field(default_factory=list)  # every node process the run started
+
+    @property
+    def linearizable(self) -> bool:
+        return self.check is not None and self.check.valid is True
+
+    @property
+    def ok(self) -> bool:
+        """Linearizable, converged after healing, and no runner errors."""
+        return self.linearizable and self.converged and not self.errors
+
+    def counts(self) -> dict[str, Counter]:
+        out: dict[str, Counter] = {k: Counter() for k in KINDS}
+        for op in self.history:
+            if op.process >= 0:
+                out[op.kind][op.status] += 1
+        return out
+
+    def ok_in_window(self, writes_only: bool = False) -> int:
+        """Ok ops of the clients that completed inside the faulted window."""
+        return sum(1 for op in self.history if op.status == OK and op.process >= 0
+                   and self.t0 <= op.complete <= self.t_end and (not writes_only or op.kind in WRITES))
+
+    def summary(self) -> str:
+        lines = [f"zraft jepsen: scenario {self.scenario}, {self.nodes} nodes, {self.clients} clients "
+                 f"(sessions {self.sessions}), {self.duration:g} s of faults, seed {self.seed}"]
+        counts = self.counts()
+        lines.append(f"  {'ops':<8}{'ok':>8}{'failed':>8}{'unknown':>9}")
+        total: Counter = Counter()
+        for kind in KINDS:
+            c = counts[kind]
+            total.update(c)
+            lines.append(f"  {kind:<8}{c[OK]:>8}{c[FAIL]:>8}{c[UNKNOWN]:>9}")
+        lines.append(f"  {'total':<8}{total[OK]:>8}{total[FAIL]:>8}{total[UNKNOWN]:>9}")
+        win = self.t_end - self.t0
+        lines.append(f"  ok in the faulted window: {self.ok_in_window()} ops, {self.ok_in_window(True)} writes "
+                     f"({self.ok_in_window() / win if win > 0 else 0:.0f} ops/s)")
+        lines.append(f"  faults injected: {len(self.faults)}")
+        lines += [f"    {f.describe()}" for f in self.faults]
+        lines.append(f"  after healing: {self.convergence}")
+        if self.final_values:
+            lines.append("  final values: " + ", ".join(f"{fmt(k)}={fmt(v)}" for k, v in self.final_values.items()))
+        for e in self.errors:
+            lines.append(f"  error: {e}")
+        if self.check is not None:
+            per_key = ", ".join(f"{fmt(k)}: {r.ops} ops {r.seconds:.1f} s" for k, r in self.check.keys.items())
+            lines.append(f"  checker: {per_key}")
+            lines.append(f"  linearizable: {'yes' if self.linearizable else 'NO'} ({self.check.verdict})")
+            if not self.linearizable:
+                lines.append(self.check.report())
+        else:
+            lines.append("  linearizable: NO (not checked)")
+        if self.workdir:
+            lines.append(f"  cluster files kept in {self.workdir}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- history recording
+
+class Recorder:
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+
+    def add(self, op: Op) -> Op:
+        with self._lock:
+            op.id = next(self._ids)
+            self.ops.append(op)
+        return op
+
+    def tally(self) -> Counter:
+        return Counter(op.status for op in list(self.ops))
+
+
+def run_op(client: Client, kind: str, key: bytes, value: bytes | None = None, expect: bytes | None = None,
+           process: int = -1) -> Op:
+    """Run one op and record its outcome (see the module docstring)."""
+    invoke = time.monotonic()
+    status, result, error = OK, None, None
+    try:
+        if kind == GET:
+            result = client.get(key)
+        elif kind == PUT:
+            client.put(key, value)
+        elif kind == CAS:
+            result = client.cas(key, expect, value)
+        else:
+            result = client.delete(key)
+    except OutcomeUnknown as exc:
+        status, error = (FAIL if kind == GET else UNKNOWN), exc.code
+    except ZraftError as exc:
+        status, error = FAIL, exc.code
+    except Exception as exc:  # not expected: for a write, assume the worst
+        status, error = (FAIL if kind == GET else UNKNOWN), f"{type(exc).__name__}: {exc}"
+    complete = time.monotonic()
+    return Op(kind, key, invoke, complete, status, value=value, expect=expect, result=result, process=process,
+              error=error)
+
+
+def make_client(endpoints: list[str], timeout: float, exactly_once: bool | None = None) -> Client:
+    """A client; ``exactly_once`` None means the library's default."""
+    if exactly_once is None or "exactly_once" not in inspect.signature(Client).parameters:
+        return Client(endpoints, timeout=timeout)
+    return Client(endpoints, timeout=timeout, exactly_once=exactly_once)
+
+
+class Worker(threading.Thread):
+    """One client: random ops on random keys until told to stop."""
+
+    def __init__(self, cid: int, endpoints: list[str], keys: list[bytes], rec: Recorder, stop: threading.Event,
+                 seed: int, timeout: float, seen: dict[bytes, bytes | None], exactly_once: bool | None = None) -> None:
+        super().__init__(name=f"jepsen-client-{cid}", daemon=True)
+        self.cid = cid
+        self.client = make_client(endpoints, timeout, exactly_once)
+        self.keys = keys
+        self.rec = rec
+        self.stop = stop
+        self.rng = random.Random(seed)
+        self.seen = seen  # the last value any client saw per key: cas expectations that may hit
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            kinds = list(OP_WEIGHTS)
+            weights = list(OP_WEIGHTS.values())
+            for n in itertools.count():
+                if self.stop.is_set():
+                    return
+                kind = self.rng.choices(kinds, weights)[0]
+                key = self.rng.choice(self.keys)
+                value = f"c{self.cid}-{n}".encode() if kind in (PUT, CAS) else None
+                expect = None
+                if kind == CAS:
+                    expect = self.seen.get(key) if self.rng.random() < 0.8 else None
+                op = self.rec.add(run_op(self.client, kind, key, value, expect, self.cid))
+                if op.status == OK:
+                    if kind == GET:
+                        self.seen[key] = op.result
+                    elif kind == PUT:
+                        self.seen[key] = value
+                    elif kind == CAS:
+                        self.seen[key] = op.result[1]
+                    else:
+                        self.seen[key] = None
+        except BaseException as exc:  # reported by the runner
+            self.error = exc
+
+
+# ---------------------------------------------------------------------- the nemesis
+
+class Nemesis(threading.Thread):
+    """Injects the faults of a scenario until ``stop``; keeps track of what is broken so
+    that :meth:`heal_all` can undo everything."""
+
+    HOLD = (1.0, 3.5)  # how long a fault lasts, s
+    QUIET = (0.5, 2.0)  # calm between faults, s
+
+    def __init__(self, cluster: LocalCluster, scenario: str, rng: random.Random, t0: float,
+                 stop: threading.Event, log: Callable[[str], None]) -> None:
+        super().__init__(name="jepsen-nemesis", daemon=True)
+        if scenario not in SCENARIOS:
+            raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(SCENARIOS)}")
+        self.cluster = cluster
+        self.scenario = scenario
+        self.rng = rng
+        self.t0 = t0
+        self.stop = stop
+        self.log = log
+        self.faults: list[Fault] = []
+        self.dead: set[int] = set()
+        self.paused: set[int] = set()
+        self.cut: dict[int, set[int]] = {i: set() for i in cluster.ids}  # desired isolation per node
+        self.acked: dict[int, set[int] | None] = {i: set() for i in cluster.ids}  # what each node has (None: unsure)
+        self.net = {"drop": 0.0, "delay": 0.0}  # desired message loss rate and delay (ms), all nodes
+        self.errors: list[str] = []
+        self.lock = threading.RLock()
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    # ------------------------------------------------------------------ the schedule
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                undo = self.inject()
+                self.sleep(*self.HOLD)
+                for u in reversed(undo):
+                    u()
+                self.sleep(*self.QUIET)
+        except Exception as exc:  # reported by the runner
+            self.errors.append(f"nemesis: {type(exc).__name__}: {exc}")
+            self.log(f"nemesis failed: {exc!r}")
+
+    def sleep(self, lo: float, hi: float) -> None:
+        self.stop.wait(self.rng.uniform(lo, hi))
+
+    def inject(self) -> list[Callable[[], None]]:
+        """Inject one fault (or two at once, in mixed); returns the ways to undo them."""
+        rng = self.rng
+        ids = self.cluster.ids
+        s = self.scenario
+        if s == "mixed":
+            s = rng.choice(["kill", "pause", "partition", "leader", "network", "replies", "double"])
+        if s == "kill":
+            r = rng.random()
+            if r < 0.6:
+                return [self.kill(rng.choice(ids))]
+            if r < 0.75:
+                return [self.stop_node(rng.choice(ids))]
+            # a crash of a majority, or of every node: what was acknowledged must survive it
+            k = len(ids) if rng.random() < 0.5 else len(ids) // 2 + 1
+            return [self.kill_many(rng.sample(ids, k))]
+        if s == "pause":
+            if rng.random() < 0.75:
+                return [self.pause(rng.choice(ids))]
+            return [self.pause(n) for n in rng.sample(ids, len(ids) // 2 + 1)]  # a majority: all stall
+        if s == "partition":
+            return [self.partition_random()]
+        if s == "leader":
+            target = self.find_leader()
+            label = "the leader"
+            if target is None:
+                target, label = rng.choice(ids), "no leader found: a random node"
+            what = rng.choice(["kill", "pause", "isolate", "bridge"])
+            if what == "kill":
+                return [self.kill(target, label)]
+            if what == "pause":
+                return [self.pause(target, label)]
+            if what == "isolate":
+                return [self.isolate(target, label)]
+            # cut the leader off from all but one node, which still talks to everyone
+            others = [i for i in ids if i != target]
+            b = rng.choice(others)
+            rest = [i for i in others if i != b]
+            if not rest:
+                return [self.isolate(target)]
+            return [self.partition([target], rest, "bridge", f"{label}; only node {b} talks to both sides")]
+        if s == "network":
+            return [self.network(drop=rng.choice([0.0, 0.1, 0.3, 0.5]), delay=rng.choice([0.0, 20.0, 50.0, 150.0]))]
+        if s == "replies":
+            return [self.drop_replies(self.find_leader() or rng.choice(ids), rng.randint(2, 10))]
+        # two at once: a partition and a process fault on one random node
+        undo = [self.partition_random()]
+        node = rng.choice(ids)
+        undo.append(self.kill(node) if rng.random() < 0.5 else self.pause(node))
+        return undo
+
+    # ------------------------------------------------------------------ faults
+
+    def _record(self, kind: str, nodes: list[int], detail: str = "") -> Fault:
+        f = Fault(kind, sorted(nodes), self.now(), detail=detail)
+        self.faults.append(f)
+        self.log(f"[{f.start:6.1f}s] nemesis: {kind} node{'s' if len(nodes) > 1 else ''} "
+                 f"{','.join(map(str, sorted(nodes)))}" + (f" ({detail})" if detail else ""))
+        return f
+
+    def _end(self, f: Fault) -> None:
+        f.end = self.now()
+
+    def find_leader(self) -> int | None:
+        """The current leader, waiting up to 2 s for one; None if there is none."""
+        deadline = time.monotonic() + 2.0
+        while not self.stop.is_set():
+            got = self.cluster.leader(timeout=0.5)
+            if got is not None:
+                return got[0]
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        return None
+
+    def kill(self, node: int, detail: str = "") -> Callable[[], None]:
+        with self.lock:
+            if node in self.dead:
+                return lambda: None
+            self.cluster.kill(node)
+            self.dead.add(node)
+            self.paused.discard(node)
+            self.acked[node] = set()  # a new process starts with no faults
+            f = self._record("kill -9", [node], detail)
+
+        def undo() -> None:
+            self.restart(node)
+            self._end(f)
+
+        return undo
+
+    def kill_many(self, nodes: list[int]) -> Callable[[], None]:
+        with self.lock:
+            nodes = [n for n in nodes if n not in self.dead]
+            for node in nodes:
+                self.cluster.kill(node)
+                self.dead.add(node)
+                self.paused.discard(node)
+                self.acked[node] = set()
+            f = self._record("kill -9", nodes, "all at once")
+
+        def undo() -> None:
+            for node in nodes:
+                self.restart(node)
+            self._end(f)
+
+        return undo
+
+    def stop_node(self, node: int) -> Callable[[], None]:
+        """A clean stop (SIGTERM), restarted later."""
+        with self.lock:
+            if node in self.dead:
+                return lambda: None
+            self.cluster.stop(node)
+            self.dead.add(node)
+            self.paused.discard(node)
+            self.acked[node] = set()
+            f = self._record("stop", [node], "SIGTERM")
+
+        def undo() -> None:
+            self.restart(node)
+            self._end(f)
+
+        return undo
+
+    def restart(self, node: int) -> None:
+        with self.lock:
+            if node not in self.dead:
+                return
+            self.cluster.start(node)
+            self.dead.discard(node)
+            deadline = time.monotonic() + 10
+            while self.cluster.status(node, 0.5) is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # let it come up before it is told its network faults
+            self.log(f"[{self.now():6.1f}s] nemesis: restarted node {node}")
+        self.sync_node(node)
+
+    def pause(self, node: int, detail: str = "") -> Callable[[], None]:
+        with self.lock:
+            if node in self.dead or node in self.paused:
+                return lambda: None
+            self.cluster.pause(node)
+            self.paused.add(node)
+            f = self._record("pause", [node], detail)
+
+        def undo() -> None:
+            self.resume(node)
+            self._end(f)
+
+        return undo
+
+    def resume(self, node: int) -> None:
+        with self.lock:
+            if node not in self.paused:
+                return
+            self.cluster.resume(node)
+            self.paused.discard(node)
+        self.sync_node(node)
+
+    def isolate(self, node: int, detail: str = "") -> Callable[[], None]:
+        others = [i for i in self.cluster.ids if i != node]
+        return self.partition([node], others, "isolate", detail)
+
+    def bridge(self, node: int | None = None) -> Callable[[], None]:
+        """Split the others in two halves that can't talk to each other; ``node`` (random
+        if None) still talks to both: a non-transitive partition."""
+        ids = list(self.cluster.ids)
+        self.rng.shuffle(ids)
+        if node is None:
+            node = ids[0]
+        others = [i for i in ids if i != node]
+        if len(others) < 2:
+            return self.isolate(node)
+        k = len(others) // 2
+        return self.partition(others[:k], others[k:], "bridge", f"only node {node} talks to both sides")
+
+    def partition_random(self) -> Callable[[], None]:
+        """Cut one node off, a bridge, or a random minority off the majority (the same as
+        cutting one node off, with three nodes). The side cut off holds the leader more
+        often than chance would have it: that is where the trouble is."""
+        ids = list(self.cluster.ids)
+        self.rng.shuffle(ids)
+        r = self.rng.random()
+        if r < 0.25 and len(ids) >= 3:
+            return self.bridge()
+        leader = self.find_leader() if self.rng.random() < 0.6 else None  # None: a random node
+        if leader is not None:
+            ids.remove(leader)
+            ids.insert(0, leader)
+        if r < 0.7 or len(ids) < 3:
+            return self.isolate(ids[0], "the leader" if leader is not None else "")
+        k = self.rng.randint(1, (len(ids) - 1) // 2)  # a minority of k nodes, the rest a majority
+        return self.partition(ids[:k], ids[k:], "partition", "with the leader" if leader is not None else "")
+
+    def partition(self, side_a: list[int], side_b: list[int], kind: str, detail: str = "") -> Callable[[], None]:
+        with self.lock:
+            for a in side_a:
+                self.cut[a] |= set(side_b)
+            for b in side_b:
+                self.cut[b] |= set(side_a)
+            f = self._record(kind, side_a, f"from {','.join(map(str, sorted(side_b)))}" + (
+                f"; {detail}" if detail else ""))
+        self.sync_all()
+
+        def undo() -> None:
+            with self.lock:
+                for a in side_a:
+                    self.cut[a] -= set(side_b)
+                for b in side_b:
+                    self.cut[b] -= set(side_a)
+            self.sync_all()
+            self._end(f)
+
+        return undo
+
+    def network(self, drop: float, delay: float) -> Callable[[], None]:
+        if drop == 0 and delay == 0:
+            drop = 0.2
+        with self.lock:
+            self.net = {"drop": drop, "delay": delay}
+            f = self._record("network", list(self.cluster.ids), f"drop {drop:.0%}, delay {delay:g} ms")
+        self.sync_all()
+
+        def undo() -> None:
+            with self.lock:
+                self.net = {"drop": 0.0, "delay": 0.0}
+            self.sync_all()
+            self._end(f)
+
+        return undo
+
+    def drop_replies(self, node: int, count: int) -> Callable[[], None]:
+        with self.lock:
+            if node in self.dead or node in self.paused:
+                return lambda: None
+            ok = self.cluster.fault(node, "drop_replies", count=count) is not None
+            f = self._record("drop replies", [node], f"the next {count} replies to applied writes"
+                             + ("" if ok else "; not acknowledged"))
+
+        def undo() -> None:
+            with self.lock:
+                if node not in self.dead and node not in self.paused:
+                    self.cluster.fault(node, "drop_replies", count=0)
+            self._end(f)
+
+        return undo
+
+    # ------------------------------------------------------------------ pushing network state
+
+    def sync_all(self) -> None:
+        for i in self.cluster.ids:
+            self.sync_node(i)
+
+    def sync_node(self, node: int) -> None:
+        """Bring one running node's network faults to what is desired (no-op if it can't answer)."""
+        with self.lock:
+            if node in self.dead or node in self.paused:
+                return
+            want = set(self.cut[node])
+            have = self.acked[node]
+
+            def fault(action: str, **fields: Any) -> bool:  # up to three tries
+                return any(self.cluster.fault(node, action, **fields) is not None for _ in range(3))
+
+            ok = True
+            if have is None:
+                ok = fault("clear")
+                have = set()
+            if ok and have - want:
+                ok = fault("heal", peers=sorted(have - want))
+            if ok and want - have:
+                ok = fault("isolate", peers=sorted(want - have))
+            if ok:
+                ok = fault("drop", rate=self.net["drop"]) and fault("delay", delay_ms=self.net["delay"])
+            self.acked[node] = want if ok else None
+            if not ok:
+                self.errors.append(f"nemesis: node {node} did not acknowledge a fault request at {self.now():.1f} s")
+                self.log(f"[{self.now():6.1f}s] nemesis: node {node} did not acknowledge a fault request")
+
+    def heal_all(self) -> None:
+        """Undo everything: resume the paused, restart the dead, clear every network fault."""
+        with self.lock:
+            for node in sorted(self.paused):
+                self.resume(node)
+            for node in sorted(self.dead):
+                self.restart(node)
+            self.cut = {i: set() for i in self.cluster.ids}
+            self.net = {"drop": 0.0, "delay": 0.0}
+            for i in self.cluster.ids:
+                self.acked[i] = None  # clear everything, drop_replies included
+            self.sync_all()
+            now = self.now()
+            for f in self.faults:
+                if f.end is None:
+                    f.end = now
+
+
+# ---------------------------------------------------------------------- a run
+
+def run(scenario: str = "mixed", duration: float = 60.0, clients: int = 5, nodes: int = 3, seed: int | None = None,
+        keys: int = 5, keep: bool = False, workdir: str | None = None, env: dict[str, str] | None = None,
+        client_timeout: float = 2.0, log: Callable[[str], None] | None = None, progress_every: float = 5.0,
+        check_budget_s: float = 60.0, sessions: str = "mixed") -> Result:
+    """One run: start a cluster, ``duration`` s of faulted operation, heal, final reads, check.
+
+    ``sessions``: whether the clients' writes use exactly-once sessions: "on", "off", or
+    "mixed" (every other client)."""
+    if sessions not in ("on", "off", "mixed"):
+        raise ValueError(f"sessions must be on, off or mixed, not {sessions!r}")
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(SCENARIOS)}")
+    if seed is None:
+        seed = random.randrange(1 << 31)
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    rng = random.Random(seed)
+    key_names = [f"k{i}".encode() for i in range(keys)]
+    log(f"zraft jepsen: scenario {scenario}, {nodes} nodes, {clients} clients (sessions {sessions}), "
+        f"{duration:g} s, seed {seed}")
+    rec = Recorder()
+    errors: list[str] = []
+    cluster = LocalCluster(nodes, workdir=workdir, env=env, keep=keep)
+    stop = threading.Event()
+    workers: list[Worker] = []
+    nemesis: Nemesis | None = None
+    t0 = t_end = time.monotonic()
+    final: dict[Any, Any] = {}
+    converged, convergence = False, ""
+    try:
+        cluster.start_all()
+        leader = cluster.wait_for_leader(30)
+        log(f"cluster up in {cluster.workdir}: leader {leader[0]}, term {leader[1]}")
+        seen: dict[bytes, bytes | None] = {}
+        workers = [Worker(c, cluster.endpoints, key_names, rec, stop, rng.randrange(1 << 31), client_timeout, seen,
+                          sessions == "on" or (sessions == "mixed" and c % 2 == 0))
+                   for c in range(clients)]
+        t0 = time.monotonic()
+        nemesis = Nemesis(cluster, scenario, random.Random(rng.randrange(1 << 31)), t0, stop, log)
+        for w in workers:
+            w.start()
+        nemesis.start()
+        end = t0 + duration
+        next_progress = t0 + progress_every
+        while (now := time.monotonic()) < end:
+            time.sleep(min(0.2, end - now))
+            if time.monotonic() >= next_progress:
+                next_progress += progress_every
+                c = rec.tally()
+                log(f"[{time.monotonic() - t0:6.1f}s] ops: {c[OK]} ok, {c[FAIL]} failed, {c[UNKNOWN]} unknown; "
+                    f"faults so far: {len(nemesis.faults)}")
+        stop.set()
+        t_end = time.monotonic()
+        nemesis.join(30)
+        for w in workers:
+            w.join(2 * client_timeout + 5)
+            if w.is_alive():
+                errors.append(f"client {w.cid} did not stop")
+            if w.error is not None:
+                errors.append(f"client {w.cid} crashed: {w.error!r}")
+        if nemesis.is_alive():
+            errors.append("the nemesis did not stop")
+        log(f"[{time.monotonic() - t0:6.1f}s] healing")
+        nemesis.heal_all()
+        errors += nemesis.errors
+        t_heal = time.monotonic()
+        try:
+            st = cluster.wait_converged(30)
+            lead = next(s for s in st.values() if s and s["role"] == "leader")
+            converged = True
+            convergence = (f"converged in {time.monotonic() - t_heal:.1f} s: leader {lead['id']}, term {lead['term']},"
+                           f" commit index {lead['commit_index']} on every node")
+        except TimeoutError as exc:
+            convergence = f"did NOT converge: {exc}"
+        log(f"[{time.monotonic() - t0:6.1f}s] {convergence}")
+        reader = Client(cluster.endpoints, timeout=5.0)
+        for key in key_names:
+            for _attempt in range(5):
+                op = run_op(reader, GET, key, process=-2)
+                if op.status == OK:
+                    break
+            rec.add(op)
+            if op.status == OK:
+                final[key] = op.result
+            else:
+                errors.append(f"the final read of {fmt(key)} failed: {op.error}")
+    except Exception as exc:
+        errors.append(f"runner: {type(exc).__name__}: {exc}")
+        stop.set()
+        if nemesis is not None and nemesis.is_alive():
+            nemesis.join(10)
+    finally:
+        stop.set()
+        cluster.close()
+    log(f"checking {len(rec.ops)} ops")
+    result = Result(scenario, seed, nodes, clients, duration, rec.ops, nemesis.faults if nemesis else [],
+                    check(rec.ops, time_budget_s=check_budget_s), t0, t_end, final, converged, convergence, errors,
+                    str(cluster.workdir) if keep else "", sessions, list(cluster.spawned_pids))
+    return result
+
+
+# ---------------------------------------------------------------------- command line
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m zraft.jepsen",
+                                description="Jepsen-style linearizability test of zraft under faults: local node "
+                                            "processes, concurrent clients, a nemesis, then a linearizability check.")
+    p.add_argument("--scenario", choices=SCENARIOS, default="mixed", help="which faults to inject (default mixed)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of faulted operation (default 60)")
+    p.add_argument("--clients", type=int, default=5, help="concurrent clients (default 5)")
+    p.add_argument("--nodes", type=int, default=3, help="cluster size (default 3)")
+    p.add_argument("--keys", type=int, default=5, help="keys the clients work on (default 5)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random choices (default: random)")
+    p.add_argument("--keep", action="store_true", help="keep the cluster's directory (config, data, logs)")
+    p.add_argument("--workdir", default=None, help="where the cluster lives (default: a temporary directory)")
+    p.add_argument("--client-timeout", type=float, default=2.0, help="client request timeout, s (default 2)")
+    p.add_argument("--sessions", choices=("on", "off", "mixed"), default="mixed",
+                   help="exactly-once sessions for the clients' writes: all, none, or every other client "
+                        "(default mixed)")
+    p.add_argument("--tick-ms", type=int, default=None, help="ZRAFT_TICK_MS of the nodes (default: theirs)")
+    p.add_argument("--history", default=None, help="write the history to this file (JSON lines, one op each)")
+    p.add_argument("--check", metavar="FILE", default=None,
+                   help="run nothing: check a history written by --history, and print the verdict")
+    a = p.parse_args(argv)
+    if a.check:
+        res_check = check(load_history(a.check))
+        for k, r in res_check.keys.items():
+            print(f"{fmt(k)}: {r.ops} ops, {r.verdict} ({r.algorithm}, {r.steps} steps, {r.seconds:.2f} s)")
+        if res_check.valid is not True:
+            print(res_check.report())
+        print(f"linearizable: {'yes' if res_check.valid is True else 'NO'} ({res_check.verdict})")
+        return 0 if res_check.valid is True else 1
+    env = {"ZRAFT_TICK_MS": str(a.tick_ms)} if a.tick_ms else None
+    try:
+        res = run(a.scenario, a.duration, a.clients, a.nodes, a.seed, keys=a.keys, keep=a.keep, workdir=a.workdir,
+                  env=env, client_timeout=a.client_timeout, sessions=a.sessions)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if a.history:
+        dump_history(res.history, a.history)
+    print(res.summary())
+    return 0 if res.ok else 1
