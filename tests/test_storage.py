@@ -32,7 +32,8 @@ KEYS = (
     b"", b"a", b"ab", b"m/", b"m/applied", b"m/hardstate", b"l/", b"l/\x00",
     b"d/", b"d/a", b"s/", b"s/\x00", b"\x00", b"\xff",
 )
-META_KEYS = {b"m/hardstate", b"m/logstart", b"m/applied"}
+META_KEYS = {b"m/format", b"m/hardstate", b"m/logstart", b"m/applied"}
+DATA0, SESSION0 = b"d" + bytes(4), b"s" + bytes(4)  # generation 0 of the state machine
 
 keys = st.sampled_from(KEYS)
 values = st.binary(max_size=6)  # includes b""
@@ -142,15 +143,15 @@ class StorageComparison(RuleBasedStateMachine):
         for k in raw_keys(self.db):
             if k.startswith(b"l/"):
                 log_keys.append(k)
-            elif k.startswith(b"d/"):
-                data_keys.append(k[2:])
-            elif k.startswith(b"s/"):
+            elif k.startswith(DATA0):
+                data_keys.append(k[len(DATA0):])
+            elif k.startswith(SESSION0):
                 session_keys.append(k)
             else:
                 assert k in META_KEYS, k
         assert log_keys == [b"l/" + U64.pack(e.index) for e in self.model.log]
         assert data_keys == [k for k, _ in self.model.items()]
-        assert session_keys == [b"s/" + U64.pack(c) for c in sorted(self.model.sessions)]
+        assert session_keys == [SESSION0 + U64.pack(c) for c in sorted(self.model.sessions)]
 
     def teardown(self) -> None:
         try:
@@ -196,10 +197,10 @@ def test_empty_save_changes_nothing(store) -> None:
     assert store.last_index == 0
 
 
-def test_empty_leveldb_store_writes_no_keys(tmp_path) -> None:
+def test_empty_leveldb_store_writes_only_its_format(tmp_path) -> None:
     s = LevelDBStorage(tmp_path / "db")
     s.save(None, [])
-    assert raw_keys(s) == []
+    assert raw_keys(s) == [b"m/format"]
     s.close()
     s = LevelDBStorage(tmp_path / "db")
     assert (s.last_index, s.applied_index, s.load_hard_state()) == (0, 0, HardState())
@@ -309,7 +310,8 @@ def test_binary_keys_and_values_survive_reopen(tmp_path) -> None:
         check_binary_items(s)
         s.write({k: None for k, _ in BINARY_ITEMS}, 3)
         assert s.items() == []
-        assert raw_keys(s) == [b"l/" + U64.pack(1), b"l/" + U64.pack(2), b"m/applied", b"m/hardstate"]
+        assert raw_keys(s) == [b"l/" + U64.pack(1), b"l/" + U64.pack(2), b"m/applied", b"m/format",
+                               b"m/hardstate"]
     finally:
         s.close()
 
@@ -363,12 +365,12 @@ def test_truncation_across_a_byte_boundary(tmp_path, base) -> None:
     s.close()
 
 
-def test_applied_index_is_big_endian_u64(tmp_path) -> None:
+def test_applied_index_and_term_are_big_endian_u64(tmp_path) -> None:
     s = LevelDBStorage(tmp_path / "db")
-    s.write({}, 2**32 + 5)
-    assert s.db.get(b"m/applied") == (2**32 + 5).to_bytes(8, "big")
+    s.write({}, 2**32 + 5, applied_term=7)
+    assert s.db.get(b"m/applied") == (2**32 + 5).to_bytes(8, "big") + (7).to_bytes(8, "big")
     s.close()
     s = LevelDBStorage(tmp_path / "db")
-    assert s.applied_index == 2**32 + 5
+    assert (s.applied_index, s.applied_term) == (2**32 + 5, 7)
     assert s.items() == []
     s.close()

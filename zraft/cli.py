@@ -21,7 +21,10 @@ client_app = typer.Typer(help="One request against the cluster; the leader is fo
                          no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(client_app, name="client")
+snapshot_app = typer.Typer(help="Snapshots: back up a running cluster, restore a backup, compact logs.",
+                           no_args_is_help=True)
 app.add_typer(fault_app, name="fault")
+app.add_typer(snapshot_app, name="snapshot")
 
 err = Console(stderr=True)
 
@@ -236,6 +239,119 @@ def client_cas(key: str, expect: str = typer.Argument(..., help="The value KEY m
 def client_status(config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt) -> None:
     """Same as `zraft cluster status --json`."""
     cluster_status(config, endpoints, as_json=True, timeout=1.0)
+
+
+# ---------------------------------------------------------------------- snapshot
+
+
+def _leader_endpoint(eps: list[str]) -> str:
+    from zraft.client import Client
+
+    statuses = Client(eps).statuses(1.0)
+    for ep, st in zip(eps, statuses, strict=False):
+        if st and st.get("role") == "leader":
+            return ep
+    raise _fail("no leader answers (is the cluster up, with a majority?); name a node with --endpoint", 2)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@snapshot_app.command("save")
+def snapshot_save(
+    file: Path = typer.Argument(..., help="Where to write the backup (written to FILE.tmp, then renamed)."),
+    config: Path = ConfigOpt,
+    endpoint: str | None = typer.Option(None, "--endpoint", "-e",
+                                        help="Take it from this node (tcp://IP:PORT). Default: the leader."),
+    timeout: float = TimeoutOpt,
+) -> None:
+    """Write a point-in-time copy of the cluster's data to FILE, with a SHA-256 checksum (like etcdctl)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from zraft.backup import BackupError, save
+
+    ep = _endpoints(config, [endpoint])[0] if endpoint else _leader_endpoint(_endpoints(config, None))
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True) as bar:
+            task = bar.add_task(f"reading from {ep}")
+            info = save(ep, file, timeout=timeout, progress=lambda r, b: bar.update(
+                task, description=f"reading from {ep}: {r:,} records, {_human(b)}"))
+    except (BackupError, OSError) as exc:
+        raise _fail(f"snapshot save failed: {exc}") from None
+    print(f"saved {file}: index {info.index}, term {info.term}, {info.records:,} records, {_human(info.bytes)} "
+          f"(from node {info.node})")
+
+
+@snapshot_app.command("restore")
+def snapshot_restore(
+    file: Path = typer.Argument(..., help="A backup made by `zraft snapshot save`."),
+    data_dir: Path = typer.Option(..., "--data-dir", "-d", help="A fresh data dir for the new cluster."),
+    config: Path = ConfigOpt,
+    ids: list[int] | None = typer.Option(None, "--id", "-i",
+                                         help="Restore only this node (repeat for several). Default: every node "
+                                              "in --config."),
+) -> None:
+    """Check FILE's checksum, then create every node's database in DATA_DIR from it.
+
+    Start the cluster on DATA_DIR afterwards (`zraft cluster up --data-dir DATA_DIR`).
+    """
+    from zraft.backup import BackupError, restore
+
+    cluster = _load(config)
+    wanted = ids or cluster.ids
+    for i in wanted:
+        if i not in cluster.ids:
+            raise _fail(f"no node {i} in {config} (ids: {cluster.ids})")
+    try:
+        info = restore(file, [data_dir / str(i) for i in wanted])
+    except (BackupError, OSError) as exc:
+        raise _fail(f"snapshot restore failed: {exc}") from None
+    print(f"restored {file} (index {info.index}, term {info.term}, {info.records:,} records) into "
+          f"{data_dir} for node(s) {', '.join(map(str, wanted))}")
+
+
+@snapshot_app.command("info")
+def snapshot_info(file: Path = typer.Argument(..., help="A backup file.")) -> None:
+    """Verify a backup file end to end and describe it."""
+    import datetime
+
+    from zraft.backup import BackupError, verify
+
+    try:
+        info = verify(file)
+    except BackupError as exc:
+        raise _fail(str(exc)) from None
+    when = datetime.datetime.fromtimestamp(info.created).isoformat(timespec="seconds") if info.created else "?"
+    print(f"{file}: OK (checksum verified); index {info.index}, term {info.term}, {info.records:,} records, "
+          f"{_human(info.bytes)}, taken from node {info.node} at {when}")
+
+
+@snapshot_app.command("compact")
+def snapshot_compact(nodes: list[int] | None = typer.Argument(None, help="Node ids (default: all)."),
+                     config: Path = ConfigOpt) -> None:
+    """Compact the log of the given nodes now, up to what they have applied (they also do it on their own)."""
+    from zraft.client import Client
+
+    cluster = _load(config)
+    failed = False
+    for i in nodes or cluster.ids:
+        try:
+            ep = cluster.node(i).client_endpoint
+        except ConfigError as exc:
+            raise _fail(str(exc)) from None
+        rep = Client([ep]).request(ep, {"op": "compact"}, timeout=5.0)
+        if rep is None or not rep.get("ok"):
+            failed = True
+            err.print(f"node {i}: [red]{'no answer' if rep is None else rep.get('message')}[/]")
+        else:
+            print(f"node {i}: log begins after {rep['snapshot_index']} (applied {rep['applied_index']})")
+    if failed:
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------- fault

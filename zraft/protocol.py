@@ -19,7 +19,7 @@ TIMEOUT = "timeout"
 UNAVAILABLE = "unavailable"
 
 WRITE_OPS = frozenset({"put", "delete", "cas"})
-OPS = WRITE_OPS | {"get", "status", "fault"}
+OPS = WRITE_OPS | {"get", "status", "fault", "compact", "snapshot"}
 FAULT_ACTIONS = frozenset({"isolate", "heal", "drop", "delay", "drop_replies", "clear", "show"})
 
 
@@ -46,6 +46,7 @@ class Request:
     expect: bytes | None = None
     fault: dict[str, Any] | None = None  # op "fault": the validated fault injection request
     session: tuple[int, int] | None = None  # writes: (client_id, seq) for exactly-once
+    stream: int | None = None  # op "snapshot": the stream to continue, None to start one
 
 
 def _as_bytes(req: dict, name: str, limit: int, nil_ok: bool = False) -> bytes | None:
@@ -77,8 +78,13 @@ def parse_request(raw: bytes, limits: Limits) -> Request:
     op = req.get("op")
     if not isinstance(op, str) or op not in OPS:
         raise RequestError(BAD_REQUEST, f"unknown op {op!r}; expected one of {sorted(OPS)}")
-    if op == "status":
+    if op in ("status", "compact"):
         return Request(op)
+    if op == "snapshot":
+        stream = req.get("stream")
+        if stream is not None and (type(stream) is not int or stream <= 0):
+            raise RequestError(BAD_REQUEST, "stream must be a positive integer, or nil to start a snapshot")
+        return Request(op, stream=stream)
     if op == "fault":
         return Request(op, fault=_parse_fault(req))
     key = _as_bytes(req, "key", limits.max_key_bytes)

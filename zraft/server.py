@@ -10,12 +10,21 @@ One turn of the loop (see docs/ARCHITECTURE.md):
    followers only after), apply committed entries in one WriteBatch with the applied
    index, answer the clients whose writes were applied and whose reads are now safe;
 4. expire requests that passed their deadline.
+
+Snapshots (docs/ARCHITECTURE.md, "Snapshots"): after applying, a node compacts its log
+once it holds ``snapshot_threshold`` applied entries (the state machine in LevelDB *is*
+the snapshot, so nothing is copied). When the core asks for a follower to get a
+snapshot, the leader streams a LevelDB snapshot of its state machine in chunks
+(:class:`~zraft.raft.snapshot.SnapshotSender`) beside its normal work; the follower
+stages them beside its live state and switches in one atomic write when its core takes
+the complete snapshot.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import time
 from collections import deque
@@ -29,8 +38,10 @@ from zraft.config import ClusterConfig, Settings
 from zraft.protocol import Limits, Request, RequestError
 from zraft.raft.core import RaftConfig, RaftNode, Ready, Role
 from zraft.raft.log import RaftLog
+from zraft.raft.messages import InstallSnapshot, SnapshotAck, SnapshotChunk
+from zraft.raft.snapshot import DONE, FAILED, SENDING, SnapshotReceiver, SnapshotSender
 from zraft.statemachine import KVStateMachine, encode_cas, encode_delete, encode_put
-from zraft.storage import LevelDBStorage
+from zraft.storage import LevelDBStorage, SnapshotView
 from zraft.transport import PeerTransport
 
 log = logging.getLogger("zraft.server")
@@ -42,6 +53,27 @@ Envelope = list[bytes]  # the ROUTER routing frames of one client request, echoe
 class PendingWrite:
     term: int
     envelope: Envelope
+
+
+@dataclass(slots=True)
+class OutgoingSnapshot:
+    sender: SnapshotSender
+    view: SnapshotView
+    started: float
+
+
+@dataclass(slots=True)
+class BackupStream:
+    """A snapshot being read out by a client (`zraft snapshot save`), one chunk per request."""
+
+    view: SnapshotView
+    chunks: object  # iterator of chunk bytes
+    seq: int = 0
+    last_used: float = 0.0
+
+
+BACKUP_IDLE_S = 60.0  # a backup stream nobody asked for the next chunk of this long is closed
+GC_KEYS_PER_TURN = 2000  # dead state machine keys deleted per turn of the loop
 
 
 @dataclass(slots=True)
@@ -86,6 +118,12 @@ class NodeServer:
         self.allow_faults = allow_faults
         self.drop_write_replies = 0  # fault injection: lose the next N replies to applied writes
         self.stopping = False
+        self.outgoing: dict[int, OutgoingSnapshot] = {}  # peer -> the snapshot stream to it
+        self.receiver = SnapshotReceiver(node_id)
+        self.install_pending = False  # a complete snapshot was stepped in: the next Ready decides on it
+        self.backups: dict[int, BackupStream] = {}
+        self._ids = random.Random()  # stream ids: unique across restarts, so a follower never mixes streams
+        self.snapshot_stats = {"sent": 0, "failed": 0, "installed": 0, "refused": 0, "compactions": 0}
         log.info("node %d starting: term %d, log %d..%d, applied %d", node_id, self.node.term,
                  raft_log.first_index, raft_log.last_index, self.sm.applied_index)
 
@@ -107,17 +145,25 @@ class NodeServer:
                 ready = dict(poller.poll(wait_ms))
                 if self.transport.router in ready:
                     for m in self.transport.receive():
-                        self.node.step(m)
+                        if isinstance(m, SnapshotChunk):
+                            self._on_chunk(m)
+                        elif isinstance(m, SnapshotAck):
+                            self._on_snapshot_ack(m)
+                        else:
+                            self.node.step(m)
                 if self.clients in ready:
                     self._serve_clients()
                 now = time.monotonic()
                 if now >= next_tick:
                     self.node.tick()
+                    self._tick_snapshots()
                     # After a stall, don't fire a burst of ticks: that would only cause elections.
                     next_tick = max(next_tick + tick, now)
                 while self.node.has_ready():
                     self._handle_ready(self.node.ready())
                 self._expire(now)
+                if self.storage.has_garbage:
+                    self.storage.collect_garbage(GC_KEYS_PER_TURN)
         finally:
             self._shutdown()
 
@@ -129,16 +175,27 @@ class NodeServer:
         if rd.role is not self.role or rd.term != self.term or rd.leader != self.leader:
             log.info("node %d: %s in term %d, leader %s", self.me.id, rd.role.value, rd.term, rd.leader)
             self.role, self.term, self.leader = rd.role, rd.term, rd.leader
+        if self.install_pending:
+            self._decide_install(rd)
+        messages, wants_snapshot = rd.messages, []
+        if any(isinstance(m, InstallSnapshot) for m in messages):
+            wants_snapshot = [m.dst for m in messages if isinstance(m, InstallSnapshot)]
+            messages = [m for m in messages if not isinstance(m, InstallSnapshot)]
         # A leader's appends don't depend on its own fsync (thesis 10.2.1); votes and
         # acknowledgements do. A new term must be durable before anything is sent in it.
         send_first = rd.role is Role.LEADER and rd.hard_state is None
         if send_first:
-            self.transport.send(rd.messages)
+            self.transport.send(messages)
         self.storage.save(rd.hard_state, rd.entries)
         if not send_first:
-            self.transport.send(rd.messages)
+            self.transport.send(messages)
+        if rd.snapshot is not None or self.receiver.completed:
+            self._finish_install()
         if rd.committed:
             self._apply(rd)
+            self._maybe_compact()
+        for peer in wants_snapshot:
+            self._start_snapshot(peer)
         for rs in rd.reads:
             read = self.pending_reads.get(rs.request_id)
             if read is not None:
@@ -168,6 +225,115 @@ class NodeServer:
             else:
                 # Another leader's entry took this index: our proposal was never committed.
                 self._reply(w.envelope, self._not_leader())
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _maybe_compact(self, force: bool = False) -> int:
+        """Drop the log up to (nearly) the applied index once it is long enough; returns its new start."""
+        s = self.settings
+        first, applied = self.node.log.snapshot_index, self.sm.applied_index
+        if not force and applied - first < s.snapshot_threshold:
+            return first
+        target = applied if force else applied - min(s.snapshot_keep, s.snapshot_threshold - 1)
+        term = self.node.compact(target)
+        if term is None:
+            return first
+        # Synced: the applies before it become durable too, before the entries they came from go.
+        self.storage.compact(target, term)
+        self.snapshot_stats["compactions"] += 1
+        log.info("node %d: log compacted up to %d (term %d); it now holds %d entries", self.me.id, target, term,
+                 self.node.log.last_index - target)
+        return target
+
+    def _start_snapshot(self, peer: int) -> None:
+        out = self.outgoing.get(peer)
+        if out is not None:
+            if out.sender.term == self.node.term:
+                return  # one stream per follower at a time
+            self._end_snapshot(peer, None)
+        view = self.storage.open_snapshot()
+        sender = SnapshotSender(stream=self._ids.getrandbits(62) + 1, term=self.node.term, src=self.me.id,
+                                dst=peer, index=view.index, snap_term=view.term,
+                                chunks=view.chunks(self.settings.snapshot_chunk_bytes),
+                                window=self.settings.snapshot_window, retry_ticks=max(2, self.settings.election_ticks),
+                                give_up_ticks=10 * self.settings.election_ticks)
+        self.outgoing[peer] = OutgoingSnapshot(sender, view, time.monotonic())
+        log.info("node %d: sending a snapshot at %d (term %d) to node %d", self.me.id, view.index, view.term, peer)
+        self.transport.send(sender.pump())
+
+    def _end_snapshot(self, peer: int, index: int | None) -> None:
+        out = self.outgoing.pop(peer)
+        out.view.close()
+        s = out.sender
+        took = time.monotonic() - out.started
+        if index is None:
+            self.snapshot_stats["failed"] += 1
+            log.warning("node %d: snapshot stream to node %d failed after %.1f s (%d chunks sent)", self.me.id,
+                        peer, took, s.chunks_sent)
+        else:
+            self.snapshot_stats["sent"] += 1
+            log.info("node %d: snapshot at %d delivered to node %d in %.1f s (%d chunks, %d bytes)", self.me.id,
+                     index, peer, took, s.chunks_sent, s.bytes_sent)
+        self.node.report_snapshot(peer, index)
+
+    def _on_snapshot_ack(self, ack: SnapshotAck) -> None:
+        out = self.outgoing.get(ack.src)
+        if out is None:
+            return
+        self.transport.send(out.sender.on_ack(ack))
+        if out.sender.state != SENDING:
+            self._end_snapshot(ack.src, out.sender.index if out.sender.state == DONE else None)
+
+    def _tick_snapshots(self) -> None:
+        for peer, out in list(self.outgoing.items()):
+            if self.node.role is not Role.LEADER or out.sender.term != self.node.term:
+                self._end_snapshot(peer, None)
+                continue
+            self.transport.send(out.sender.tick())
+            if out.sender.state == FAILED:
+                self._end_snapshot(peer, None)
+        now = time.monotonic()
+        for sid, b in list(self.backups.items()):
+            if now - b.last_used > BACKUP_IDLE_S:
+                b.view.close()
+                del self.backups[sid]
+
+    def _on_chunk(self, chunk: SnapshotChunk) -> None:
+        v = self.receiver.on_chunk(chunk, self.node.term)
+        if v.begin:
+            log.info("node %d: receiving a snapshot from node %d", self.me.id, chunk.src)
+            self.storage.begin_staging()
+        if v.data is not None:
+            try:
+                self.storage.stage(v.data)
+            except ValueError as exc:
+                log.warning("node %d: dropping a malformed snapshot chunk: %s", self.me.id, exc)
+                self.receiver.abandon()
+                self.storage.discard_staged()
+                return
+        if v.reply is not None:
+            self.transport.send([v.reply])
+        if v.complete is not None:
+            self.install_pending = True
+            self.node.step(v.complete)
+
+    def _decide_install(self, rd: Ready) -> None:
+        """Step 0 of the core's contract: the first Ready after a complete snapshot was stepped in."""
+        self.install_pending = False
+        if rd.snapshot is None:
+            self.snapshot_stats["refused"] += 1
+            log.info("node %d: snapshot not needed (commit index %d); discarded", self.me.id, rd.commit_index)
+            self.storage.discard_staged()
+            return
+        self.storage.install_staged(rd.snapshot)
+        self.sm.reload()
+        self.snapshot_stats["installed"] += 1
+        log.info("node %d: installed a snapshot at %d (term %d)", self.me.id, rd.snapshot.index, rd.snapshot.term)
+
+    def _finish_install(self) -> None:
+        ack = self.receiver.finish()
+        if ack is not None:
+            self.transport.send([ack])
 
     def _serve_reads(self) -> None:
         applied = self.sm.applied_index
@@ -214,6 +380,12 @@ class NodeServer:
                 self._reply(envelope, self._status())
             elif req.op == "fault":
                 self._reply(envelope, self._fault(req.fault))
+            elif req.op == "compact":
+                first = self._maybe_compact(force=True)
+                self._reply(envelope, protocol.ok(id=self.me.id, snapshot_index=first,
+                                                  applied_index=self.sm.applied_index))
+            elif req.op == "snapshot":
+                self._reply(envelope, self._backup(req.stream))
             elif self.stopping:
                 self._reply(envelope, protocol.error(protocol.UNAVAILABLE, "node is shutting down"))
             elif self.node.role is not Role.LEADER:
@@ -254,7 +426,30 @@ class NodeServer:
         n = self.node
         role = "candidate" if n.role is Role.PRE_CANDIDATE else n.role.value
         return protocol.ok(id=self.me.id, role=role, term=n.term, leader=n.leader, commit_index=n.commit_index,
-                           applied_index=self.sm.applied_index, last_index=n.log.last_index, pid=os.getpid())
+                           applied_index=self.sm.applied_index, last_index=n.log.last_index,
+                           snapshot_index=n.log.snapshot_index, pid=os.getpid(), snapshots=self.snapshot_stats)
+
+    def _backup(self, stream: int | None) -> bytes:
+        """One chunk of a point-in-time copy of the state machine (`zraft snapshot save`)."""
+        now = time.monotonic()
+        if stream is None:
+            view = self.storage.open_snapshot()
+            stream = self._ids.getrandbits(62) + 1
+            self.backups[stream] = BackupStream(view, view.chunks(self.settings.snapshot_chunk_bytes), 0, now)
+            log.info("node %d: snapshot for a backup at %d (term %d)", self.me.id, view.index, view.term)
+        b = self.backups.get(stream)
+        if b is None:
+            return protocol.error(protocol.BAD_REQUEST, f"no snapshot stream {stream} on node {self.me.id} "
+                                                        f"(finished, or idle for over {BACKUP_IDLE_S:.0f} s)")
+        data = next(b.chunks, None)  # type: ignore[call-overload]
+        b.seq += 1
+        b.last_used = now
+        done = data is None
+        if done:
+            b.view.close()
+            del self.backups[stream]
+        return protocol.ok(id=self.me.id, stream=stream, seq=b.seq, index=b.view.index, term=b.view.term,
+                           data=data or b"", done=done)
 
     def _fault(self, req: dict) -> bytes:
         if not self.allow_faults:
@@ -302,6 +497,10 @@ class NodeServer:
         unavailable = protocol.error(protocol.UNAVAILABLE, "node is shutting down")
         for r in self.pending_reads.values():
             self._reply(r.envelope, unavailable)
+        for out in self.outgoing.values():
+            out.view.close()
+        for b in self.backups.values():
+            b.view.close()
         self.transport.close()
         self.clients.close()
         self.ctx.term()

@@ -63,12 +63,15 @@ class KVBackend(Protocol):
     def get(self, key: bytes) -> bytes | None: ...
 
     def write(self, updates: dict[bytes, bytes | None], applied_index: int,
-              sessions: dict[int, SessionRecord | None] | None = None) -> None: ...
+              sessions: dict[int, SessionRecord | None] | None = None, applied_term: int = 0) -> None: ...
 
     def load_sessions(self) -> dict[int, SessionRecord]: ...
 
     @property
     def applied_index(self) -> int: ...
+
+    @property
+    def applied_term(self) -> int: ...
 
 
 class StateMachine(Protocol):
@@ -88,9 +91,14 @@ class KVStateMachine:
 
     def __init__(self, backend: KVBackend, max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
         self.backend = backend
-        self.applied_index = backend.applied_index
         self.max_sessions = max_sessions
-        self.sessions = backend.load_sessions()
+        self.reload()
+
+    def reload(self) -> None:
+        """Take the backend's state as it is now (after a snapshot replaced it, say)."""
+        self.applied_index = self.backend.applied_index
+        self.applied_term = self.backend.applied_term
+        self.sessions = self.backend.load_sessions()
 
     def get(self, key: bytes) -> bytes | None:
         return self.backend.get(key)
@@ -131,8 +139,8 @@ class KVStateMachine:
                 # the entries were batched, or replicas (and a replay after restart) diverge.
                 if len(self.sessions) > self.max_sessions:
                     self._evict_sessions(session_updates)
-        self.applied_index = entries[-1].index
-        self.backend.write(updates, self.applied_index, session_updates)
+        self.applied_index, self.applied_term = entries[-1].index, entries[-1].term
+        self.backend.write(updates, self.applied_index, session_updates, self.applied_term)
         return results
 
     def _evict_sessions(self, session_updates: dict[int, SessionRecord | None]) -> None:
@@ -169,9 +177,11 @@ def _apply_one(cmd: list, current, updates: dict[bytes, bytes | None], index: in
 class MemoryKV:
     """A dict backend, for tests and simulations."""
 
-    def __init__(self, items: Iterable[tuple[bytes, bytes]] = (), applied_index: int = 0) -> None:
+    def __init__(self, items: Iterable[tuple[bytes, bytes]] = (), applied_index: int = 0,
+                 applied_term: int = 0) -> None:
         self.data = dict(items)
         self._applied = applied_index
+        self._applied_term = applied_term
         self.sessions: dict[int, SessionRecord] = {}
 
     def load_sessions(self) -> dict[int, SessionRecord]:
@@ -181,11 +191,15 @@ class MemoryKV:
     def applied_index(self) -> int:
         return self._applied
 
+    @property
+    def applied_term(self) -> int:
+        return self._applied_term
+
     def get(self, key: bytes) -> bytes | None:
         return self.data.get(key)
 
     def write(self, updates: dict[bytes, bytes | None], applied_index: int,
-              sessions: dict[int, SessionRecord | None] | None = None) -> None:
+              sessions: dict[int, SessionRecord | None] | None = None, applied_term: int = 0) -> None:
         for k, v in updates.items():
             if v is None:
                 self.data.pop(k, None)
@@ -196,4 +210,4 @@ class MemoryKV:
                 self.sessions.pop(client_id, None)
             else:
                 self.sessions[client_id] = rec
-        self._applied = applied_index
+        self._applied, self._applied_term = applied_index, applied_term

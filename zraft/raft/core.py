@@ -1,14 +1,21 @@
 """The Raft consensus core: a pure, deterministic state machine.
 
-Events go in through four doors: :meth:`RaftNode.step` (a message from a peer),
-:meth:`RaftNode.tick` (one unit of logical time), :meth:`RaftNode.propose` (client
-commands) and :meth:`RaftNode.read_index` (linearizable reads). Effects come out of
+Events go in through :meth:`RaftNode.step` (a message from a peer), :meth:`RaftNode.tick`
+(one unit of logical time), :meth:`RaftNode.propose` (client commands),
+:meth:`RaftNode.read_index` (linearizable reads), and from the driver's own bookkeeping
+:meth:`RaftNode.compact` (its state machine now covers the log up to an index) and
+:meth:`RaftNode.report_snapshot` (how a snapshot stream to a follower ended). Effects come out of
 :meth:`RaftNode.ready` as one :class:`Ready` batch. Nothing in here touches a socket,
 a clock, a thread or a disk; all randomness comes from the ``rng`` it is given, so a
 seeded simulation replays exactly.
 
 The driver's side of the bargain, for every Ready it takes:
 
+0. if ``snapshot`` is set, switch the state machine to the snapshot the driver stepped
+   in (its InstallSnapshot) and make the stored log begin after it (dropping every stored
+   entry when ``snapshot.reset_log``, else those up to its index), atomically and
+   durably, before anything else of this Ready; if it is not set, throw that staged
+   snapshot away;
 1. persist ``hard_state`` and ``entries`` durably (entries replace any stored entries
    from ``entries[0].index`` on), before sending any message of the Ready that depends
    on them (votes, append acknowledgements) and before applying;
@@ -36,10 +43,13 @@ from zraft.raft.messages import (
     Entry,
     Heartbeat,
     HeartbeatResponse,
+    InstallSnapshot,
     Message,
     RequestVote,
     RequestVoteResponse,
 )
+
+_FROM_LEADER = (AppendEntries, Heartbeat, InstallSnapshot)  # messages only a leader sends
 
 
 class Role(str, Enum):
@@ -85,6 +95,20 @@ class ReadState:
     index: int
 
 
+@dataclass(slots=True, frozen=True)
+class SnapshotMeta:
+    """A snapshot the core took in: the state machine as of (index, term) replaces the log up to there.
+
+    ``reset_log``: every stored entry goes (the log held no entry (index, term), or the stored
+    entries after ``index`` may not be the core's); whatever the core keeps after ``index`` then
+    comes in the same Ready's ``entries``. Otherwise the stored entries after ``index`` stay.
+    """
+
+    index: int
+    term: int
+    reset_log: bool
+
+
 @dataclass(slots=True)
 class Ready:
     """Everything the driver must do after a batch of events (see the module docstring)."""
@@ -99,17 +123,21 @@ class Ready:
     committed: list[Entry] = field(default_factory=list)
     reads: list[ReadState] = field(default_factory=list)
     dropped_reads: list[Any] = field(default_factory=list)  # can't be served here: not (or no longer) leader
+    snapshot: SnapshotMeta | None = None  # step 0 of the contract
 
 
 class Progress:
-    """The leader's view of one follower (etcd's Progress, without snapshots yet).
+    """The leader's view of one follower (etcd's Progress).
 
     Probing: one AppendEntries at a time until the follower's match point is found.
     Replicating: entries stream optimistically, up to ``max_inflight`` unacknowledged
     messages; ``inflight`` holds the last index of each.
+    Snapshot (``snapshot`` > 0): the follower needs entries that are compacted away; the
+    driver streams it a snapshot, and nothing else is sent until it reports the outcome
+    or the follower acknowledges past it.
     """
 
-    __slots__ = ("match", "next", "probing", "probe_sent", "inflight", "recent_active", "read_seq")
+    __slots__ = ("match", "next", "probing", "probe_sent", "inflight", "recent_active", "read_seq", "snapshot")
 
     def __init__(self, next_index: int) -> None:
         self.match = 0
@@ -119,19 +147,26 @@ class Progress:
         self.inflight: deque[int] = deque()
         self.recent_active = False
         self.read_seq = 0
+        self.snapshot = 0
 
     def paused(self, max_inflight: int) -> bool:
+        if self.snapshot:
+            return True
         return self.probe_sent if self.probing else len(self.inflight) >= max_inflight
 
     def become_probe(self) -> None:
-        self.probing, self.probe_sent = True, False
+        self.probing, self.probe_sent, self.snapshot = True, False, 0
         self.inflight.clear()
         self.next = self.match + 1
 
     def become_replicate(self) -> None:
-        self.probing, self.probe_sent = False, False
+        self.probing, self.probe_sent, self.snapshot = False, False, 0
         self.inflight.clear()
         self.next = self.match + 1
+
+    def become_snapshot(self, index: int) -> None:
+        self.probing, self.probe_sent, self.snapshot = True, False, index
+        self.inflight.clear()
 
     def ack(self, index: int) -> None:
         while self.inflight and self.inflight[0] <= index:
@@ -165,6 +200,7 @@ class RaftNode:
         self._msgs: list[Message] = []
         self._reads_ready: list[ReadState] = []
         self._reads_dropped: list[Any] = []
+        self._snapshot: SnapshotMeta | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -223,6 +259,34 @@ class RaftNode:
         else:
             self._start_read_round(list(request_ids))
 
+    def compact(self, index: int) -> int | None:
+        """The driver's state machine durably covers the log up to ``index``: drop those entries.
+
+        Returns the term of the entry at ``index`` (the driver stores it as the log's start),
+        or None when there is nothing to drop. ``index`` must not pass the applied index.
+        """
+        log = self.log
+        if index <= log.snapshot_index:
+            return None
+        if index > log.applied:
+            raise ValueError(f"compact to {index} past the applied index {log.applied}")
+        term = log.term_at(index)
+        assert term is not None
+        log.compact(index, term)
+        return term
+
+    def report_snapshot(self, peer: int, index: int | None) -> None:
+        """The driver's snapshot stream to ``peer`` ended: delivered up to ``index``, or failed (None)."""
+        pr = self.progress.get(peer) if self.role is Role.LEADER else None
+        if pr is None or not pr.snapshot:
+            return
+        pr.become_probe()
+        if index is None:
+            pr.probe_sent = True  # wait for a sign of life (a heartbeat response) before asking again
+            return
+        pr.next = max(pr.next, index + 1)
+        self._send_append(peer)
+
     def step(self, m: Message) -> None:
         """Handle one message from a peer."""
         if m.term > self.term:
@@ -239,11 +303,10 @@ class RaftNode:
             elif isinstance(m, RequestVoteResponse) and m.pre_vote and m.granted:
                 pass  # a granted pre-vote carries the term we would campaign in, not a newer one
             else:
-                leader = m.src if isinstance(m, AppendEntries | Heartbeat) else None
+                leader = m.src if isinstance(m, _FROM_LEADER) else None
                 self._become_follower(m.term, leader)
         elif m.term < self.term:
-            if isinstance(m, AppendEntries | Heartbeat) and (self.config.check_quorum
-                                                             or self.config.pre_vote):
+            if isinstance(m, _FROM_LEADER) and (self.config.check_quorum or self.config.pre_vote):
                 # A stale leader (or one cut off while we moved on): tell it our term so it steps
                 # down. Without this, pre-vote could leave a node with a higher term stuck forever.
                 self._send(AppendEntriesResponse(self.term, self.id, m.src, success=False))
@@ -263,7 +326,7 @@ class RaftNode:
     def has_ready(self) -> bool:
         log = self.log
         return bool(
-            self._msgs or self._reads_ready or self._reads_dropped
+            self._msgs or self._reads_ready or self._reads_dropped or self._snapshot is not None
             or log.unstable_from <= log.last_index or log.committed > log.applied
             or self._persisted_hs != HardState(self.term, self.voted_for)
         )
@@ -278,9 +341,10 @@ class RaftNode:
         rd = Ready(role=self.role, term=self.term, leader=self.leader, commit_index=self.log.committed,
                    hard_state=hs if hs != self._persisted_hs else None, entries=entries,
                    messages=self._msgs, committed=self.log.take_committed(),
-                   reads=self._reads_ready, dropped_reads=self._reads_dropped)
+                   reads=self._reads_ready, dropped_reads=self._reads_dropped, snapshot=self._snapshot)
         self._persisted_hs = hs
         self._msgs, self._reads_ready, self._reads_dropped = [], [], []
+        self._snapshot = None
         return rd
 
     # ------------------------------------------------------------------ roles
@@ -385,9 +449,12 @@ class RaftNode:
             self.leader, self.election_elapsed = m.src, 0
             self.log.commit_to(min(m.commit, self.log.last_index))
             self._send(HeartbeatResponse(self.term, self.id, m.src, m.read_seq))
+        elif isinstance(m, InstallSnapshot):
+            self.leader, self.election_elapsed = m.src, 0
+            self._handle_snapshot(m)
 
     def _step_candidate(self, m: Message) -> None:
-        if isinstance(m, AppendEntries | Heartbeat):
+        if isinstance(m, _FROM_LEADER):
             # Someone won this term: follow it.
             self._become_follower(self.term, m.src)
             self._step_follower(m)
@@ -410,6 +477,23 @@ class RaftNode:
             conflict_index = log.first_index_of_term(m.prev_index)
         self._send(AppendEntriesResponse(self.term, self.id, m.src, success=False, reject_index=m.prev_index,
                                          conflict_term=conflict_term, conflict_index=conflict_index))
+
+    def _handle_snapshot(self, m: InstallSnapshot) -> None:
+        log = self.log
+        if m.index <= log.committed:
+            # Nothing new in it (a late or duplicate stream): our committed entries match the leader's.
+            self._send(AppendEntriesResponse(self.term, self.id, m.src, success=True, match_index=log.committed))
+            return
+        reset = not (log.snapshot_index < m.index <= log.last_index and log.term_at(m.index) == m.snap_term)
+        # The driver may keep its stored entries after the index only if they are ours. They need not be
+        # when an entry up to the index is not persisted yet (an append in this batch may have truncated
+        # the stored log and replaced them), nor after a snapshot earlier in this batch reset the log.
+        # Resetting is always safe: whatever we keep after the index is unstable, so it comes in the Ready.
+        if log.unstable_from <= m.index or (self._snapshot is not None and self._snapshot.reset_log):
+            reset = True
+        log.restore(m.index, m.snap_term)
+        self._snapshot = SnapshotMeta(m.index, m.snap_term, reset)
+        self._send(AppendEntriesResponse(self.term, self.id, m.src, success=True, match_index=m.index))
 
     # ------------------------------------------------------------------ leader
 
@@ -445,7 +529,7 @@ class RaftNode:
                 self._release_reads()
             if pr.match < self.log.last_index:
                 self._send_append(m.src)
-        elif isinstance(m, AppendEntries | Heartbeat):
+        elif isinstance(m, _FROM_LEADER):
             raise AssertionError(f"two leaders in term {self.term}: {self.id} and {m.src}")
 
     def _handle_append_response(self, m: AppendEntriesResponse) -> None:
@@ -454,6 +538,12 @@ class RaftNode:
             return
         pr.recent_active = True
         if not m.success:
+            if pr.snapshot:
+                return  # answers an append from before the snapshot; the stream's outcome decides
+            if m.conflict_term == 0 and m.conflict_index <= pr.match <= m.reject_index:
+                # Its log ends before what it acknowledged: its disk was lost or replaced (a new,
+                # empty node under an old id). Forget the match, or we would wait for it forever.
+                pr.match = m.conflict_index - 1
             if m.reject_index <= pr.match or (pr.probing and m.reject_index != pr.next - 1):
                 return  # stale: answers a message sent before we learned better
             if m.conflict_term:
@@ -467,7 +557,7 @@ class RaftNode:
             return
         if m.match_index > pr.match:
             pr.match = m.match_index
-            if pr.probing:
+            if pr.probing or pr.snapshot:
                 pr.become_replicate()
             else:
                 pr.ack(m.match_index)
@@ -484,6 +574,11 @@ class RaftNode:
         if pr.paused(self.config.max_inflight_msgs):
             return False
         log = self.log
+        if pr.next <= log.snapshot_index:
+            # The entries it needs are compacted away: only a snapshot can bring it up to date.
+            pr.become_snapshot(log.snapshot_index)
+            self._send(InstallSnapshot(self.term, self.id, peer, log.snapshot_index, log.snapshot_term))
+            return True
         last = log.last_index
         entries: list[Entry] = []
         if pr.next <= last:

@@ -144,6 +144,23 @@ class RaftLog:
         self.applied = self.committed
         return out
 
+    def restore(self, index: int, term: int) -> None:
+        """Begin the log after a snapshot at (index, term), which must be past the commit index.
+
+        Entries after it stay if the log holds (index, term) itself (log matching: they are
+        the leader's too); otherwise every entry goes. Everything up to ``index`` counts as
+        committed and applied: the snapshot is the state machine there.
+        """
+        if index <= self.committed:
+            raise ValueError(f"snapshot at {index} is not past the commit index {self.committed}")
+        if index <= self.last_index and self.term_at(index) == term:
+            self.compact(index, term)
+        else:
+            self.entries = []
+            self.snapshot_index, self.snapshot_term = index, term
+            self.unstable_from = index + 1
+        self.committed = self.applied = index
+
     def compact(self, index: int, term: int) -> None:
         """Drop entries up to ``index`` (already in a snapshot) and remember its term."""
         if index <= self.snapshot_index:

@@ -108,21 +108,81 @@ class HeartbeatResponse:
     read_seq: int = 0
 
 
+@dataclass(slots=True)
+class InstallSnapshot:
+    """The state machine as of (``index``, ``snap_term``) replaces the follower's log up to there.
+
+    The leader's core emits it when a follower needs entries it has compacted away; the
+    leader's driver then streams its state machine to the follower in chunks
+    (:mod:`zraft.raft.snapshot`) and never sends this message itself. The follower's
+    driver steps it into its core once every chunk is in, with the index and term the
+    stream ended with (at least those the leader's core asked for).
+    """
+
+    TYPE: ClassVar[int] = 7
+    term: int
+    src: int
+    dst: int
+    index: int
+    snap_term: int
+
+
+@dataclass(slots=True)
+class SnapshotChunk:
+    """One piece of a snapshot stream (driver to driver; the cores never see these).
+
+    ``data`` is a batch of state machine records. The ``last`` chunk carries the index and
+    term the snapshot was taken at.
+    """
+
+    TYPE: ClassVar[int] = 8
+    term: int
+    src: int
+    dst: int
+    stream: int
+    seq: int
+    data: bytes = b""
+    last: bool = False
+    index: int = 0
+    snap_term: int = 0
+
+
+@dataclass(slots=True)
+class SnapshotAck:
+    """Cumulative acknowledgement of a snapshot stream: every chunk up to ``seq`` is in.
+
+    ``done``: the follower's core has decided on the complete snapshot. ``ok`` false: the
+    follower does not know this stream (it restarted, say); the sender gives up at once.
+    """
+
+    TYPE: ClassVar[int] = 9
+    term: int
+    src: int
+    dst: int
+    stream: int
+    seq: int
+    ok: bool = True
+    done: bool = False
+
+
 Message = (
     RequestVote | RequestVoteResponse | AppendEntries | AppendEntriesResponse | Heartbeat | HeartbeatResponse
+    | InstallSnapshot
 )
+StreamMessage = SnapshotChunk | SnapshotAck
 
 _TYPES: dict[int, type] = {
     cls.TYPE: cls
     for cls in (
-        RequestVote, RequestVoteResponse, AppendEntries, AppendEntriesResponse, Heartbeat, HeartbeatResponse
+        RequestVote, RequestVoteResponse, AppendEntries, AppendEntriesResponse, Heartbeat, HeartbeatResponse,
+        InstallSnapshot, SnapshotChunk, SnapshotAck,
     )
 }
 _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in _TYPES.values()}
 _ENTRIES_POS = _FIELDS[AppendEntries].index("entries")
 
 
-def to_wire(msg: Message) -> list:
+def to_wire(msg: Message | StreamMessage) -> list:
     """The message as a msgpack-ready list: [type, field values in declaration order].
 
     AppendEntries carries its entries as a flat list [term, data, term, data, ...]; their
@@ -138,7 +198,7 @@ def to_wire(msg: Message) -> list:
     return [msg.TYPE, *values]
 
 
-def from_wire(obj: list) -> Message:
+def from_wire(obj: list) -> Message | StreamMessage:
     """Inverse of :func:`to_wire`. Raises ValueError on anything malformed."""
     try:
         cls = _TYPES[obj[0]]
@@ -152,12 +212,12 @@ def from_wire(obj: list) -> Message:
     return msg
 
 
-def encode_batch(msgs: list[Message]) -> bytes:
+def encode_batch(msgs: list[Message | StreamMessage]) -> bytes:
     """Encode several messages (for one peer) as one frame."""
     return msgpack.packb([to_wire(m) for m in msgs], use_bin_type=True)
 
 
-def decode_batch(frame: bytes) -> list[Message]:
+def decode_batch(frame: bytes) -> list[Message | StreamMessage]:
     """Decode a frame made by :func:`encode_batch`. Raises ValueError on garbage."""
     try:
         objs = msgpack.unpackb(frame, raw=False, use_list=True)

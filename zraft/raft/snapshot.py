@@ -15,8 +15,13 @@ protocol:
   time, and acknowledges cumulatively. The driver writes each chunk's records into a
   staging area beside the live state; only when the core accepts the complete
   snapshot does the driver switch to it, in one atomic write. A chunk of a stream the
-  receiver does not know (it restarted mid-install, say) is refused, which makes the
-  sender fail at once rather than time out.
+  receiver does not know (it restarted mid-install, say) is refused; a sender whose
+  receiver had already acknowledged part of the stream then fails at once rather than
+  time out (a receiver that acknowledged nothing yet may just have seen a chunk that
+  overtook the first one: the sender goes on, resending from the first chunk).
+  While a complete stream waits for the core's verdict (between ``complete`` and
+  :meth:`SnapshotReceiver.finish`), no other stream may begin: the staged state is the
+  one the core is deciding on.
 
 Time is counted in ticks, like the core's.
 """
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from zraft.raft.messages import InstallSnapshot, SnapshotAck, SnapshotChunk
 
 SENDING, DONE, FAILED = "sending", "done", "failed"
+RECENT_STREAMS = 16  # how many stream ids a receiver remembers, to refuse late copies of their first chunk
 
 
 class SnapshotSender:
@@ -45,6 +51,7 @@ class SnapshotSender:
         self._chunks = chunks
         self._ahead: bytes | None = next(chunks, None)  # one chunk read ahead: is the current one the last?
         self._next_seq = 0
+        self.acked = -1  # every chunk up to this one is acknowledged
         self.unacked: deque[SnapshotChunk] = deque()
         self.idle_ticks = 0
         self.state = SENDING
@@ -80,15 +87,21 @@ class SnapshotSender:
         if self.state != SENDING or ack.stream != self.stream or ack.src != self.dst:
             return []
         if not ack.ok:
-            self.state = FAILED
+            # The receiver does not know this stream. If it acknowledged some of it, it lost it (it
+            # restarted, or another stream replaced it): give up now. If not, the refusal may answer a
+            # chunk that overtook the first one, or come from a receiver busy with another stream: go on
+            # (the retries resend from the first chunk) until the give-up time.
+            if self.acked >= 0:
+                self.state = FAILED
             return []
         progressed = False
         while self.unacked and self.unacked[0].seq <= ack.seq:
-            c = self.unacked.popleft()
-            progressed = True
+            c = self.unacked[0]
             if c.last and not ack.done:
-                self.unacked.appendleft(c)  # the last chunk counts only once the follower has decided
-                break
+                break  # the last chunk counts only once the follower has decided
+            self.unacked.popleft()
+            self.acked = c.seq
+            progressed = True
         if ack.done and ack.seq >= self._next_seq - 1 and self._ahead is None and not self.unacked:
             self.state = DONE
             return []
@@ -130,6 +143,9 @@ class SnapshotReceiver:
         self.expected = 0  # next sequence number wanted
         self.completed = False  # every chunk arrived; waiting for (or past) the core's verdict
         self.finished = False  # the core decided; the last chunk has been acknowledged as done
+        # Streams begun lately: a late duplicate of one's first chunk must not begin it again (and
+        # throw away the stream in progress). Stream ids are unique, so a stream never starts twice.
+        self._begun: deque[tuple[int, int]] = deque(maxlen=RECENT_STREAMS)
 
     @property
     def active(self) -> bool:
@@ -143,8 +159,13 @@ class SnapshotReceiver:
             return ChunkVerdict()  # from a deposed leader: nothing to say to it
         same = c.src == self.src and c.stream == self.stream
         if not same:
-            if c.seq != 0 or (self.active and c.term < self.term):
+            if (c.seq != 0 or (self.active and c.term < self.term) or (self.completed and not self.finished)
+                    or (c.src, c.stream) in self._begun):
+                # Not the start of a stream; or a stream of an older term than the one in progress; or the
+                # core is deciding on a complete stream, whose staged state must stay as it is till finish();
+                # or a late copy of the first chunk of a stream that was here before.
                 return ChunkVerdict(reply=self._ack(c, -1, ok=False))
+            self._begun.append((c.src, c.stream))
             self.src, self.stream, self.term = c.src, c.stream, c.term
             self.expected, self.completed, self.finished = 0, False, False
             return self._take(c, ChunkVerdict(begin=True))
