@@ -71,12 +71,13 @@ def assert_same(db: LevelDBStorage, model: MemoryStorage) -> None:
     assert db.load_hard_state() == model.load_hard_state()
     log = db.load_log()
     expected = model.load_log()
-    assert (log.snapshot_index, log.snapshot_term) == (0, 0)
-    assert (expected.snapshot_index, expected.snapshot_term) == (0, 0)
+    assert (log.snapshot_index, log.snapshot_term) == (expected.snapshot_index, expected.snapshot_term)
     assert log.entries == expected.entries
-    assert [e.index for e in log.entries] == list(range(1, len(log.entries) + 1))
+    start = log.snapshot_index + 1
+    assert [e.index for e in log.entries] == list(range(start, start + len(log.entries)))
     assert all(type(e.data) is bytes for e in log.entries)
-    assert db.last_index == model.last_index == len(expected.entries)
+    assert db.last_index == model.last_index == expected.snapshot_index + len(expected.entries)
+    assert db.snapshot_index == model.snapshot_index
     assert db.applied_index == model.applied_index
     for k in KEYS:
         assert db.get(k) == model.get(k), k
@@ -97,7 +98,10 @@ class StorageComparison(RuleBasedStateMachine):
         self.model = MemoryStorage()
 
     def term_at(self, index: int) -> int:
-        return self.model.log[index - 1].term if index > 0 else 0
+        first = self.model.snapshot_index
+        if index == first:
+            return self.model.load_log().snapshot_term
+        return self.model.log[index - first - 1].term
 
     @rule(hard_state=st.none() | hard_states, data=st.data())
     def append(self, hard_state: HardState | None, data: st.DataObject) -> None:
@@ -108,7 +112,7 @@ class StorageComparison(RuleBasedStateMachine):
 
     @rule(hard_state=st.none() | hard_states, data=st.data())
     def replace_suffix(self, hard_state: HardState | None, data: st.DataObject) -> None:
-        start = data.draw(st.integers(1, self.model.last_index + 1), label="start")
+        start = data.draw(st.integers(self.model.snapshot_index + 1, self.model.last_index + 1), label="start")
         entries = draw_entries(data, start, self.term_at(start - 1), min_size=1)
         self.db.save(hard_state, entries)
         self.model.save(hard_state, entries)
@@ -127,6 +131,17 @@ class StorageComparison(RuleBasedStateMachine):
         else:
             self.db.write(dict(updates), applied, dict(sessions))
             self.model.write(dict(updates), applied, dict(sessions))
+
+    @rule(data=st.data())
+    def compact(self, data: st.DataObject) -> None:
+        """Drop the log up to an applied index (the state machine covers it)."""
+        top = min(self.model.applied_index, self.model.last_index)
+        if top <= self.model.snapshot_index:
+            return
+        index = data.draw(st.integers(self.model.snapshot_index + 1, top), label="compact_to")
+        term = self.term_at(index)
+        self.db.compact(index, term)
+        self.model.compact(index, term)
 
     @rule()
     def reopen(self) -> None:
@@ -374,3 +389,147 @@ def test_applied_index_and_term_are_big_endian_u64(tmp_path) -> None:
     assert (s.applied_index, s.applied_term) == (2**32 + 5, 7)
     assert s.items() == []
     s.close()
+
+
+# --- compaction, staged snapshots, generations -----------------------------------------------
+
+from zraft.raft.core import SnapshotMeta  # noqa: E402
+from zraft.storage import REC_DATA, REC_SESSION, StorageError, decode_chunk, restore_into  # noqa: E402
+
+
+def chunk(*records: tuple[int, bytes, bytes]) -> bytes:
+    import msgpack
+
+    return msgpack.packb([x for r in records for x in r], use_bin_type=True)
+
+
+def filled(tmp_path, n_entries: int = 10, applied: int = 6) -> LevelDBStorage:
+    s = LevelDBStorage(tmp_path / "db")
+    s.save(HardState(2, 1), [Entry(1 if i <= 4 else 2, i, b"e%d" % i) for i in range(1, n_entries + 1)])
+    s.write({b"a": b"1", b"b": b"2"}, applied, {7: SessionRecord(3, {}, applied)}, applied_term=2)
+    return s
+
+
+def test_compact_drops_the_prefix_keeps_the_tail_and_survives_reopen(tmp_path) -> None:
+    s = filled(tmp_path)
+    s.compact(5, 2)
+    assert s.load_log() == LogState(5, 2, [Entry(2, i, b"e%d" % i) for i in range(6, 11)])
+    assert [k for k in raw_keys(s) if k.startswith(b"l/")] == [b"l/" + U64.pack(i) for i in range(6, 11)]
+    s.close()
+    s = LevelDBStorage(tmp_path / "db")
+    assert (s.snapshot_index, s.last_index) == (5, 10)
+    assert s.load_log().entries[0] == Entry(2, 6, b"e6")
+    s.compact(3, 1)  # behind the current start: nothing happens
+    assert s.snapshot_index == 5
+    with pytest.raises(ValueError, match="past the applied index"):
+        s.compact(7, 2)
+    s.close()
+
+
+def test_snapshot_view_is_a_point_in_time_copy(tmp_path) -> None:
+    s = filled(tmp_path)
+    view = s.open_snapshot()
+    s.write({b"a": None, b"c": b"3"}, 7, applied_term=2)  # after the view was taken
+    records = [r for c in view.chunks(chunk_bytes=1) for r in decode_chunk(c)]
+    view.close()
+    assert (view.index, view.term) == (6, 2)
+    assert records == [(REC_DATA, b"a", b"1"), (REC_DATA, b"b", b"2"),
+                       (REC_SESSION, U64.pack(7), records[2][2])]
+    assert s.items() == [(b"b", b"2"), (b"c", b"3")]
+    s.close()
+
+
+@pytest.mark.parametrize("reset_log", [True, False])
+def test_install_staged_replaces_the_state_and_moves_the_log_start(tmp_path, reset_log: bool) -> None:
+    s = filled(tmp_path)
+    s.begin_staging()
+    s.stage(chunk((REC_DATA, b"x", b"from-leader"), (REC_DATA, b"y", b"")))
+    s.stage(chunk((REC_SESSION, U64.pack(9), b"\x93\x05\x80\x08")))
+    # Until the install, the live state is untouched.
+    assert s.items() == [(b"a", b"1"), (b"b", b"2")]
+    s.install_staged(SnapshotMeta(8, 2, reset_log))
+    assert s.items() == [(b"x", b"from-leader"), (b"y", b"")]
+    assert (s.applied_index, s.applied_term) == (8, 2)
+    assert s.load_sessions() == {9: SessionRecord(5, {}, 8)}
+    expect_tail = [] if reset_log else [Entry(2, 9, b"e9"), Entry(2, 10, b"e10")]
+    assert s.load_log() == LogState(8, 2, expect_tail)
+    assert s.last_index == (8 if reset_log else 10)
+    # The old generation is garbage, collected a bounded batch at a time.
+    assert s.has_garbage
+    while s.has_garbage:
+        assert s.collect_garbage(max_keys=1) <= 1
+    assert not [k for k in raw_keys(s) if k[:1] in (b"d", b"s") and k[1:5] == bytes(4)]
+    s.close()
+    s = LevelDBStorage(tmp_path / "db")
+    assert s.items() == [(b"x", b"from-leader"), (b"y", b"")]
+    assert s.load_log() == LogState(8, 2, expect_tail) and not s.has_garbage
+    s.close()
+
+
+def test_a_crash_while_staging_leaves_the_old_state_whole(tmp_path) -> None:
+    s = filled(tmp_path)
+    s.begin_staging()
+    s.stage(chunk(*[(REC_DATA, b"k%d" % i, b"v") for i in range(50)]))
+    s.close()  # the process dies before the install
+    s = LevelDBStorage(tmp_path / "db")
+    assert s.items() == [(b"a", b"1"), (b"b", b"2")]
+    assert s.applied_index == 6 and s.load_log().snapshot_index == 0
+    assert s.has_garbage  # the half-staged generation
+    s.collect_garbage(max_keys=10_000)
+    assert [k for k in raw_keys(s) if k.startswith(b"d")] == [b"d" + bytes(4) + b"a", b"d" + bytes(4) + b"b"]
+    # A new stream starts over cleanly.
+    s.begin_staging()
+    s.stage(chunk((REC_DATA, b"only", b"this")))
+    s.install_staged(SnapshotMeta(9, 2, True))
+    assert s.items() == [(b"only", b"this")]
+    s.close()
+
+
+def test_discarded_staging_is_collected_and_the_live_state_stays(tmp_path) -> None:
+    s = filled(tmp_path)
+    s.begin_staging()
+    s.stage(chunk((REC_DATA, b"nope", b"x")))
+    s.discard_staged()
+    s.collect_garbage()
+    assert s.items() == [(b"a", b"1"), (b"b", b"2")]
+    assert not [k for k in raw_keys(s) if k.startswith(b"d" + U32(1))]
+    s.close()
+
+
+def U32(n: int) -> bytes:
+    return n.to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("bad", [b"\xc1", chunk((REC_DATA, b"k")), chunk((5, b"k", b"v")),
+                                 chunk((REC_SESSION, b"short", b"v")), b"\x93\x00\xa1k\xa1v"])
+def test_malformed_chunks_are_refused(bad: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_chunk(bad)
+
+
+def test_restore_into_a_fresh_dir_and_never_over_an_existing_one(tmp_path) -> None:
+    n = restore_into(tmp_path / "db", 40, 3, iter([chunk((REC_DATA, b"k", b"v"), (REC_SESSION, U64.pack(1),
+                                                                                    b"\x93\x01\x80\x28"))]))
+    assert n == 2
+    s = LevelDBStorage(tmp_path / "db")
+    assert (s.applied_index, s.applied_term, s.snapshot_index) == (40, 3, 40)
+    assert s.load_hard_state() == HardState(3, None)
+    assert s.items() == [(b"k", b"v")] and s.load_sessions() == {1: SessionRecord(1, {}, 40)}
+    s.close()
+    with pytest.raises(StorageError, match="not empty"):
+        restore_into(tmp_path / "db", 1, 1, iter([]))
+
+
+def test_a_database_of_another_layout_is_refused(tmp_path) -> None:
+    import plyvel
+
+    db = plyvel.DB(str(tmp_path / "old"), create_if_missing=True)
+    db.put(b"d/key", b"value")  # what zraft 0.1 wrote, with no m/format
+    db.close()
+    with pytest.raises(StorageError, match="older zraft"):
+        LevelDBStorage(tmp_path / "old")
+    db = plyvel.DB(str(tmp_path / "new"), create_if_missing=True)
+    db.put(b"m/format", b"99")
+    db.close()
+    with pytest.raises(StorageError, match="format"):
+        LevelDBStorage(tmp_path / "new")

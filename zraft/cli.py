@@ -84,6 +84,7 @@ def node(
     import zmq
 
     from zraft.server import run_node
+    from zraft.storage import StorageError
 
     cluster = _load(config)
     try:
@@ -93,7 +94,7 @@ def node(
     settings = _settings()
     try:
         run_node(cluster, id, data_dir, settings, log_level, allow_faults)
-    except (OSError, zmq.ZMQError) as exc:  # e.g. a port in use, or the data dir locked by a running node
+    except (OSError, zmq.ZMQError, StorageError) as exc:  # a port in use, a data dir in use or unreadable
         raise _fail(f"node {id} could not start: {exc}") from None
 
 
@@ -449,17 +450,36 @@ def bench(
     key_size: int = typer.Option(16, "--key-size", min=8, help="Bytes per key."),
     preload_keys: bool = typer.Option(True, "--preload/--no-preload", help="Write every key once first."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per phase, for scripts."),
+    spawn: int = typer.Option(0, "--spawn", min=0, help="Bring up a cluster of this many nodes in a temporary "
+                                                         "dir for the run (and tear it down after), instead of "
+                                                         "using the running one of --config."),
 ) -> None:
     """Measure throughput and latency against a running cluster (closed-loop client processes)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     from zraft import bench as zb
+
+    if spawn:
+        from zraft.jepsen.cluster import LocalCluster
+
+        err.print(f"starting a {spawn}-node cluster in a temporary dir...")
+        with LocalCluster(spawn, log_level="WARNING") as c:
+            c.start_all()
+            c.wait_for_leader(30)
+            _bench(zb, c.endpoints, clients, duration, warmup, phases, keys, value_size, key_size, preload_keys,
+                   as_json)
+        return
+    _bench(zb, _endpoints(config, endpoints), clients, duration, warmup, phases, keys, value_size, key_size,
+           preload_keys, as_json)
+
+
+def _bench(zb, endpoints: list[str], clients: int, duration: float, warmup: float, phases: str, keys: int,
+           value_size: int, key_size: int, preload_keys: bool, as_json: bool) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     wanted = [p.strip() for p in phases.split(",") if p.strip()]
     unknown = [p for p in wanted if p not in zb.PHASES]
     if unknown or not wanted:
         raise _fail(f"unknown phase(s) {unknown}; choose from {', '.join(zb.PHASES)}")
-    spec = zb.BenchSpec(tuple(_endpoints(config, endpoints)), clients=clients, duration=duration, warmup=warmup,
+    spec = zb.BenchSpec(tuple(endpoints), clients=clients, duration=duration, warmup=warmup,
                         keys=keys, key_size=key_size, value_size=value_size)
     try:
         leader = zb.find_leader(spec.endpoints)

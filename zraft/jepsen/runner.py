@@ -59,6 +59,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from zraft.client import Client, OutcomeUnknown, ZraftError
@@ -690,6 +691,7 @@ def run(scenario: str = "mixed", duration: float = 60.0, clients: int = 5, nodes
                            f" commit index {lead['commit_index']} on every node")
         except TimeoutError as exc:
             convergence = f"did NOT converge: {exc}"
+        convergence += "; " + _snapshot_counts(cluster.data_dir)
         log(f"[{time.monotonic() - t0:6.1f}s] {convergence}")
         reader = Client(cluster.endpoints, timeout=5.0)
         for key in key_names:
@@ -715,6 +717,16 @@ def run(scenario: str = "mixed", duration: float = 60.0, clients: int = 5, nodes
                     check(rec.ops, time_budget_s=check_budget_s), t0, t_end, final, converged, convergence, errors,
                     str(cluster.workdir) if keep else "", sessions, list(cluster.spawned_pids))
     return result
+
+
+def _snapshot_counts(data_dir: Path) -> str:
+    """How often the nodes compacted their logs and installed snapshots (from their log files)."""
+    compactions = installs = 0
+    for f in data_dir.glob("*/node.log"):
+        text = f.read_text(errors="replace")
+        compactions += text.count("log compacted up to")
+        installs += text.count("installed a snapshot")
+    return f"{compactions} log compactions, {installs} snapshots installed"
 
 
 # ---------------------------------------------------------------------- command line
