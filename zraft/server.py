@@ -274,7 +274,9 @@ class NodeServer:
             self.snapshot_stats["sent"] += 1
             log.info("node %d: snapshot at %d delivered to node %d in %.1f s (%d chunks, %d bytes)", self.me.id,
                      index, peer, took, s.chunks_sent, s.bytes_sent)
-        self.node.report_snapshot(peer, index)
+        if s.term == self.node.term and self.node.role is Role.LEADER:
+            # A stream of an earlier term says nothing about this term's Progress of that follower.
+            self.node.report_snapshot(peer, index)
 
     def _on_snapshot_ack(self, ack: SnapshotAck) -> None:
         out = self.outgoing.get(ack.src)

@@ -34,13 +34,18 @@ from zraft.raft.messages import (
     AppendEntriesResponse,
     Entry,
     HeartbeatResponse,
+    InstallSnapshot,
     Message,
     RequestVoteResponse,
+    SnapshotAck,
+    SnapshotChunk,
     decode_batch,
     encode_batch,
 )
+from zraft.raft.snapshot import DONE, FAILED, SnapshotReceiver, SnapshotSender
 
 TICK = 10  # time units per tick
+_KV_EVERY = 128  # the checker keeps the committed log's KV every this many entries
 TRACE_LEN = int(os.environ.get("ZRAFT_SIM_TRACE", "0"))  # events kept for a failure report (0: 60, abridged)
 
 # Event kinds in the scheduler's heap.
@@ -100,15 +105,35 @@ def repro_command(seed: int, steps: int | None = None) -> str:
 
 
 class Disk:
-    """What survives a crash: hard state, the log, and the KV with its applied index."""
+    """What survives a crash: hard state, the log (after its snapshot), the KV with its applied index.
 
-    __slots__ = ("hard_state", "entries", "kv", "applied")
+    The log begins after ``snap_index`` (the last compacted entry, of term ``snap_term``):
+    ``entries[0]``, if any, has index ``snap_index + 1``. ``staged`` is the staging area a
+    snapshot stream is received into, beside the live KV; it never survives a restart (like
+    a server that clears its staging area at startup), and installing it replaces the KV,
+    the applied index and the log's start in one atomic write.
+    """
+
+    __slots__ = ("hard_state", "snap_index", "snap_term", "entries", "kv", "applied", "staged")
 
     def __init__(self) -> None:
         self.hard_state = HardState()
+        self.snap_index = 0
+        self.snap_term = 0
         self.entries: list[Entry] = []
         self.kv: dict[bytes, bytes] = {}
         self.applied = 0
+        self.staged: dict[bytes, bytes] | None = None
+
+    @property
+    def last_index(self) -> int:
+        return self.snap_index + len(self.entries)
+
+    def entry(self, index: int) -> Entry | None:
+        """The stored entry at ``index``; None if compacted away or past the end."""
+        if index <= self.snap_index or index > self.last_index:
+            return None
+        return self.entries[index - self.snap_index - 1]
 
 
 @dataclass(eq=False)
@@ -142,7 +167,8 @@ class Proposal:
 class SimNode:
     __slots__ = ("id", "config", "disk", "raft", "incarnation", "kv", "seen_commit", "last_commit",
                  "last_term", "leader_term", "leader_last", "pending", "read_wait", "crash_on_ready", "turns",
-                 "inbox", "turn_due")
+                 "inbox", "turn_due", "outgoing", "receiver", "staged_stream", "install_pending",
+                 "compact_every", "compact_keep")
 
     def __init__(self, node_id: int, config: RaftConfig) -> None:
         self.id = node_id
@@ -162,6 +188,13 @@ class SimNode:
         self.turns = 0
         self.inbox: list[tuple[int, Any]] = []  # events waiting for the node's next turn (inbox mode)
         self.turn_due = False
+        # Snapshots (all in memory, lost in a crash, except the disk's staging area, which is cleared).
+        self.outgoing: dict[int, SnapshotSender] = {}  # leader: peer -> the stream to it
+        self.receiver = SnapshotReceiver(node_id)
+        self.staged_stream: tuple[int, int] | None = None  # (src, stream) the staged state comes from
+        self.install_pending: tuple[InstallSnapshot, tuple[int, int] | None] | None = None
+        self.compact_every = 0  # compact once the log holds this many applied entries (0: never)
+        self.compact_keep = 0  # keep up to this many applied entries when compacting
 
     @property
     def up(self) -> bool:
@@ -170,7 +203,8 @@ class SimNode:
     def start(self, rng: random.Random) -> None:
         d = self.disk
         self.incarnation += 1
-        log = RaftLog(list(d.entries), applied=d.applied)
+        d.staged = None  # a restart clears the staging area: a half-received snapshot is gone
+        log = RaftLog(list(d.entries), snapshot_index=d.snap_index, snapshot_term=d.snap_term, applied=d.applied)
         self.raft = RaftNode(self.config, d.hard_state, log, rng)
         self.kv = dict(d.kv)
         self.seen_commit = self.last_commit = d.applied
@@ -182,6 +216,25 @@ class SimNode:
         self.crash_on_ready = False
         self.inbox = []
         self.turn_due = False
+        self.outgoing = {}
+        self.receiver = SnapshotReceiver(self.id)
+        self.staged_stream = None
+        self.install_pending = None
+
+
+def _encode_items(items: list[tuple[bytes, bytes]]) -> bytes:
+    """A batch of KV records as a snapshot chunk carries it."""
+    return b"\n".join(k + b"=" + v for k, v in items)
+
+
+def _decode_items(data: bytes) -> list[tuple[bytes, bytes]]:
+    if not data:
+        return []
+    out = []
+    for line in data.split(b"\n"):
+        k, v = line.split(b"=", 1)
+        out.append((k, v))
+    return out
 
 
 def _promises(m: Message) -> bool:
@@ -209,7 +262,9 @@ class Cluster:
                  check_quorum: bool = True, max_inflight_msgs: int = 256, max_msg_bytes: int = 1 << 20,
                  wire: bool = False, batch: float = 0.3, client_gap: int = 2 * TICK, keys: int = 6,
                  read_share: float = 0.3, latency: tuple[int, int] = (1, 2 * TICK), early_send: float = 0.0,
-                 turn_delay: int = 0, trace: int = 0) -> None:
+                 turn_delay: int = 0, trace: int = 0, snapshot_threshold: int = 0, snapshot_keep: int = 0,
+                 chunk_items: int = 2, snapshot_window: int = 4, snapshot_retry_ticks: int = 4,
+                 snapshot_give_up_ticks: int = 100) -> None:
         self.seed = seed
         self.n = n
         self.mix = mix
@@ -246,7 +301,24 @@ class Cluster:
         self.trace: deque[tuple] = deque(maxlen=trace or TRACE_LEN or 60)
         self.stats = {"msgs": 0, "dropped": 0, "duplicated": 0, "crashes": 0, "lost_readies": 0,
                       "partitions": 0, "elections": 0, "proposed": 0, "acked": 0, "reads": 0,
-                      "served": 0, "read_dropped": 0, "truncations": 0, "early_sends": 0}
+                      "served": 0, "read_dropped": 0, "truncations": 0, "early_sends": 0,
+                      # snapshots: log compactions; InstallSnapshot requests from leader cores (and those
+                      # the driver ignored: a stream to that peer was running); streams started, delivered
+                      # (DONE), failed (FAILED), dropped (the leader lost its term); chunks sent (with
+                      # resends); complete snapshots the follower's core installed (with reset_log) or
+                      # refused; crashes of a node while it had a stream in or a staged state
+                      "compactions": 0, "snap_requests": 0, "snap_requests_ignored": 0, "snap_streams": 0,
+                      "snap_sent": 0, "snap_failed": 0, "snap_dropped": 0, "snap_chunks": 0,
+                      "snap_installed": 0, "snap_reset_log": 0, "snap_refused": 0, "install_crashes": 0}
+        # Snapshots: each node compacts when its log holds about snapshot_threshold applied entries
+        # (0: never); the leader streams chunk_items KV records per chunk, snapshot_window unacknowledged.
+        self.snapshot_threshold = snapshot_threshold
+        self.chunk_items = chunk_items
+        self.snapshot_window = snapshot_window
+        self.snapshot_retry_ticks = snapshot_retry_ticks
+        self.snapshot_give_up_ticks = snapshot_give_up_ticks
+        self._streams = itertools.count(1)
+        self._kv_checkpoints: list[dict[bytes, bytes]] = [{}]  # KV of the committed log at k * _KV_EVERY
 
         # The checker's memory.
         self.leader_of_term: dict[int, int] = {}  # election safety, over the whole history
@@ -264,6 +336,10 @@ class Cluster:
         # Each node's clock: ticks every period units (skewed clocks run fast or slow).
         self.period = {i: max(2, round(TICK * (1 + mix.skew * (2 * self.rng.random() - 1))))
                        for i in self.ids}
+        if snapshot_threshold:  # (no draws otherwise: runs without snapshots replay as they always did)
+            for node in self.nodes.values():
+                node.compact_every = max(1, round(snapshot_threshold * (0.5 + self.rng.random())))
+                node.compact_keep = min(snapshot_keep, node.compact_every - 1)
         for node in self.nodes.values():
             node.start(self._node_rng())
             self._push(self.rng.randrange(TICK), _TICK, node.id)
@@ -303,10 +379,14 @@ class Cluster:
         for n in self.nodes.values():
             r = n.raft
             if r is None:
-                out.append(f"{n.id}:down(disk term={n.disk.hard_state.term} last={len(n.disk.entries)})")
+                out.append(f"{n.id}:down(disk term={n.disk.hard_state.term} snap={n.disk.snap_index} "
+                           f"last={n.disk.last_index})")
             else:
-                out.append(f"{n.id}:{r.role.value} t={r.term} lead={r.leader} last={r.log.last_index}"
-                           f"/{r.log.last_term} commit={r.commit_index} applied={r.applied_index}")
+                streams = ",".join(f"{p}:{s.state}@{s.index}" for p, s in n.outgoing.items())
+                out.append(f"{n.id}:{r.role.value} t={r.term} lead={r.leader} snap={r.log.snapshot_index} "
+                           f"last={r.log.last_index}/{r.log.last_term} commit={r.commit_index} "
+                           f"applied={r.applied_index}" + (f" streams={streams}" if streams else "")
+                           + (" receiving" if n.receiver.active else ""))
         return "; ".join(out)
 
     # ------------------------------------------------------------------ running
@@ -392,12 +472,20 @@ class Cluster:
             _, _, _, _, m2 = heapq.heappop(events)
             if (m2.src, dst) not in self.blocked:
                 batch.append(m2)
-        raft = node.raft
         for m in batch:
             self.trace.append((self.now, dst, "recv", m))
-            raft.step(m)
-            self._after_call(node)
+            self._step(node, m)
         self._turn(node)
+
+    def _step(self, node: SimNode, m: Any) -> None:
+        """Hand one delivered message to the node: snapshot streams to the driver, the rest to the core."""
+        if isinstance(m, SnapshotChunk):
+            self._on_chunk(node, m)
+        elif isinstance(m, SnapshotAck):
+            self._on_snapshot_ack(node, m)
+        else:
+            node.raft.step(m)
+            self._after_call(node)
 
     def isolate(self, node_id: int) -> None:
         self.partition([[node_id], [i for i in self.ids if i != node_id]])
@@ -453,6 +541,8 @@ class Cluster:
         assert node.raft is not None, f"node {node_id} is already down"
         self.trace.append((self.now, node_id, "crash", None))
         self.stats["crashes"] += 1
+        if node.receiver.active or node.disk.staged is not None:
+            self.stats["install_crashes"] += 1
         for read in list(self.open_reads.values()):
             if read.node == node_id:
                 read.state = "lost"
@@ -469,6 +559,11 @@ class Cluster:
         assert node.raft is None, f"node {node_id} is up"
         node.start(self._node_rng())
         self.trace.append((self.now, node_id, "restart", node.incarnation))
+        # What the crash left behind is whole: the KV is the committed log's at the applied index
+        # (a half-received snapshot, or one the core took but the driver never installed, changed nothing).
+        d = node.disk
+        if d.kv != self._kv_at(d.applied):
+            self.fail(f"node {node_id} restarts with a KV that is not the committed log's at {d.applied}")
         self._check_node(node)
 
     def _crash_event(self) -> None:
@@ -481,7 +576,11 @@ class Cluster:
         if self.n - len(up) >= max_down or not up:
             return
         leaders = [n for n in up if n.raft.role is Role.LEADER]
-        victim = rng.choice(leaders) if leaders and rng.random() < mix.leader_bias else rng.choice(up)
+        receiving = [n for n in up if n.receiver.active]
+        if receiving and rng.random() < 0.4:
+            victim = rng.choice(receiving)  # mid-install: what it staged must vanish, the old state stay
+        else:
+            victim = rng.choice(leaders) if leaders and rng.random() < mix.leader_bias else rng.choice(up)
         if rng.random() < mix.lost_ready:
             victim.crash_on_ready = True  # at its next Ready, before anything is persisted
         else:
@@ -598,10 +697,14 @@ class Cluster:
         for kind, what in inbox:
             if kind == _MSG:
                 self.trace.append((self.now, node.id, "recv", what))
-                raft.step(what)
-            elif kind == _TICK:
+                self._step(node, what)
+                continue
+            if kind == _TICK:
                 raft.tick()
-            elif isinstance(what, Read):
+                self._after_call(node)
+                self._tick_streams(node)
+                continue
+            if isinstance(what, Read):
                 self._read_call(node, what)
             else:
                 self._propose_call(node, what)
@@ -617,29 +720,39 @@ class Cluster:
             return
         raft.tick()
         self._after_call(node)
+        self._tick_streams(node)
         if raft.has_ready():
             self._turn(node)
 
     def _turn(self, node: SimNode) -> None:
-        """One driver turn: take the Ready, persist, send, apply, answer reads (core.py's contract)."""
+        """One driver turn: take the Ready, install, persist, send, apply, answer reads (core.py's contract)."""
         raft = node.raft
         had = raft.has_ready()
         rd = raft.ready()
         self.steps += 1
         node.turns += 1
         if not had:
-            if rd.entries or rd.messages or rd.committed or rd.reads or rd.dropped_reads or rd.hard_state:
+            if (rd.entries or rd.messages or rd.committed or rd.reads or rd.dropped_reads or rd.hard_state
+                    or rd.snapshot):
                 self.fail(f"node {node.id}: has_ready() was False but ready() gave {rd}")
             return
         self._check_ready(node, rd)
+        # The core's InstallSnapshot requests are for the driver: it streams its state machine instead.
+        msgs = rd.messages
+        wants: list[InstallSnapshot] = []
+        if any(isinstance(m, InstallSnapshot) for m in msgs):
+            wants = [m for m in msgs if isinstance(m, InstallSnapshot)]
+            msgs = [m for m in msgs if not isinstance(m, InstallSnapshot)]
+            if rd.role is not Role.LEADER and any(m.term == rd.term for m in wants):
+                self.fail(f"node {node.id}: a {rd.role.value} asks for snapshots in its term: {wants}")
         # Thesis 10.2.1, allowed by the contract: a leader's AppendEntries may go out before its fsync
         # (here: all its messages, when none of them promises anything that is not on disk yet).
-        early = (self.early_send and rd.role is Role.LEADER and rd.messages
-                 and self.rng.random() < self.early_send and not any(map(_promises, rd.messages)))
+        early = (self.early_send and rd.role is Role.LEADER and msgs and rd.snapshot is None
+                 and self.rng.random() < self.early_send and not any(map(_promises, msgs)))
         if early:
             self.stats["early_sends"] += 1
-            self.trace.append((self.now, node.id, "send before persisting", rd.messages))
-            self._send(rd.messages)
+            self.trace.append((self.now, node.id, "send before persisting", msgs))
+            self._send(msgs)
         if node.crash_on_ready:
             self.trace.append((self.now, node.id, "crash with the Ready lost", rd))
             self.stats["lost_readies"] += 1
@@ -647,6 +760,15 @@ class Cluster:
             self._schedule_restart(node)
             return
         d = node.disk
+        # 0. install the snapshot the core took, or throw the staged one away
+        decided = node.install_pending is not None
+        if rd.snapshot is not None:
+            self._install(node, rd)
+        elif decided:
+            self.trace.append((self.now, node.id, "snapshot refused", node.install_pending[0]))
+            self.stats["snap_refused"] += 1
+            d.staged, node.staged_stream = None, None
+        node.install_pending = None
         # 1. persist
         if rd.hard_state is not None:
             old = d.hard_state
@@ -657,29 +779,207 @@ class Cluster:
             d.hard_state = hs
         if rd.entries:
             first = rd.entries[0].index
-            if first > len(d.entries) + 1:
-                self.fail(f"node {node.id}: Ready entries start at {first}, disk ends at {len(d.entries)}")
+            if first > d.last_index + 1:
+                self.fail(f"node {node.id}: Ready entries start at {first}, disk ends at {d.last_index}")
             if first <= d.applied:
                 self.fail(f"node {node.id}: Ready entries from {first} would overwrite applied {d.applied}")
-            if first <= len(d.entries):
+            if first <= d.last_index:
                 self.stats["truncations"] += 1
-            del d.entries[first - 1:]
+            del d.entries[first - d.snap_index - 1:]
             d.entries.extend(rd.entries)
-        self._check_persisted_before_send(node, rd)
+        self._check_persisted_before_send(node, rd, msgs)
         self._observe_commit(node)
         # 2. send
-        if rd.messages and not early:
-            self.trace.append((self.now, node.id, "send", rd.messages))
-            self._send(rd.messages)
+        if msgs and not early:
+            self.trace.append((self.now, node.id, "send", msgs))
+            self._send(msgs)
+        if decided:
+            ack = node.receiver.finish()  # the core decided: the last chunk's acknowledgement, "done"
+            if ack is None:
+                self.fail(f"node {node.id}: its snapshot receiver has nothing to finish")
+            self._send([ack])
         # 3. apply
         if rd.committed:
             self._apply(node, rd.committed)
+            self._maybe_compact(node)
+        for m in wants:
+            self._start_stream(node, m)
         # 4. reads
         if rd.reads or rd.dropped_reads:
             self._take_reads(node, rd)
         if node.read_wait:
             self._serve_reads(node)
         self._check_node(node)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _maybe_compact(self, node: SimNode) -> None:
+        """Compact the log once it holds compact_every applied entries, keeping a random few of them."""
+        d = node.disk
+        if not node.compact_every or d.applied - d.snap_index < node.compact_every:
+            return
+        target = d.applied - self.rng.randint(0, node.compact_keep)
+        if target <= d.snap_index:
+            return
+        held = d.entry(target)
+        term = node.raft.compact(target)
+        self._after_call(node)
+        if term is None or held is None or term != held.term:
+            self.fail(f"node {node.id}: compact({target}) gives term {term}; the disk holds {held}")
+        # The KV covers the applied index already (written with it); now the log may start after target.
+        del d.entries[: target - d.snap_index]
+        d.snap_index, d.snap_term = target, term
+        self.stats["compactions"] += 1
+        self.trace.append((self.now, node.id, "compacted", (target, term)))
+
+    def _start_stream(self, node: SimNode, want: InstallSnapshot) -> None:
+        """The leader's core asks for a snapshot to ``want.dst``: stream the KV as of the applied index."""
+        raft = node.raft
+        self.stats["snap_requests"] += 1
+        if raft.role is not Role.LEADER or want.term != raft.term:
+            return  # it stepped down in the same turn; its core no longer waits for an outcome
+        peer = want.dst
+        old = node.outgoing.get(peer)
+        if old is not None:
+            if old.term == raft.term:
+                self.stats["snap_requests_ignored"] += 1
+                return  # one stream per follower at a time
+            del node.outgoing[peer]  # of an older term (can't be: those go at the next tick)
+        d = node.disk
+        index = d.applied
+        if index < want.index or index < raft.log.snapshot_index:
+            self.fail(f"node {node.id}: asked for a snapshot at {want.index} (log starts after "
+                      f"{raft.log.snapshot_index}) with only {index} applied")
+        items = sorted(node.kv.items())  # the state as of now: later applies don't reach the stream
+        k = self.chunk_items
+        chunks = (_encode_items(items[i:i + k]) for i in range(0, len(items), k))
+        sender = SnapshotSender(stream=next(self._streams), term=raft.term, src=node.id, dst=peer, index=index,
+                                snap_term=raft.log.term_at(index), chunks=chunks, window=self.snapshot_window,
+                                retry_ticks=self.snapshot_retry_ticks, give_up_ticks=self.snapshot_give_up_ticks)
+        node.outgoing[peer] = sender
+        self.stats["snap_streams"] += 1
+        self.trace.append((self.now, node.id, "stream", (peer, sender.stream, index, sender.snap_term)))
+        self._send_chunks(sender, sender.pump())
+
+    def _send_chunks(self, sender: SnapshotSender, chunks: list[SnapshotChunk]) -> None:
+        if chunks:
+            self.stats["snap_chunks"] += len(chunks)
+            self._send(chunks)
+
+    def _end_stream(self, node: SimNode, peer: int, sender: SnapshotSender) -> None:
+        del node.outgoing[peer]
+        ok = sender.state == DONE
+        self.stats["snap_sent" if ok else "snap_failed"] += 1
+        self.trace.append((self.now, node.id, "stream ends", (peer, sender.stream, sender.state)))
+        node.raft.report_snapshot(peer, sender.index if ok else None)
+        self._after_call(node)
+
+    def _tick_streams(self, node: SimNode) -> None:
+        raft = node.raft
+        for peer, sender in list(node.outgoing.items()):
+            if raft.role is not Role.LEADER or sender.term != raft.term:
+                # The term it was asked for is over: the core's Progress it reported to is gone.
+                del node.outgoing[peer]
+                self.stats["snap_dropped"] += 1
+                continue
+            self._send_chunks(sender, sender.tick())
+            if sender.state == FAILED:
+                self._end_stream(node, peer, sender)
+
+    def _on_snapshot_ack(self, node: SimNode, ack: SnapshotAck) -> None:
+        sender = node.outgoing.get(ack.src)
+        if sender is None or sender.stream != ack.stream:
+            return
+        raft = node.raft
+        if raft.role is not Role.LEADER or sender.term != raft.term:
+            return  # dropped at the next tick
+        self._send_chunks(sender, sender.on_ack(ack))
+        if sender.state != "sending":
+            self._end_stream(node, ack.src, sender)
+
+    def _on_chunk(self, node: SimNode, chunk: SnapshotChunk) -> None:
+        """Follower: stage the chunk's records beside the live state; step the snapshot in once complete."""
+        raft = node.raft
+        d = node.disk
+        v = node.receiver.on_chunk(chunk, raft.term)
+        if v.begin:
+            if node.install_pending is not None:
+                self.fail(f"node {node.id}: a new stream {chunk.stream} from {chunk.src} replaces the staged "
+                          f"state while the core decides on the complete snapshot of {node.staged_stream}")
+            d.staged, node.staged_stream = {}, (chunk.src, chunk.stream)
+        if v.data is not None:
+            if d.staged is None or node.staged_stream != (chunk.src, chunk.stream):
+                self.fail(f"node {node.id}: stages {chunk} into the staged state of {node.staged_stream}")
+            for k, val in _decode_items(v.data):
+                d.staged[k] = val
+        if v.reply is not None:
+            self._send([v.reply])
+        if v.complete is not None:
+            if node.staged_stream != (chunk.src, chunk.stream):
+                self.fail(f"node {node.id}: completes {chunk}, but the staged state is of {node.staged_stream}")
+            node.install_pending = (v.complete, node.staged_stream)
+            self.trace.append((self.now, node.id, "snapshot complete", v.complete))
+            raft.step(v.complete)
+            self._after_call(node)
+
+    def _install(self, node: SimNode, rd: Ready) -> None:
+        """Step 0 of the contract: the staged state becomes the state machine, the log starts after it."""
+        meta = rd.snapshot
+        d = node.disk
+        pending = node.install_pending
+        if pending is None or (pending[0].index, pending[0].snap_term) != (meta.index, meta.term):
+            self.fail(f"node {node.id}: Ready installs {meta}, but the snapshot stepped in is "
+                      f"{pending and pending[0]}")
+        if d.staged is None or node.staged_stream != pending[1]:
+            self.fail(f"node {node.id}: installs {meta} from {node.staged_stream}, completed by {pending[1]}")
+        if meta.index <= d.applied:
+            self.fail(f"node {node.id}: installs a snapshot at {meta.index} with {d.applied} applied already")
+        # Snapshot safety: the snapshot is the committed log's state machine at its index.
+        if meta.index > len(self.committed) or self.committed[meta.index - 1][0] != meta.term:
+            got = self.committed[meta.index - 1][0] if meta.index <= len(self.committed) else None
+            self.fail(f"node {node.id}: installs {meta}, but the committed entry there has term {got}")
+        if d.staged != self._kv_at(meta.index):
+            self.fail(f"node {node.id}: the snapshot it installs at {meta.index} differs from the committed "
+                      f"log's KV there: {d.staged} != {self._kv_at(meta.index)}")
+        held = d.entry(meta.index)
+        if not meta.reset_log and held is not None and held.term != meta.term:
+            self.fail(f"node {node.id}: keeps its log after {meta}, but it stores {held} there")
+        # (Without reset_log, the entry at the index may not be on disk yet: then it, and whatever the core
+        # keeps after it, come in this Ready's entries.)
+        if meta.reset_log:
+            d.entries = []
+        else:
+            del d.entries[: max(0, meta.index - d.snap_index)]
+        d.snap_index, d.snap_term = meta.index, meta.term
+        d.kv, d.staged, node.staged_stream = d.staged, None, None
+        d.applied = meta.index
+        node.kv = dict(d.kv)
+        node.seen_commit = max(node.seen_commit, meta.index)
+        self.stats["snap_installed"] += 1
+        self.stats["snap_reset_log"] += meta.reset_log
+        self.trace.append((self.now, node.id, "installed", meta))
+
+    def _kv_at(self, index: int) -> dict[bytes, bytes]:
+        """The KV of the committed log up to ``index`` (the checker's own replay)."""
+        committed = self.committed
+        if index > len(committed):
+            self.fail(f"the KV at {index} is asked for with only {len(committed)} known committed")
+        cps = self._kv_checkpoints
+        while len(cps) <= index // _KV_EVERY:
+            kv = dict(cps[-1])
+            base = (len(cps) - 1) * _KV_EVERY
+            for _t, data, _ in committed[base:base + _KV_EVERY]:
+                put = _parse_put(data)
+                if put is not None:
+                    kv[put[0]] = put[1]
+            cps.append(kv)
+        k = index // _KV_EVERY
+        kv = dict(cps[k])
+        for _t, data, _ in committed[k * _KV_EVERY:index]:
+            put = _parse_put(data)
+            if put is not None:
+                kv[put[0]] = put[1]
+        return kv
 
     def _apply(self, node: SimNode, entries: list[Entry]) -> None:
         d = node.disk
@@ -691,7 +991,7 @@ class Cluster:
             if i != expect:
                 self.fail(f"node {node.id}: applies index {i}, expected {expect}")
             expect += 1
-            if i > len(d.entries) or d.entries[i - 1] != e:
+            if d.entry(i) != e:
                 self.fail(f"node {node.id}: applies {e}, which is not in its persisted log")
             if i > len(committed):
                 self.fail(f"node {node.id}: applies {e} beyond any commit index seen ({len(committed)})")
@@ -778,8 +1078,9 @@ class Cluster:
             log = raft.log
             last = node.leader_last
             # Leader append-only (Figure 3): a leader never overwrites or deletes entries in its log.
-            if last is not None and (log.last_index < last.index
-                                     or log.entries[last.index - log.snapshot_index - 1] is not last):
+            # (An entry it compacted away since is in its state machine: it applied it, checked then.)
+            if last is not None and (log.last_index < last.index or (
+                    last.index > log.snapshot_index and log.entries[last.index - log.snapshot_index - 1] is not last)):
                 self.fail(f"leader append-only: leader {node.id} of term {term} lost or replaced {last}")
             node.leader_last = log.entries[-1] if log.entries else None
         else:
@@ -795,14 +1096,22 @@ class Cluster:
         node.leader_term, node.leader_last = term, None
         self.stats["elections"] += 1
         self.trace.append((self.now, node.id, "leader", term))
-        entries = list(raft.log.entries)
+        log = raft.log
+        snap = log.snapshot_index
+        entries = list(log.entries)
+        # Its snapshot (its state machine, checked as it was applied or installed) covers committed entries.
+        if snap > len(self.committed) or (snap and self.committed[snap - 1][0] != log.snapshot_term):
+            self.fail(f"leader {node.id} of term {term}: its log starts after ({snap}, {log.snapshot_term}), "
+                      f"not a committed entry ({len(self.committed)} known)")
         # Leader completeness: everything committed in an earlier term is in this leader's log.
-        for i, (t, data, seen_in) in enumerate(self.committed):
-            if seen_in < term and (i >= len(entries) or entries[i].term != t or entries[i].data != data):
-                got = entries[i] if i < len(entries) else None
-                self.fail(f"leader completeness: leader {node.id} of term {term} lacks entry {i + 1} "
-                          f"({t}, {data!r}) committed in term {seen_in}; it has {got}")
-        self.leaders.append((term, node.id, entries))
+        committed = self.committed
+        for i in range(snap + 1, len(committed) + 1):
+            t, data, seen_in = committed[i - 1]
+            e = entries[i - snap - 1] if i - snap <= len(entries) else None
+            if seen_in < term and (e is None or e.term != t or e.data != data):
+                self.fail(f"leader completeness: leader {node.id} of term {term} lacks entry {i} "
+                          f"({t}, {data!r}) committed in term {seen_in}; it has {e}")
+        self.leaders.append((term, node.id, snap, entries))
 
     def _check_ready(self, node: SimNode, rd: Ready) -> None:
         raft = node.raft
@@ -829,12 +1138,11 @@ class Cluster:
             if prev_index != raft.log.last_index:
                 self.fail(f"node {node.id}: Ready entries end at {prev_index}, log at {raft.log.last_index}")
 
-    def _check_persisted_before_send(self, node: SimNode, rd: Ready) -> None:
-        """Every message that promises something (a vote, an ack) is backed by the disk.
-        """
+    def _check_persisted_before_send(self, node: SimNode, rd: Ready, msgs: list[Message]) -> None:
+        """Every message that promises something (a vote, an ack) is backed by the disk."""
         d = node.disk
         hs = d.hard_state
-        for m in rd.messages:
+        for m in msgs:
             if m.src != node.id or m.dst == node.id or m.dst not in self.nodes:
                 self.fail(f"node {node.id}: bad address on {m}")
             if isinstance(m, RequestVoteResponse):
@@ -844,8 +1152,8 @@ class Cluster:
             elif isinstance(m, AppendEntriesResponse):
                 if hs.term < m.term:
                     self.fail(f"node {node.id}: sends {m} in a term its disk does not hold ({hs})")
-                if m.success and m.match_index > len(d.entries):
-                    self.fail(f"node {node.id}: acknowledges {m.match_index} with {len(d.entries)} on disk")
+                if m.success and m.match_index > d.last_index:
+                    self.fail(f"node {node.id}: acknowledges {m.match_index} with {d.last_index} on disk")
             elif isinstance(m, HeartbeatResponse) and hs.term < m.term:
                 self.fail(f"node {node.id}: sends {m} in a term its disk does not hold ({hs})")
 
@@ -857,7 +1165,8 @@ class Cluster:
             return
         log = raft.log
         committed = self.committed
-        for i in range(node.seen_commit + 1, c + 1):
+        # (Entries up to the log's start are in its snapshot, checked as a whole when it was installed.)
+        for i in range(max(node.seen_commit, log.snapshot_index) + 1, c + 1):
             e = log.entries[i - log.snapshot_index - 1]
             if i <= len(committed):
                 t, data, _ = committed[i - 1]
@@ -871,9 +1180,9 @@ class Cluster:
             if put is not None:
                 self.value_index[put[1]] = i
             # Leader completeness, the other way round: leaders already elected in a later term have it.
-            for term, lid, entries in self.leaders:
-                if term > raft.term and (i > len(entries) or entries[i - 1].term != e.term
-                                         or entries[i - 1].data != e.data):
+            for term, lid, lsnap, entries in self.leaders:
+                if term > raft.term and (i <= lsnap or i - lsnap > len(entries) or entries[i - lsnap - 1].term
+                                         != e.term or entries[i - lsnap - 1].data != e.data):
                     self.fail(f"leader completeness: {e} committed in term {raft.term} is not in the log "
                               f"of node {lid}, leader of term {term}")
         node.seen_commit = c
@@ -892,15 +1201,20 @@ class Cluster:
             self.fail(f"node {node.id}: disk applied {d.applied}, core applied {raft.applied_index}")
         if d.hard_state != HardState(raft.term, raft.voted_for):
             self.fail(f"node {node.id}: disk holds {d.hard_state}, core: {raft.term}, {raft.voted_for}")
-        if len(d.entries) != log.last_index or (d.entries and d.entries[-1] != log.entries[-1]):
-            self.fail(f"node {node.id}: disk log ends at {len(d.entries)}, core log at {log.last_index}")
+        if (d.snap_index, d.snap_term) != (log.snapshot_index, log.snapshot_term):
+            self.fail(f"node {node.id}: disk log starts after ({d.snap_index}, {d.snap_term}), core log after "
+                      f"({log.snapshot_index}, {log.snapshot_term})")
+        if log.snapshot_index > raft.applied_index:
+            self.fail(f"node {node.id}: compacted to {log.snapshot_index} past applied {raft.applied_index}")
+        if d.last_index != log.last_index or (d.entries and d.entries[-1] != log.entries[-1]):
+            self.fail(f"node {node.id}: disk log ends at {d.last_index}, core log at {log.last_index}")
         if node.turns % 64 == 0 and d.entries != log.entries:
             self.fail(f"node {node.id}: the disk log differs from the core's")
 
     # ------------------------------------------------------------------ the end
 
     def quiet(self) -> bool:
-        """One leader everybody follows, every log identical, committed and applied."""
+        """One leader everybody follows, every log equally long, committed and applied; no stream running."""
         leaders = self.leaders_now()
         if len(leaders) != 1 or self.partitioned or self.open_reads:
             return False
@@ -912,6 +1226,8 @@ class Cluster:
                 return False
             if r.commit_index != last or r.applied_index != last or r.log.last_term != lr.log.last_term:
                 return False
+            if n.outgoing:  # and every snapshot stream has ended (a receiver whose sender gave up stays
+                return False  # "active", its staged state unused, until another stream begins)
         return True
 
     def finish(self, stall_ticks: int = 300, max_ticks: int = 20000) -> None:
@@ -968,14 +1284,25 @@ class Cluster:
         last = ref.raft.log.last_index
         if len(self.committed) < last:
             self.fail(f"the checker saw {len(self.committed)} committed, the leader commits {last}")
-        expected: dict[bytes, bytes] = {}
-        for _term, data, _ in self.committed[:last]:
-            put = _parse_put(data)
-            if put is not None:
-                expected[put[0]] = put[1]
+        expected = self._kv_at(last)
+        ref_log = ref.raft.log
         for n in self.nodes.values():
-            if n.raft.log.entries != ref.raft.log.entries or n.disk.entries != ref.raft.log.entries:
-                self.fail(f"node {n.id}'s log differs from the leader's at the end")
+            log, d = n.raft.log, n.disk
+            if log.last_index != last or d.entries != log.entries or d.snap_index != log.snapshot_index:
+                self.fail(f"node {n.id}'s log ends at {log.last_index} (disk: {d.last_index}), the leader's "
+                          f"at {last}")
+            # Logs may start at different points (each node compacts on its own): where they overlap they
+            # agree with the leader's and with what was committed, and each one starts after a committed entry.
+            lo = max(log.snapshot_index, ref_log.snapshot_index)
+            if log.entries[lo - log.snapshot_index:] != ref_log.entries[lo - ref_log.snapshot_index:]:
+                self.fail(f"node {n.id}'s log differs from the leader's after {lo} at the end")
+            if log.snapshot_index and self.committed[log.snapshot_index - 1][0] != log.snapshot_term:
+                self.fail(f"node {n.id}'s log starts after ({log.snapshot_index}, {log.snapshot_term}), "
+                          f"which was not committed")
+            for e in log.entries:
+                t, data, _ = self.committed[e.index - 1]
+                if (t, data) != (e.term, e.data):
+                    self.fail(f"node {n.id} ends with {e} in its log, but ({t}, {data!r}) was committed there")
             if n.kv != expected or n.disk.kv != expected:
                 self.fail(f"node {n.id}'s KV {n.kv} differs from the committed log's {expected}")
         for p in self.proposals:
@@ -1000,8 +1327,7 @@ def random_cluster(seed: int) -> Cluster:
     mix = MIXES[(seed // 2) % len(MIXES)]
     knobs = random.Random(seed ^ 0x5EED)
     election_ticks = knobs.choice((5, 10, 10, 20))
-    return Cluster(
-        n, seed, mix=mix,
+    kw = dict(
         election_ticks=election_ticks,
         heartbeat_ticks=knobs.choice((1, 1, 2, max(1, election_ticks // 4))),
         pre_vote=knobs.random() < 0.7,
@@ -1015,6 +1341,20 @@ def random_cluster(seed: int) -> Cluster:
         early_send=knobs.choice((0.0, 0.0, 0.5, 1.0)),
         turn_delay=knobs.choice((0, 0, 3, TICK)),
     )
+    # Snapshots (drawn last, so the knobs above are what they were before snapshots existed): most seeds
+    # compact often enough that a follower that was down or cut off for a while comes back through
+    # InstallSnapshot; a few never compact. More keys, for streams of more chunks.
+    kw.update(
+        snapshot_threshold=knobs.choice((0, 5, 10, 20, 40)),
+        snapshot_keep=knobs.choice((0, 0, 2, 8)),
+        chunk_items=knobs.choice((1, 1, 2, 3)),
+        snapshot_window=knobs.choice((1, 2, 4, 8)),
+        snapshot_retry_ticks=knobs.choice((2, 3, 5)),
+        snapshot_give_up_ticks=knobs.choice((3, 8, 20)) * election_ticks,
+    )
+    if knobs.random() < 0.35:
+        kw["keys"] = 12
+    return Cluster(n, seed, mix=mix, **kw)
 
 
 def run_seed(seed: int, steps: int = DEFAULT_STEPS) -> Cluster:

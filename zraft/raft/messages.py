@@ -152,7 +152,9 @@ class SnapshotAck:
     """Cumulative acknowledgement of a snapshot stream: every chunk up to ``seq`` is in.
 
     ``done``: the follower's core has decided on the complete snapshot. ``ok`` false: the
-    follower does not know this stream (it restarted, say); the sender gives up at once.
+    follower does not know this stream (it restarted, say) and refuses chunk ``seq``; the
+    sender gives up at once if that chunk was sent (or resent) after part of the stream had
+    been acknowledged (see :meth:`zraft.raft.snapshot.SnapshotSender.on_ack`).
     """
 
     TYPE: ClassVar[int] = 9

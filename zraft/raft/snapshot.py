@@ -15,10 +15,11 @@ protocol:
   time, and acknowledges cumulatively. The driver writes each chunk's records into a
   staging area beside the live state; only when the core accepts the complete
   snapshot does the driver switch to it, in one atomic write. A chunk of a stream the
-  receiver does not know (it restarted mid-install, say) is refused; a sender whose
-  receiver had already acknowledged part of the stream then fails at once rather than
-  time out (a receiver that acknowledged nothing yet may just have seen a chunk that
-  overtook the first one: the sender goes on, resending from the first chunk).
+  receiver does not know (it restarted mid-install, say) is refused, naming the chunk;
+  if that chunk was sent (or resent) after the receiver had acknowledged part of the
+  stream, the receiver lost the stream and the sender fails at once rather than time
+  out. (A refusal of a chunk sent only before may just answer a chunk that overtook the
+  first one: the sender goes on, resending, until the next refusal or the give-up.)
   While a complete stream waits for the core's verdict (between ``complete`` and
   :meth:`SnapshotReceiver.finish`), no other stream may begin: the staged state is the
   one the core is deciding on.
@@ -52,6 +53,8 @@ class SnapshotSender:
         self._ahead: bytes | None = next(chunks, None)  # one chunk read ahead: is the current one the last?
         self._next_seq = 0
         self.acked = -1  # every chunk up to this one is acknowledged
+        self._sent_after_ack = -1  # chunks from this one on were first sent after the first acknowledgement
+        self._resent_after_ack = False  # the unacknowledged chunks went out again after it
         self.unacked: deque[SnapshotChunk] = deque()
         self.idle_ticks = 0
         self.state = SENDING
@@ -87,11 +90,14 @@ class SnapshotSender:
         if self.state != SENDING or ack.stream != self.stream or ack.src != self.dst:
             return []
         if not ack.ok:
-            # The receiver does not know this stream. If it acknowledged some of it, it lost it (it
-            # restarted, or another stream replaced it): give up now. If not, the refusal may answer a
-            # chunk that overtook the first one, or come from a receiver busy with another stream: go on
-            # (the retries resend from the first chunk) until the give-up time.
-            if self.acked >= 0:
+            # The receiver does not know this stream. If it refuses a chunk first sent after it had
+            # acknowledged some of the stream, it lost the stream (it restarted, or another stream replaced
+            # it): give up now. Otherwise the refusal may answer a chunk that overtook the first one, or
+            # come from a receiver busy with another stream: go on (the retries resend) until the give-up.
+            # (A resend after the first acknowledgement counts too, unless the refusal took longer than a
+            # retry interval to come back.)
+            if self.acked >= 0 and (self._sent_after_ack <= ack.seq
+                                    or (self._resent_after_ack and ack.seq > self.acked)):
                 self.state = FAILED
             return []
         progressed = False
@@ -100,6 +106,8 @@ class SnapshotSender:
             if c.last and not ack.done:
                 break  # the last chunk counts only once the follower has decided
             self.unacked.popleft()
+            if self.acked < 0:
+                self._sent_after_ack = self._next_seq
             self.acked = c.seq
             progressed = True
         if ack.done and ack.seq >= self._next_seq - 1 and self._ahead is None and not self.unacked:
@@ -118,6 +126,7 @@ class SnapshotSender:
             self.state = FAILED
             return []
         if self.idle_ticks % self.retry_ticks == 0:
+            self._resent_after_ack = self._resent_after_ack or (self.acked >= 0 and bool(self.unacked))
             return self._out(list(self.unacked))
         return []
 
@@ -163,8 +172,9 @@ class SnapshotReceiver:
                     or (c.src, c.stream) in self._begun):
                 # Not the start of a stream; or a stream of an older term than the one in progress; or the
                 # core is deciding on a complete stream, whose staged state must stay as it is till finish();
-                # or a late copy of the first chunk of a stream that was here before.
-                return ChunkVerdict(reply=self._ack(c, -1, ok=False))
+                # or a late copy of the first chunk of a stream that was here before. The refusal names
+                # the chunk (see SnapshotSender.on_ack).
+                return ChunkVerdict(reply=self._ack(c, c.seq, ok=False))
             self._begun.append((c.src, c.stream))
             self.src, self.stream, self.term = c.src, c.stream, c.term
             self.expected, self.completed, self.finished = 0, False, False
