@@ -10,7 +10,8 @@ break the snapshot path on purpose and check that the random runs notice.
 from __future__ import annotations
 
 import pytest
-from raftsim import Cluster, SimNode, SimulationFailure, run_seed
+from raftsim import Cluster, SimNode
+from test_sim_scenarios import _must_catch
 
 from zraft.raft.core import Role
 from zraft.raft.snapshot import SENDING
@@ -53,16 +54,30 @@ def _behind_the_leaders_snapshot(c: Cluster, leader: SimNode, follower: SimNode)
     assert leader.raft.log.snapshot_index > follower.disk.last_index, c.describe()
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("n", [3, 5])
-def test_partitioned_follower_comes_back_through_install_snapshot(n: int, seed: int) -> None:
-    c = _cluster(n, seed)
+def _left_behind(c: Cluster) -> tuple[SimNode, SimNode]:
+    """Elect, cut a follower off while the leader writes and compacts past what the follower
+    holds, then heal: only a snapshot can bring it back."""
     leader = _elect(c)
     follower = _lagging(c, leader)
     c.isolate(follower.id)
     _write(c, leader)
     _behind_the_leaders_snapshot(c, leader, follower)
     c.heal()
+    return leader, follower
+
+
+def _mid_install(c: Cluster) -> tuple[SimNode, SimNode]:
+    """:func:`_left_behind`, then run until the follower is in the middle of the install."""
+    leader, follower = _left_behind(c)
+    _until_mid_install(c, follower)
+    return leader, follower
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n", [3, 5])
+def test_partitioned_follower_comes_back_through_install_snapshot(n: int, seed: int) -> None:
+    c = _cluster(n, seed)
+    leader, follower = _left_behind(c)
     assert c.run_until(c.quiet, 30 * ELECTION), c.describe()
     assert c.stats["snap_installed"] >= 1 and c.stats["snap_sent"] >= 1
     assert follower.raft.log.snapshot_index > 0
@@ -96,18 +111,14 @@ def _until_mid_install(c: Cluster, follower: SimNode, staged: int = 2) -> None:
     assert c.run_until(mid, 30 * ELECTION, every=1), c.describe()
 
 
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("window", [1, 4])
 def test_follower_crash_mid_install_loses_the_staged_part_and_keeps_its_old_state(window: int,
                                                                                    seed: int) -> None:
     c = _cluster(3, seed, snapshot_window=window)
-    leader = _elect(c)
-    follower = _lagging(c, leader)
-    c.isolate(follower.id)
-    _write(c, leader)
-    _behind_the_leaders_snapshot(c, leader, follower)
-    c.heal()
-    _until_mid_install(c, follower)
+    leader, follower = _mid_install(c)
     d = follower.disk
     before = (dict(d.kv), d.applied, d.snap_index, list(d.entries), d.hard_state)
     c.crash(follower.id)
@@ -129,13 +140,7 @@ def test_follower_crash_mid_install_loses_the_staged_part_and_keeps_its_old_stat
 @pytest.mark.parametrize("how", ["crash", "isolate"])
 def test_leader_change_mid_stream_the_new_leader_streams_its_own_snapshot(how: str, seed: int) -> None:
     c = _cluster(5, seed, snapshot_window=1)
-    leader = _elect(c)
-    follower = _lagging(c, leader)
-    c.isolate(follower.id)
-    _write(c, leader)
-    _behind_the_leaders_snapshot(c, leader, follower)
-    c.heal()
-    _until_mid_install(c, follower)
+    leader, follower = _mid_install(c)
     assert follower.id in leader.outgoing and leader.outgoing[follower.id].state == SENDING
     old_term = leader.raft.term
     if how == "crash":
@@ -174,17 +179,6 @@ def test_a_snapshot_the_follower_already_has_is_refused_and_the_stream_still_end
 # ---------------------------------------------------------------------- the checker checks
 
 
-def _must_catch(monkeypatch: pytest.MonkeyPatch, target: object, name: str, replacement: object,
-                seeds: list[int], expect: str) -> None:
-    monkeypatch.setattr(target, name, replacement)
-    for seed in seeds:
-        try:
-            run_seed(seed, 6000)
-        except SimulationFailure as exc:
-            assert expect in str(exc).splitlines()[0], str(exc)[:3000]
-            assert f"ZRAFT_SIM_SEED={seed}" in str(exc)
-            return
-    raise AssertionError(f"no seed in {seeds} noticed the broken {name}")
 
 
 def test_checker_notices_a_receiver_that_skips_a_missing_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
