@@ -16,7 +16,7 @@ _zraft_stamp() {
 }
 
 _zraft_venv_ok() {
-    [ -x "$ZRAFT_VENV/bin/python" ] &&
+    [ -x "$ZRAFT_VENV/bin/python" ] && [ ! -L "$ZRAFT_VENV/bin/python" ] &&
         [ -f "$ZRAFT_VENV/.zraft-stamp" ] &&
         [ "$(cat "$ZRAFT_VENV/.zraft-stamp")" = "$(_zraft_stamp)" ] &&
         "$ZRAFT_VENV/bin/python" -c '' 2>/dev/null
@@ -48,12 +48,14 @@ _zraft_setup_venv() {
     rm -f "$ZRAFT_VENV/.zraft-stamp"
     (
         set -e
-        if ! "$ZRAFT_VENV/bin/python" -c '' 2>/dev/null; then
-            # Missing or broken (e.g. its base interpreter is gone): start afresh, but keep
-            # the lock file that other callers may be waiting on.
+        if ! "$ZRAFT_VENV/bin/python" -c '' 2>/dev/null || [ -L "$ZRAFT_VENV/bin/python" ]; then
+            # Missing or broken (e.g. its base interpreter is gone), or made with symlinks: start
+            # afresh, but keep the lock file that other callers may be waiting on. --copies: a
+            # venv python that is its own file, so tools that compare interpreters by their
+            # resolved path (to re-exec under the venv) see the difference.
             find "$ZRAFT_VENV" -mindepth 1 -maxdepth 1 ! -name .zraft-lock ! -name .zraft-setup.log \
                 -exec rm -rf {} +
-            "$python" -m venv "$ZRAFT_VENV"
+            "$python" -m venv --copies "$ZRAFT_VENV"
         fi
         "$ZRAFT_VENV/bin/python" -m pip install --disable-pip-version-check --no-input \
             -e "$ZRAFT_REPO[test]"
