@@ -431,6 +431,8 @@ def test_settings_defaults():
     assert s.request_timeout_s == 4.0
     assert (s.max_key_bytes, s.max_value_bytes, s.max_request_bytes) == (4096, 1 << 20, 2 << 20)
     assert (s.max_inflight_msgs, s.max_batch_bytes) == (256, 1 << 20)
+    assert (s.snapshot_threshold, s.snapshot_keep, s.snapshot_chunk_bytes, s.snapshot_window) == (
+        10_000, 5_000, 256 << 10, 4)
     assert s.tick_s == 0.05
     assert Settings.from_env({}) == s
 
@@ -446,9 +448,13 @@ def test_settings_from_env_overrides_every_field():
         "ZRAFT_MAX_REQUEST_BYTES": "1_000_000",
         "ZRAFT_MAX_INFLIGHT_MSGS": "8",
         "ZRAFT_MAX_BATCH_BYTES": "65536",
+        "ZRAFT_SNAPSHOT_THRESHOLD": "500",
+        "ZRAFT_SNAPSHOT_KEEP": "50",
+        "ZRAFT_SNAPSHOT_CHUNK_BYTES": "4096",
+        "ZRAFT_SNAPSHOT_WINDOW": "2",
     }
     s = Settings.from_env(env)
-    assert s == Settings(20, 15, 3, 1.5, 100, 2000, 1_000_000, 8, 65536)
+    assert s == Settings(20, 15, 3, 1.5, 100, 2000, 1_000_000, 8, 65536, 500, 50, 4096, 2)
     assert isinstance(s.tick_ms, int)
     assert isinstance(s.request_timeout_s, float)
 

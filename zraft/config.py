@@ -286,7 +286,7 @@ class Settings:
     max_inflight_msgs: int = 256
     max_batch_bytes: int = 1 << 20
     snapshot_threshold: int = 10_000  # compact the log once it holds this many applied entries
-    snapshot_keep: int = 1_000  # applied entries kept after a compaction, for followers a little behind
+    snapshot_keep: int = 5_000  # applied entries kept after a compaction, for followers a little behind
     snapshot_chunk_bytes: int = 256 << 10  # size of one InstallSnapshot chunk
     snapshot_window: int = 4  # chunks in flight per snapshot stream
 

@@ -144,5 +144,8 @@ def ok(**fields: Any) -> bytes:
     return msgpack.packb({"ok": True, **fields}, use_bin_type=True)
 
 
+OK = ok()  # the reply to every put: encoded once
+
+
 def error(code: str, message: str, **fields: Any) -> bytes:
     return msgpack.packb({"ok": False, "error": code, "message": message, **fields}, use_bin_type=True)

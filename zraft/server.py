@@ -23,6 +23,7 @@ the complete snapshot.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import signal
@@ -141,7 +142,8 @@ class NodeServer:
             while not self.stopping:
                 due = self.transport.flush_delayed(time.monotonic())  # frames held by an injected delay
                 wake = next_tick if due is None else min(next_tick, due)
-                wait_ms = max(0.0, (wake - time.monotonic()) * 1000)
+                # Whole milliseconds, rounded up: zmq would round a fraction down to 0 and spin.
+                wait_ms = max(0, math.ceil((wake - time.monotonic()) * 1000))
                 ready = dict(poller.poll(wait_ms))
                 if self.transport.router in ready:
                     for m in self.transport.receive():
@@ -221,7 +223,7 @@ class NodeServer:
                 elif "error" in result:
                     self._reply(w.envelope, protocol.error(result["error"], result["message"]))
                 else:
-                    self._reply(w.envelope, protocol.ok(**result))
+                    self._reply(w.envelope, protocol.ok(**result) if result else protocol.OK)
             else:
                 # Another leader's entry took this index: our proposal was never committed.
                 self._reply(w.envelope, self._not_leader())

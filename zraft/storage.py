@@ -167,6 +167,7 @@ class LevelDBStorage:
                 break
         self._data = _gen_prefix(_DATA, self.gen)
         self._staged_keys = 0
+        self._gc_resume: dict[bytes, bytes] = {}  # generation prefix -> the first key not yet deleted
         # Whatever is in other generations is an unfinished install or an unfinished clean-up.
         self._garbage = [g for g in self._generations() if g != self.gen]
 
@@ -335,15 +336,25 @@ class LevelDBStorage:
         return done
 
     def _delete_generation(self, gen: int, max_keys: int | None = None) -> int:
+        """Delete up to ``max_keys`` keys of a generation (all, if None), resuming where the last call stopped.
+
+        Resuming matters: deleted keys stay behind as tombstones until LevelDB compacts them,
+        and an iterator from the prefix's start would wade through them every time.
+        """
         n = 0
         with self.db.write_batch() as wb:
             for kind in (_DATA, _SESSION):
-                with self.db.iterator(prefix=_gen_prefix(kind, gen), include_value=False) as it:
+                prefix = _gen_prefix(kind, gen)
+                start = self._gc_resume.get(prefix, prefix)
+                stop = _gen_prefix(kind, gen + 1) if gen < 0xFFFFFFFF else bytes([kind[0] + 1])
+                with self.db.iterator(start=start, stop=stop, include_value=False) as it:
                     for k in it:
                         if max_keys is not None and n >= max_keys:
+                            self._gc_resume[prefix] = k
                             return n
                         wb.delete(k)
                         n += 1
+                self._gc_resume.pop(prefix, None)
         return n
 
     def _generations(self) -> list[int]:

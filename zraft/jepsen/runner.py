@@ -748,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="exactly-once sessions for the clients' writes: all, none, or every other client "
                         "(default mixed)")
     p.add_argument("--tick-ms", type=int, default=None, help="ZRAFT_TICK_MS of the nodes (default: theirs)")
+    p.add_argument("--node-env", action="append", default=[], metavar="ZRAFT_NAME=VALUE",
+                   help="a setting for the nodes, e.g. ZRAFT_SNAPSHOT_THRESHOLD=300 (repeatable)")
     p.add_argument("--history", default=None, help="write the history to this file (JSON lines, one op each)")
     p.add_argument("--check", metavar="FILE", default=None,
                    help="run nothing: check a history written by --history, and print the verdict")
@@ -760,7 +762,12 @@ def main(argv: list[str] | None = None) -> int:
             print(res_check.report())
         print(f"linearizable: {'yes' if res_check.valid is True else 'NO'} ({res_check.verdict})")
         return 0 if res_check.valid is True else 1
-    env = {"ZRAFT_TICK_MS": str(a.tick_ms)} if a.tick_ms else None
+    env = {"ZRAFT_TICK_MS": str(a.tick_ms)} if a.tick_ms else {}
+    for item in a.node_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("ZRAFT_"):
+            p.error(f"--node-env takes ZRAFT_NAME=VALUE, not {item!r}")
+        env[name] = value
     try:
         res = run(a.scenario, a.duration, a.clients, a.nodes, a.seed, keys=a.keys, keep=a.keep, workdir=a.workdir,
                   env=env, client_timeout=a.client_timeout, sessions=a.sessions)

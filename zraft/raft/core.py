@@ -328,7 +328,7 @@ class RaftNode:
         return bool(
             self._msgs or self._reads_ready or self._reads_dropped or self._snapshot is not None
             or log.unstable_from <= log.last_index or log.committed > log.applied
-            or self._persisted_hs != HardState(self.term, self.voted_for)
+            or self._persisted_hs.term != self.term or self._persisted_hs.voted_for != self.voted_for
         )
 
     def ready(self) -> Ready:
