@@ -14,8 +14,7 @@ import sys
 import threading
 import time
 
-import msgpack
-import zmq
+from _pipeline import pipelined_puts
 
 from zraft.jepsen.cluster import LocalCluster
 
@@ -30,36 +29,6 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def load(endpoint: str, stop: threading.Event, counter: list[int], window: int = 64) -> None:
-    ctx = zmq.Context.instance()
-    poller = zmq.Poller()
-    socks = []
-    n = 0
-
-    def send(s: zmq.Socket) -> None:
-        nonlocal n
-        s.send_multipart([b"", msgpack.packb({"op": "put", "key": b"key-%07d" % (n % KEYS),
-                                             "value": b"%012d" % n + b"v" * 116})])
-        n += 1
-
-    for _ in range(window):
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(endpoint)
-        poller.register(s, zmq.POLLIN)
-        socks.append(s)
-        send(s)
-    while not stop.is_set():
-        for s in dict(poller.poll(1000)):
-            rep = msgpack.unpackb(s.recv_multipart()[-1])
-            if not rep.get("ok"):
-                raise RuntimeError(f"put failed: {rep}")
-            counter[0] += 1
-            send(s)
-    for s in socks:
-        s.close()
-
-
 def main() -> None:
     minutes = float(sys.argv[1]) if len(sys.argv) > 1 else 5.0
     with LocalCluster(3, log_level="WARNING") as c:
@@ -68,7 +37,8 @@ def main() -> None:
         pids = {i: c.status(i)["pid"] for i in c.ids}
         stop = threading.Event()
         counter = [0]
-        t = threading.Thread(target=load, args=(c.endpoint(leader), stop, counter), daemon=True)
+        t = threading.Thread(target=pipelined_puts, args=(c.endpoint(leader),),
+                             kwargs={"keys": KEYS, "stop": stop, "done": counter}, daemon=True)
         t0 = time.monotonic()
         t.start()
         samples: list[tuple[float, dict[int, float]]] = []

@@ -15,45 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import msgpack
-import zmq
+from _pipeline import pipelined_puts
 
 from zraft.jepsen.cluster import LocalCluster
-
-
-def put_pipelined(endpoint: str, n: int, keys: int = 1000, window: int = 64) -> None:
-    ctx = zmq.Context.instance()
-    socks = []
-    poller = zmq.Poller()
-    for _ in range(window):
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(endpoint)
-        poller.register(s, zmq.POLLIN)
-        socks.append(s)
-    sent = done = 0
-
-    def send(s: zmq.Socket) -> None:
-        nonlocal sent
-        s.send_multipart([b"", msgpack.packb({"op": "put", "key": b"key-%06d" % (sent % keys),
-                                             "value": b"v%09d" % sent + b"x" * 118})])
-        sent += 1
-
-    for s in socks:
-        send(s)
-    while done < n:
-        ready = dict(poller.poll(10_000))
-        if not ready:
-            raise RuntimeError(f"no reply for 10 s after {done} writes")
-        for s in ready:
-            rep = msgpack.unpackb(s.recv_multipart()[-1])
-            if not rep.get("ok"):
-                raise RuntimeError(f"write failed: {rep}")
-            done += 1
-            if sent < n:
-                send(s)
-    for s in socks:
-        s.close()
 
 
 def db_mb(path: Path) -> float:
@@ -65,7 +29,7 @@ def measure(n: int) -> dict:
         c.start_all()
         leader, _ = c.wait_for_leader(30)
         t0 = time.monotonic()
-        put_pipelined(c.endpoint(leader), n)
+        pipelined_puts(c.endpoint(leader), keys=1000, count=n)
         write_s = time.monotonic() - t0
         follower = next(i for i in c.ids if i != leader)
         c.wait_converged(30)

@@ -211,3 +211,38 @@ def test_rejoining_partitioned_follower_does_not_disrupt_the_leader(tmp_path: Pa
         assert c.leader() == (leader, term), f"leader or term changed: {st}"
         assert all(s is not None and s["term"] == term and s["leader"] == leader for s in st.values()), st
         assert client.get(b"y") == str(n).encode()
+
+
+def test_a_write_whose_reply_is_lost_is_retried_and_applied_once(tmp_path: Path) -> None:
+    """The leader applies a write but its reply is dropped (fault injection, ``drop_replies``):
+    the client retries within its exactly-once session and gets the first attempt's result;
+    the write is not applied a second time. The same retry without a session shows what that
+    protects against: the second attempt is applied too (and reports the wrong outcome)."""
+    from zraft.client import OutcomeUnknown
+
+    with LocalCluster(3, workdir=tmp_path) as c:
+        c.start_all()
+        leader, _ = c.wait_for_leader(20)
+        c.wait_converged(10)
+
+        # With a session: one lost reply, one retry, the remembered result.
+        with Client([c.endpoint(leader)], timeout=8) as client:
+            assert c.fault(leader, "drop_replies", count=1)["faults"]["drop_replies"] == 1
+            t0 = time.monotonic()
+            swapped, value = client.cas(b"once", None, b"first")
+            took = time.monotonic() - t0
+            assert (swapped, value) == (True, b"first"), "the retry was applied again (it saw its own write)"
+            assert took >= 1.0, f"answered in {took:.2f} s: was the reply really dropped?"
+            assert c.fault(leader, "show")["faults"]["drop_replies"] == 0, "the fault was never used"
+            # A counter makes a double apply visible: cas 0 -> 1 retried must leave 1, not fail.
+            client.put(b"counter", b"0")
+            c.fault(leader, "drop_replies", count=1)
+            assert client.cas(b"counter", b"0", b"1") == (True, b"1")
+            assert client.get(b"counter") == b"1"
+
+        # Without a session the client may not retry on its own; done by hand, the retry is a new write.
+        with Client([c.endpoint(leader)], timeout=3, exactly_once=False) as raw:
+            c.fault(leader, "drop_replies", count=1)
+            with pytest.raises(OutcomeUnknown):
+                raw.cas(b"twice", None, b"x")
+            assert raw.cas(b"twice", None, b"x") == (False, b"x"), "the lost write was not applied at all?"
