@@ -29,6 +29,7 @@ import random
 import signal
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,7 @@ class BackupStream:
     """A snapshot being read out by a client (`zraft snapshot save`), one chunk per request."""
 
     view: SnapshotView
-    chunks: object  # iterator of chunk bytes
+    chunks: Iterator[bytes]
     seq: int = 0
     last_used: float = 0.0
 
@@ -445,7 +446,7 @@ class NodeServer:
         if b is None:
             return protocol.error(protocol.BAD_REQUEST, f"no snapshot stream {stream} on node {self.me.id} "
                                                         f"(finished, or idle for over {BACKUP_IDLE_S:.0f} s)")
-        data = next(b.chunks, None)  # type: ignore[call-overload]
+        data = next(b.chunks, None)
         b.seq += 1
         b.last_used = now
         done = data is None

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import msgpack
@@ -96,12 +96,18 @@ class SnapshotView:
         self.index, self.term = _U64X2.unpack(raw) if raw else (0, 0)
         gen = self._snap.get(_GEN)
         self.gen = _U32.unpack(gen)[0] if gen else 0
+        self._readers: list[Generator[bytes, None, None]] = []
 
     def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
         """The state as msgpack-encoded chunks of records, each about ``chunk_bytes`` or less.
 
         Lazy: the view is read as the chunks are taken, so memory stays at one chunk.
         """
+        reader = self._read(chunk_bytes)
+        self._readers.append(reader)
+        return reader
+
+    def _read(self, chunk_bytes: int) -> Generator[bytes, None, None]:
         flat: list = []
         size = 0
         for kind, prefix in ((REC_DATA, _gen_prefix(_DATA, self.gen)), (REC_SESSION, _gen_prefix(_SESSION, self.gen))):
@@ -117,6 +123,10 @@ class SnapshotView:
             yield msgpack.packb(flat, use_bin_type=True)
 
     def close(self) -> None:
+        """Release the view; unfinished readers of it are closed first (their LevelDB iterators)."""
+        for reader in self._readers:
+            reader.close()
+        self._readers.clear()
         self._snap.close()
 
 
