@@ -147,5 +147,12 @@ def ok(**fields: Any) -> bytes:
 OK = ok()  # the reply to every put: encoded once
 
 
+def log_span(status: dict[str, Any]) -> str:
+    """The indexes a node's log holds, from its status reply: it begins after its last compaction."""
+    if "last_index" not in status:
+        return "-"
+    return f"{status.get('snapshot_index', 0) + 1}..{status['last_index']}"
+
+
 def error(code: str, message: str, **fields: Any) -> bytes:
     return msgpack.packb({"ok": False, "error": code, "message": message, **fields}, use_bin_type=True)

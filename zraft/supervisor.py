@@ -28,6 +28,7 @@ from rich.table import Table
 
 from zraft.client import Client
 from zraft.config import ClusterConfig
+from zraft.protocol import log_span
 
 STOP_GRACE_S = 5.0
 REFRESH_S = 0.5
@@ -154,8 +155,8 @@ class Supervisor:
 
     def table(self) -> Table:
         t = Table(title=f"zraft cluster ({self.config_path.name}, data in {self.data_dir})", title_justify="left")
-        for col in ("node", "pid", "process", "role", "term", "leader", "commit", "applied", "client endpoint"):
-            t.add_column(col, justify="right" if col in ("pid", "term", "commit", "applied") else "left")
+        for col in ("node", "pid", "process", "role", "term", "leader", "commit", "applied", "log", "client endpoint"):
+            t.add_column(col, justify="right" if col in ("pid", "term", "commit", "applied", "log") else "left")
         for addr in self.cluster.nodes:
             n = self.nodes[addr.id]
             alive = n.proc is not None and n.proc.poll() is None
@@ -165,7 +166,7 @@ class Supervisor:
             t.add_row(str(addr.id), str(n.proc.pid) if n.proc else "-",
                       "[green]alive[/]" if alive else "[red]dead[/]", f"[{style}]{role}[/]" if style else role,
                       str(st.get("term", "-")), str(st.get("leader", "-")), str(st.get("commit_index", "-")),
-                      str(st.get("applied_index", "-")), addr.client_endpoint)
+                      str(st.get("applied_index", "-")), log_span(st), addr.client_endpoint)
         return t
 
     # ------------------------------------------------------------------ main loop
