@@ -76,6 +76,7 @@ class BackupStream:
 
 BACKUP_IDLE_S = 60.0  # a backup stream nobody asked for the next chunk of this long is closed
 GC_KEYS_PER_TURN = 2000  # dead state machine keys deleted per turn of the loop
+RECEIVE_IDLE_ELECTIONS = 30  # a snapshot stream silent this many election timeouts is dropped (senders give up at 10)
 
 
 @dataclass(slots=True)
@@ -123,6 +124,7 @@ class NodeServer:
         self.outgoing: dict[int, OutgoingSnapshot] = {}  # peer -> the snapshot stream to it
         self.receiver = SnapshotReceiver(node_id)
         self.install_pending = False  # a complete snapshot was stepped in: the next Ready decides on it
+        self.chunk_seen_at = 0.0
         self.backups: dict[int, BackupStream] = {}
         self._ids = random.Random()  # stream ids: unique across restarts, so a follower never mixes streams
         self.snapshot_stats = {"sent": 0, "failed": 0, "installed": 0, "refused": 0, "compactions": 0}
@@ -298,12 +300,20 @@ class NodeServer:
             if out.sender.state == FAILED:
                 self._end_snapshot(peer, None)
         now = time.monotonic()
+        idle_limit = RECEIVE_IDLE_ELECTIONS * self.settings.election_ticks * self.settings.tick_s
+        if self.receiver.active and not self.receiver.completed and now - self.chunk_seen_at > idle_limit:
+            # The leader gave up on this stream long ago (or is gone): free the staged keys.
+            log.warning("node %d: snapshot stream from node %d idle; staged state discarded", self.me.id,
+                        self.receiver.src)
+            self.receiver.abandon()
+            self.storage.discard_staged()
         for sid, b in list(self.backups.items()):
             if now - b.last_used > BACKUP_IDLE_S:
                 b.view.close()
                 del self.backups[sid]
 
     def _on_chunk(self, chunk: SnapshotChunk) -> None:
+        self.chunk_seen_at = time.monotonic()
         v = self.receiver.on_chunk(chunk, self.node.term)
         if v.begin:
             log.info("node %d: receiving a snapshot from node %d", self.me.id, chunk.src)

@@ -155,7 +155,7 @@ class Supervisor:
 
     def table(self) -> Table:
         t = Table(title=f"zraft cluster ({self.config_path.name}, data in {self.data_dir})", title_justify="left")
-        for col in ("node", "pid", "process", "role", "term", "leader", "commit", "applied", "log", "client endpoint"):
+        for col in ("node", "pid", "role", "term", "leader", "commit", "applied", "log", "client endpoint"):
             t.add_column(col, justify="right" if col in ("pid", "term", "commit", "applied", "log") else "left")
         for addr in self.cluster.nodes:
             n = self.nodes[addr.id]
@@ -163,8 +163,8 @@ class Supervisor:
             st = n.status or {}
             role = st.get("role", "-" if not alive else "starting")
             style = {"leader": "bold green", "candidate": "yellow"}.get(role, "")
-            t.add_row(str(addr.id), str(n.proc.pid) if n.proc else "-",
-                      "[green]alive[/]" if alive else "[red]dead[/]", f"[{style}]{role}[/]" if style else role,
+            pid = "-" if n.proc is None else f"[green]{n.proc.pid}[/]" if alive else f"[red]{n.proc.pid} dead[/]"
+            t.add_row(str(addr.id), pid, f"[{style}]{role}[/]" if style else role,
                       str(st.get("term", "-")), str(st.get("leader", "-")), str(st.get("commit_index", "-")),
                       str(st.get("applied_index", "-")), log_span(st), addr.client_endpoint)
         return t
