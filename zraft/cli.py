@@ -309,8 +309,13 @@ def snapshot_restore(
     for i in wanted:
         if i not in cluster.ids:
             raise _fail(f"no node {i} in {config} (ids: {cluster.ids})")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     try:
-        info = restore(file, [data_dir / str(i) for i in wanted])
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err,
+                      transient=True) as bar:
+            task = bar.add_task(f"verifying {file.name}, then writing node databases", total=len(wanted))
+            info = restore(file, [data_dir / str(i) for i in wanted], progress=lambda n: bar.advance(task, n))
     except (BackupError, OSError) as exc:
         raise _fail(f"snapshot restore failed: {exc}") from None
     print(f"restored {file} (index {info.index}, term {info.term}, {info.records:,} records) into "
