@@ -9,10 +9,11 @@ import zmq
 
 
 def pipelined_puts(endpoint: str, *, keys: int, count: int | None = None, stop: threading.Event | None = None,
-                   done: list[int] | None = None, window: int = 64, value_size: int = 128) -> int:
+                   done: list[int] | None = None, window: int = 64, value_size: int = 128, op: str = "put") -> int:
     """Put ``key-NNNNNNN`` (``keys`` distinct) with unique 128-byte values, ``window`` requests
     in flight, until ``count`` are acknowledged or ``stop`` is set. Returns how many were;
-    ``done[0]``, if given, counts them as they come. Raises on an error reply or 10 s of silence."""
+    ``done[0]``, if given, counts them as they come. Raises on an error reply or 10 s of silence.
+    ``op="get"`` reads the same keys instead (linearizable gets)."""
     ctx = zmq.Context.instance()
     poller = zmq.Poller()
     socks: list[zmq.Socket] = []
@@ -21,8 +22,9 @@ def pipelined_puts(endpoint: str, *, keys: int, count: int | None = None, stop: 
 
     def send(s: zmq.Socket) -> None:
         nonlocal sent
-        s.send_multipart([b"", msgpack.packb({"op": "put", "key": b"key-%07d" % (sent % keys),
-                                             "value": b"%012d" % sent + pad})])
+        key = b"key-%07d" % (sent % keys)
+        req = {"op": "put", "key": key, "value": b"%012d" % sent + pad} if op == "put" else {"op": "get", "key": key}
+        s.send_multipart([b"", msgpack.packb(req)])
         sent += 1
 
     try:
