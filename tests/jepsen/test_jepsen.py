@@ -108,6 +108,17 @@ def test_local_cluster_kills_every_node_even_when_the_test_fails(tmp_path: Path)
     assert len(pids) == 3 and all(_gone(p) for p in c.spawned_pids)
 
 
+def _settled(c: LocalCluster, key: bytes, value: bytes) -> tuple[Client, int, int]:
+    """Start the cluster, write ``key``, wait until every node applied it: (client, leader, term)."""
+    c.start_all()
+    c.wait_for_leader(20)
+    client = Client(c.endpoints, timeout=5)
+    client.put(key, value)
+    st = c.wait_converged(10)
+    leader, term = next((s["id"], s["term"]) for s in st.values() if s["role"] == "leader")
+    return client, leader, term
+
+
 def _isolate(c: LocalCluster, node: int) -> None:
     """Cut ``node`` off from every peer, on both sides."""
     others = [i for i in c.ids if i != node]
@@ -127,12 +138,7 @@ def test_partitioned_old_leader_serves_no_reads_and_no_writes(tmp_path: Path) ->
     still the leader), and its write must never become visible."""
     # Default timing (50 ms ticks): a spurious election from a CPU stall would muddle it.
     with LocalCluster(3, workdir=tmp_path) as c:
-        c.start_all()
-        c.wait_for_leader(20)
-        client = Client(c.endpoints, timeout=5)
-        client.put(b"x", b"before")
-        st = c.wait_converged(10)
-        old, old_term = next((s["id"], s["term"]) for s in st.values() if s["role"] == "leader")
+        client, old, old_term = _settled(c, b"x", b"before")
 
         replies: list[tuple[str, float, dict | None]] = []
         stop = threading.Event()
@@ -187,12 +193,7 @@ def test_rejoining_partitioned_follower_does_not_disrupt_the_leader(tmp_path: Pa
     # Default timing (50 ms ticks, elections after 0.5-1 s): spurious elections from CPU
     # stalls would be indistinguishable from a disruption by the rejoining node.
     with LocalCluster(3, workdir=tmp_path) as c:
-        c.start_all()
-        c.wait_for_leader(20)
-        client = Client(c.endpoints, timeout=5)
-        client.put(b"y", b"0")
-        st = c.wait_converged(10)
-        leader, term = next((s["id"], s["term"]) for s in st.values() if s["role"] == "leader")
+        client, leader, term = _settled(c, b"y", b"0")
         follower = next(i for i in c.ids if i != leader)
         _isolate(c, follower)
         t_end = time.monotonic() + 4.0  # 4 to 8 election timeouts
