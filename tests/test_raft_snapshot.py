@@ -50,7 +50,10 @@ def drain(r: RaftNode) -> Ready:
 
 
 def only(rd: Ready, cls: type, dst: int | None = None) -> list:
-    return [m for m in rd.messages if isinstance(m, cls) and (dst is None or m.dst == dst)]
+    """The messages of that type (snapshot requests are not messages: they come in their own list)."""
+    assert not any(isinstance(m, InstallSnapshot) for m in rd.messages), rd.messages
+    pool = rd.snapshot_requests if cls is InstallSnapshot else rd.messages
+    return [m for m in pool if isinstance(m, cls) and (dst is None or m.dst == dst)]
 
 
 def elect(r: RaftNode) -> Ready:

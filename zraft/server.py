@@ -40,7 +40,7 @@ from zraft.config import ClusterConfig, Settings
 from zraft.protocol import Limits, Request, RequestError
 from zraft.raft.core import RaftConfig, RaftNode, Ready, Role
 from zraft.raft.log import RaftLog
-from zraft.raft.messages import InstallSnapshot, SnapshotAck, SnapshotChunk
+from zraft.raft.messages import SnapshotAck, SnapshotChunk
 from zraft.raft.snapshot import DONE, FAILED, SENDING, SnapshotReceiver, SnapshotSender
 from zraft.statemachine import KVStateMachine, encode_cas, encode_delete, encode_put
 from zraft.storage import LevelDBStorage, SnapshotView
@@ -123,7 +123,6 @@ class NodeServer:
         self.stopping = False
         self.outgoing: dict[int, OutgoingSnapshot] = {}  # peer -> the snapshot stream to it
         self.receiver = SnapshotReceiver(node_id)
-        self.install_pending = False  # a complete snapshot was stepped in: the next Ready decides on it
         self.chunk_seen_at = 0.0
         self.backups: dict[int, BackupStream] = {}
         self._ids = random.Random()  # stream ids: unique across restarts, so a follower never mixes streams
@@ -180,27 +179,24 @@ class NodeServer:
         if rd.role is not self.role or rd.term != self.term or rd.leader != self.leader:
             log.info("node %d: %s in term %d, leader %s", self.me.id, rd.role.value, rd.term, rd.leader)
             self.role, self.term, self.leader = rd.role, rd.term, rd.leader
-        if self.install_pending:
+        deciding = self.receiver.awaiting_verdict  # a complete snapshot was stepped in: this Ready decides
+        if deciding:
             self._decide_install(rd)
-        messages, wants_snapshot = rd.messages, []
-        if any(isinstance(m, InstallSnapshot) for m in messages):
-            wants_snapshot = [m.dst for m in messages if isinstance(m, InstallSnapshot)]
-            messages = [m for m in messages if not isinstance(m, InstallSnapshot)]
         # A leader's appends don't depend on its own fsync (thesis 10.2.1); votes and
         # acknowledgements do. A new term must be durable before anything is sent in it.
         send_first = rd.role is Role.LEADER and rd.hard_state is None
         if send_first:
-            self.transport.send(messages)
+            self.transport.send(rd.messages)
         self.storage.save(rd.hard_state, rd.entries)
         if not send_first:
-            self.transport.send(messages)
-        if rd.snapshot is not None or self.receiver.completed:
-            self._finish_install()
+            self.transport.send(rd.messages)
+        if deciding:
+            self.transport.send([self.receiver.finish()])  # the "done" ack, after this Ready's own messages
         if rd.committed:
             self._apply(rd)
             self._maybe_compact()
-        for peer in wants_snapshot:
-            self._start_snapshot(peer)
+        for want in rd.snapshot_requests:
+            self._start_snapshot(want.dst)
         for rs in rd.reads:
             read = self.pending_reads.get(rs.request_id)
             if read is not None:
@@ -329,12 +325,10 @@ class NodeServer:
         if v.reply is not None:
             self.transport.send([v.reply])
         if v.complete is not None:
-            self.install_pending = True
             self.node.step(v.complete)
 
     def _decide_install(self, rd: Ready) -> None:
         """Step 0 of the core's contract: the first Ready after a complete snapshot was stepped in."""
-        self.install_pending = False
         if rd.snapshot is None:
             self.snapshot_stats["refused"] += 1
             log.info("node %d: snapshot not needed (commit index %d); discarded", self.me.id, rd.commit_index)
@@ -344,11 +338,6 @@ class NodeServer:
         self.sm.reload()
         self.snapshot_stats["installed"] += 1
         log.info("node %d: installed a snapshot at %d (term %d)", self.me.id, rd.snapshot.index, rd.snapshot.term)
-
-    def _finish_install(self) -> None:
-        ack = self.receiver.finish()
-        if ack is not None:
-            self.transport.send([ack])
 
     def _serve_reads(self) -> None:
         applied = self.sm.applied_index

@@ -176,7 +176,6 @@ class LevelDBStorage:
                 self._last_index = _U64.unpack(key[len(_LOG):])[0]
                 break
         self._data = _gen_prefix(_DATA, self.gen)
-        self._staged_keys = 0
         self._gc_resume: dict[bytes, bytes] = {}  # generation prefix -> the first key not yet deleted
         # Whatever is in other generations is an unfinished install or an unfinished clean-up.
         self._garbage = [g for g in self._generations() if g != self.gen]
@@ -295,17 +294,10 @@ class LevelDBStorage:
         """Start receiving a snapshot: whatever an earlier stream staged is thrown away."""
         self._delete_generation(self.staged_gen)
         self._garbage = [g for g in self._garbage if g != self.staged_gen]
-        self._staged_keys = 0
 
     def stage(self, data: bytes) -> int:
         """Add one chunk's records to the staged generation (no fsync: the install syncs). Returns their count."""
-        records = decode_chunk(data)
-        dp, sp = _gen_prefix(_DATA, self.staged_gen), _gen_prefix(_SESSION, self.staged_gen)
-        with self.db.write_batch() as wb:
-            for kind, k, v in records:
-                wb.put((dp if kind == REC_DATA else sp) + k, v)
-        self._staged_keys += len(records)
-        return len(records)
+        return _write_chunk(self.db, data, self.staged_gen)
 
     def install_staged(self, meta: SnapshotMeta) -> None:
         """Make the staged generation live at (index, term) and move the log's start, in one synced batch."""
@@ -385,6 +377,16 @@ class LevelDBStorage:
         return sorted(gens)
 
 
+def _write_chunk(db: plyvel.DB, data: bytes, gen: int) -> int:
+    """Write one snapshot chunk's records into state machine generation ``gen``, unsynced; their count."""
+    records = decode_chunk(data)
+    dp, sp = _gen_prefix(_DATA, gen), _gen_prefix(_SESSION, gen)
+    with db.write_batch() as wb:
+        for kind, k, v in records:
+            wb.put((dp if kind == REC_DATA else sp) + k, v)
+    return len(records)
+
+
 def restore_into(path: str | os.PathLike, index: int, term: int, chunks: Iterator[bytes]) -> int:
     """Create a fresh node database at ``path`` holding a snapshot's state at (index, term).
 
@@ -395,14 +397,7 @@ def restore_into(path: str | os.PathLike, index: int, term: int, chunks: Iterato
         raise StorageError(f"{path} is not empty; restore only into a fresh data dir")
     db = plyvel.DB(str(path), create_if_missing=True, error_if_exists=True)
     try:
-        n = 0
-        dp, sp = _gen_prefix(_DATA, 0), _gen_prefix(_SESSION, 0)
-        for data in chunks:
-            records = decode_chunk(data)
-            with db.write_batch() as wb:
-                for kind, k, v in records:
-                    wb.put((dp if kind == REC_DATA else sp) + k, v)
-            n += len(records)
+        n = sum(_write_chunk(db, data, 0) for data in chunks)
         with db.write_batch(sync=True) as wb:
             wb.put(_FORMAT, FORMAT)
             wb.put(_HARD_STATE, msgpack.packb([term, None]))

@@ -733,18 +733,17 @@ class Cluster:
         node.turns += 1
         if not had:
             if (rd.entries or rd.messages or rd.committed or rd.reads or rd.dropped_reads or rd.hard_state
-                    or rd.snapshot):
+                    or rd.snapshot or rd.snapshot_requests):
                 self.fail(f"node {node.id}: has_ready() was False but ready() gave {rd}")
             return
         self._check_ready(node, rd)
-        # The core's InstallSnapshot requests are for the driver: it streams its state machine instead.
+        # The core's snapshot requests are for the driver: it streams its state machine instead.
         msgs = rd.messages
-        wants: list[InstallSnapshot] = []
+        wants = rd.snapshot_requests
         if any(isinstance(m, InstallSnapshot) for m in msgs):
-            wants = [m for m in msgs if isinstance(m, InstallSnapshot)]
-            msgs = [m for m in msgs if not isinstance(m, InstallSnapshot)]
-            if rd.role is not Role.LEADER and any(m.term == rd.term for m in wants):
-                self.fail(f"node {node.id}: a {rd.role.value} asks for snapshots in its term: {wants}")
+            self.fail(f"node {node.id}: an InstallSnapshot among the messages to send: {msgs}")
+        if wants and (rd.role is not Role.LEADER or any(m.term != rd.term for m in wants)):
+            self.fail(f"node {node.id}: a {rd.role.value} of term {rd.term} asks for snapshots: {wants}")
         # Thesis 10.2.1, allowed by the contract: a leader's AppendEntries may go out before its fsync
         # (here: all its messages, when none of them promises anything that is not on disk yet).
         early = (self.early_send and rd.role is Role.LEADER and msgs and rd.snapshot is None

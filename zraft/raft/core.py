@@ -124,6 +124,9 @@ class Ready:
     reads: list[ReadState] = field(default_factory=list)
     dropped_reads: list[Any] = field(default_factory=list)  # can't be served here: not (or no longer) leader
     snapshot: SnapshotMeta | None = None  # step 0 of the contract
+    # Followers that need entries compacted away: stream each a snapshot (zraft.raft.snapshot).
+    # Requests, not messages: nothing here is sent as it is.
+    snapshot_requests: list[InstallSnapshot] = field(default_factory=list)
 
 
 class Progress:
@@ -201,6 +204,7 @@ class RaftNode:
         self._reads_ready: list[ReadState] = []
         self._reads_dropped: list[Any] = []
         self._snapshot: SnapshotMeta | None = None
+        self._snapshot_requests: list[InstallSnapshot] = []
 
     # ------------------------------------------------------------------ public API
 
@@ -327,6 +331,7 @@ class RaftNode:
         log = self.log
         return bool(
             self._msgs or self._reads_ready or self._reads_dropped or self._snapshot is not None
+            or self._snapshot_requests
             or log.unstable_from <= log.last_index or log.committed > log.applied
             or self._persisted_hs.term != self.term or self._persisted_hs.voted_for != self.voted_for
         )
@@ -341,10 +346,11 @@ class RaftNode:
         rd = Ready(role=self.role, term=self.term, leader=self.leader, commit_index=self.log.committed,
                    hard_state=hs if hs != self._persisted_hs else None, entries=entries,
                    messages=self._msgs, committed=self.log.take_committed(),
-                   reads=self._reads_ready, dropped_reads=self._reads_dropped, snapshot=self._snapshot)
+                   reads=self._reads_ready, dropped_reads=self._reads_dropped, snapshot=self._snapshot,
+                   snapshot_requests=self._snapshot_requests)
         self._persisted_hs = hs
         self._msgs, self._reads_ready, self._reads_dropped = [], [], []
-        self._snapshot = None
+        self._snapshot, self._snapshot_requests = None, []
         return rd
 
     # ------------------------------------------------------------------ roles
@@ -369,6 +375,7 @@ class RaftNode:
             # leader may overwrite the entries they acknowledge before that: never send them.
             self._msgs = [m for m in self._msgs if not (isinstance(m, AppendEntriesResponse) and m.success)]
         if self.role is Role.LEADER:
+            self._snapshot_requests = []  # no longer ours to serve: the Progress they were for is gone
             self._drop_reads()
         self.role = Role.FOLLOWER
         self.leader = leader
@@ -577,7 +584,8 @@ class RaftNode:
         if pr.next <= log.snapshot_index:
             # The entries it needs are compacted away: only a snapshot can bring it up to date.
             pr.become_snapshot(log.snapshot_index)
-            self._send(InstallSnapshot(self.term, self.id, peer, log.snapshot_index, log.snapshot_term))
+            self._snapshot_requests.append(
+                InstallSnapshot(self.term, self.id, peer, log.snapshot_index, log.snapshot_term))
             return True
         last = log.last_index
         entries: list[Entry] = []

@@ -112,9 +112,9 @@ class HeartbeatResponse:
 class InstallSnapshot:
     """The state machine as of (``index``, ``snap_term``) replaces the follower's log up to there.
 
-    The leader's core emits it when a follower needs entries it has compacted away; the
-    leader's driver then streams its state machine to the follower in chunks
-    (:mod:`zraft.raft.snapshot`) and never sends this message itself. The follower's
+    The leader's core asks for one (in ``Ready.snapshot_requests``) when a follower needs
+    entries it has compacted away; the leader's driver then streams its state machine to the
+    follower in chunks (:mod:`zraft.raft.snapshot`); the request itself never travels. The follower's
     driver steps it into its core once every chunk is in, with the index and term the
     stream ended with (at least those the leader's core asked for).
     """

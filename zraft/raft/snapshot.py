@@ -1,7 +1,7 @@
 """Streaming a snapshot from the leader to one follower, sans-I/O.
 
 The core only decides *that* a follower needs a snapshot (it emits an
-:class:`~zraft.raft.messages.InstallSnapshot` request) and, on the follower, *whether*
+:class:`~zraft.raft.messages.InstallSnapshot` in ``Ready.snapshot_requests``) and, on the follower, *whether*
 to take a complete one (the driver steps an ``InstallSnapshot`` in once every chunk
 has arrived). Moving the state machine's contents is the drivers' business, done by
 the two state machines here, so that the node server and the simulation run the same
@@ -159,6 +159,11 @@ class SnapshotReceiver:
     @property
     def active(self) -> bool:
         return self.stream != 0 and not self.finished
+
+    @property
+    def awaiting_verdict(self) -> bool:
+        """Every chunk is in and stepped into the core; its next Ready decides, then :meth:`finish`."""
+        return self.completed and not self.finished
 
     def _ack(self, c: SnapshotChunk, seq: int, ok: bool = True, done: bool = False) -> SnapshotAck:
         return SnapshotAck(c.term, self.me, c.src, c.stream, seq, ok, done)
