@@ -534,3 +534,16 @@ def test_settings_bad_direct_values(kwargs):
 def test_settings_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Settings().tick_ms = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("raw", "value"), [("1", True), ("on", True), ("TRUE", True), ("yes", True),
+                                            ("0", False), ("off", False), ("False", False), ("no", False)])
+def test_switch_settings_from_the_environment(raw: str, value: bool) -> None:
+    assert Settings.from_env({"ZRAFT_ASYNC_STORAGE": raw}).async_storage is value
+
+
+def test_switch_settings_reject_other_words() -> None:
+    with pytest.raises(ConfigError, match="ZRAFT_ASYNC_STORAGE='maybe'"):
+        Settings.from_env({"ZRAFT_ASYNC_STORAGE": "maybe"})
+    with pytest.raises(ConfigError, match="must be true or false"):
+        Settings(async_storage=1)  # type: ignore[arg-type]

@@ -272,8 +272,9 @@ def load_config(path: str | os.PathLike) -> ClusterConfig:
 class Settings:
     """Tunables of a node, each overridable by an environment variable ZRAFT_<NAME upper>.
 
-    For example ``ZRAFT_TICK_MS=20`` or ``ZRAFT_REQUEST_TIMEOUT_S=1.5``. Every value must
-    be positive, and ``heartbeat_ticks`` must be less than ``election_ticks``.
+    For example ``ZRAFT_TICK_MS=20`` or ``ZRAFT_REQUEST_TIMEOUT_S=1.5``. Numbers must be
+    positive; switches (``ZRAFT_ASYNC_STORAGE=0``) take 1/0, true/false, yes/no or on/off;
+    ``heartbeat_ticks`` must be less than ``election_ticks``.
     """
 
     tick_ms: int = 50
@@ -289,6 +290,9 @@ class Settings:
     snapshot_keep: int = 5_000  # applied entries kept after a compaction, for followers a little behind
     snapshot_chunk_bytes: int = 256 << 10  # size of one InstallSnapshot chunk
     snapshot_window: int = 4  # chunks in flight per snapshot stream
+    # Raft log writes in a background thread while the loop goes on (zraft.writer). Off by default:
+    # on a 2-core host the thread hand-offs cost more than the overlap gains (docs/BENCHMARKS.md).
+    async_storage: bool = False
 
     ENV_PREFIX = "ZRAFT_"  # not a field: no annotation
 
@@ -336,7 +340,12 @@ def _is_float_field(f: dataclasses.Field) -> bool:
     return f.type in (float, "float")
 
 
-def _parse_setting(f: dataclasses.Field, raw: str, var: str) -> int | float:
+def _parse_setting(f: dataclasses.Field, raw: str, var: str) -> int | float | bool:
+    if _is_bool_field(f):
+        switch = _SWITCH.get(raw.strip().lower())
+        if switch is None:
+            raise ConfigError(f"environment variable {var}={raw!r}: must be 1/0, true/false, yes/no or on/off")
+        return switch
     text = raw.strip().replace("_", "")
     try:
         value: int | float = float(text) if _is_float_field(f) else int(text, 10)
@@ -347,7 +356,18 @@ def _parse_setting(f: dataclasses.Field, raw: str, var: str) -> int | float:
     return value
 
 
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _is_bool_field(f: dataclasses.Field) -> bool:
+    return f.type in (bool, "bool")
+
+
 def _check_setting(f: dataclasses.Field, value: Any, what: str) -> None:
+    if _is_bool_field(f):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what}: must be true or false, got {value!r}")
+        return
     if _is_float_field(f):
         ok_type = isinstance(value, int | float) and not isinstance(value, bool)
         kind = "a number"

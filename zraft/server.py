@@ -27,6 +27,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -40,11 +41,12 @@ from zraft.config import ClusterConfig, Settings
 from zraft.protocol import Limits, Request, RequestError
 from zraft.raft.core import RaftConfig, RaftNode, Ready, Role
 from zraft.raft.log import RaftLog
-from zraft.raft.messages import SnapshotAck, SnapshotChunk
+from zraft.raft.messages import Message, SnapshotAck, SnapshotChunk
 from zraft.raft.snapshot import DONE, FAILED, SENDING, SnapshotReceiver, SnapshotSender
 from zraft.statemachine import KVStateMachine, encode_cas, encode_delete, encode_put
 from zraft.storage import LevelDBStorage, SnapshotView
 from zraft.transport import PeerTransport
+from zraft.writer import StorageWriter
 
 log = logging.getLogger("zraft.server")
 
@@ -103,8 +105,12 @@ class NodeServer:
         self.node = RaftNode(
             RaftConfig(node_id, tuple(cluster.ids), election_ticks=s.election_ticks,
                        heartbeat_ticks=s.heartbeat_ticks, max_inflight_msgs=s.max_inflight_msgs,
-                       max_msg_bytes=s.max_batch_bytes),
+                       max_msg_bytes=s.max_batch_bytes, async_storage=s.async_storage),
             self.storage.load_hard_state(), raft_log)
+        # Log writes in a background thread (async storage), or inline in the loop.
+        self.writer = StorageWriter(self.storage) if s.async_storage else None
+        # Readys whose writes are in flight: (write sequence number, Ready, messages to send once durable).
+        self.waiting: deque[tuple[int, Ready, list[Message]]] = deque()
         self.ctx = zmq.Context()
         peers = [n for n in cluster.nodes if n.id != node_id]
         self.transport = PeerTransport(self.ctx, self.me, peers, max_frame_bytes=4 * s.max_batch_bytes + (1 << 20))
@@ -135,9 +141,14 @@ class NodeServer:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if self.writer is not None:
+            # The writer needs the GIL back after each fsync; don't let it wait a whole 5 ms slice.
+            sys.setswitchinterval(0.0005)
         poller = zmq.Poller()
         poller.register(self.transport.router, zmq.POLLIN)
         poller.register(self.clients, zmq.POLLIN)
+        if self.writer is not None:
+            poller.register(self.writer.fd, zmq.POLLIN)
         tick = self.settings.tick_ms / 1000
         next_tick = time.monotonic() + tick
         try:
@@ -147,6 +158,8 @@ class NodeServer:
                 # Whole milliseconds, rounded up: zmq would round a fraction down to 0 and spin.
                 wait_ms = max(0, math.ceil((wake - time.monotonic()) * 1000))
                 ready = dict(poller.poll(wait_ms))
+                if self.writer is not None and self.writer.fd in ready:
+                    self._writes_done(self.writer.completed())
                 if self.transport.router in ready:
                     for m in self.transport.receive():
                         if isinstance(m, SnapshotChunk):
@@ -180,21 +193,52 @@ class NodeServer:
             log.info("node %d: %s in term %d, leader %s", self.me.id, rd.role.value, rd.term, rd.leader)
             self.role, self.term, self.leader = rd.role, rd.term, rd.leader
         deciding = self.receiver.awaiting_verdict  # a complete snapshot was stepped in: this Ready decides
-        if deciding:
-            self._decide_install(rd)
         # A leader's appends don't depend on its own fsync (thesis 10.2.1); votes and
         # acknowledgements do. A new term must be durable before anything is sent in it.
-        send_first = rd.role is Role.LEADER and rd.hard_state is None
+        send_first = rd.role is Role.LEADER and rd.hard_state is None and rd.snapshot is None
         if send_first:
             self.transport.send(rd.messages)
+        rest = [] if send_first else rd.messages
+        writer = self.writer
+        if writer is not None and not (deciding or rd.snapshot is not None):
+            if rd.hard_state is not None or rd.entries:
+                self.waiting.append((writer.submit(rd.hard_state, rd.entries), rd, rest))
+                return
+            if self.waiting:  # nothing of its own to write, but it may depend on what is in flight
+                self.waiting.append((writer.submitted, rd, rest))
+                return
+        elif writer is not None and self.waiting:
+            self._writes_done(writer.wait(writer.submitted), compact=False)  # a snapshot waits for them all
+        if deciding:
+            self._decide_install(rd)
+        if writer is not None:
+            writer.check()
         self.storage.save(rd.hard_state, rd.entries)
-        if not send_first:
-            self.transport.send(rd.messages)
+        mark = rd.persist_mark
+        if writer is not None and mark is not None:
+            self.node.persisted(*mark)
+        self._finish_ready(rd, rest)
         if deciding:
             self.transport.send([self.receiver.finish()])  # the "done" ack, after this Ready's own messages
+
+    def _writes_done(self, durable: int, compact: bool = True) -> None:
+        """Release what waited for writes up to ``durable``: the Readys' messages, applies and reads."""
+        waiting = self.waiting
+        while waiting and waiting[0][0] <= durable:
+            _, rd, msgs = waiting.popleft()
+            mark = rd.persist_mark
+            if mark is not None:
+                self.node.persisted(*mark)
+            self._finish_ready(rd, msgs, compact)
+
+    def _finish_ready(self, rd: Ready, msgs: list[Message], compact: bool = True) -> None:
+        """Steps 2-4 of the core's contract, once the Ready (and every earlier one) is durable."""
+        if msgs:
+            self.transport.send(msgs)
         if rd.committed:
             self._apply(rd)
-            self._maybe_compact()
+            if compact:  # (not while a snapshot that replaces the log waits)
+                self._maybe_compact()
         for want in rd.snapshot_requests:
             self._start_snapshot(want.dst)
         for rs in rd.reads:
@@ -505,6 +549,8 @@ class NodeServer:
             out.view.close()
         for b in self.backups.values():
             b.view.close()
+        if self.writer is not None:
+            self.writer.close()  # what is queued still reaches the disk
         self.transport.close()
         self.clients.close()
         self.ctx.term()

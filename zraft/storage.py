@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
@@ -176,6 +177,8 @@ class LevelDBStorage:
                 self._last_index = _U64.unpack(key[len(_LOG):])[0]
                 break
         self._data = _gen_prefix(_DATA, self.gen)
+        # Log writes may come from the storage writer thread (zraft.writer) while the loop compacts.
+        self._log_lock = threading.Lock()
         self._gc_resume: dict[bytes, bytes] = {}  # generation prefix -> the first key not yet deleted
         # Whatever is in other generations is an unfinished install or an unfinished clean-up.
         self._garbage = [g for g in self._generations() if g != self.gen]
@@ -209,19 +212,29 @@ class LevelDBStorage:
 
     def save(self, hard_state: HardState | None, entries: list[Entry]) -> None:
         """Durably store the hard state and entries, dropping any stored entries they replace."""
-        if hard_state is None and not entries:
+        self.save_many([(hard_state, entries)])
+
+    def save_many(self, writes: list[tuple[HardState | None, list[Entry]]]) -> None:
+        """Several Readys' ``save`` in order, in one synced batch (one fsync for all of them).
+
+        Safe to call from the storage writer thread while the loop applies, compacts and reads.
+        """
+        if not any(hs is not None or entries for hs, entries in writes):
             return
-        with self.db.write_batch(sync=True) as wb:
-            if hard_state is not None:
-                wb.put(_HARD_STATE, msgpack.packb([hard_state.term, hard_state.voted_for]))
-            if entries:
-                for index in range(entries[0].index, self._last_index + 1):
-                    wb.delete(_log_key(index))
-                pack = _U64.pack
-                for e in entries:
-                    wb.put(_LOG + pack(e.index), pack(e.term) + e.data)
-        if entries:
-            self._last_index = entries[-1].index
+        with self._log_lock:
+            last = self._last_index
+            pack = _U64.pack
+            with self.db.write_batch(sync=True) as wb:
+                for hard_state, entries in writes:
+                    if hard_state is not None:
+                        wb.put(_HARD_STATE, msgpack.packb([hard_state.term, hard_state.voted_for]))
+                    if entries:
+                        for index in range(entries[0].index, last + 1):
+                            wb.delete(_log_key(index))
+                        for e in entries:
+                            wb.put(_LOG + pack(e.index), pack(e.term) + e.data)
+                        last = entries[-1].index
+            self._last_index = last
 
     def compact(self, index: int, term: int) -> None:
         """The log now begins after (index, term); ``index`` must be applied. Synced."""
@@ -229,12 +242,12 @@ class LevelDBStorage:
             return
         if index > self._applied:
             raise ValueError(f"compact to {index} past the applied index {self._applied}")
-        with self.db.write_batch(sync=True) as wb:
+        with self._log_lock, self.db.write_batch(sync=True) as wb:
             for i in range(self._snapshot_index + 1, min(index, self._last_index) + 1):
                 wb.delete(_log_key(i))
             wb.put(_LOG_START, msgpack.packb([index, term]))
-        self._snapshot_index, self._snapshot_term = index, term
-        self._last_index = max(self._last_index, index)
+            self._snapshot_index, self._snapshot_term = index, term
+            self._last_index = max(self._last_index, index)
 
     # --- state machine backend -----------------------------------------------------------
 
@@ -302,7 +315,7 @@ class LevelDBStorage:
     def install_staged(self, meta: SnapshotMeta) -> None:
         """Make the staged generation live at (index, term) and move the log's start, in one synced batch."""
         new = self.staged_gen
-        with self.db.write_batch(sync=True) as wb:
+        with self._log_lock, self.db.write_batch(sync=True) as wb:
             wb.put(_GEN, _U32.pack(new))
             wb.put(_APPLIED, _U64X2.pack(meta.index, meta.term))
             wb.put(_LOG_START, msgpack.packb([meta.index, meta.term]))

@@ -49,7 +49,7 @@ _KV_EVERY = 128  # the checker keeps the committed log's KV every this many entr
 TRACE_LEN = int(os.environ.get("ZRAFT_SIM_TRACE", "0"))  # events kept for a failure report (0: 60, abridged)
 
 # Event kinds in the scheduler's heap.
-_MSG, _TICK, _CLIENT, _PARTITION, _CRASH, _RESTART, _TURN = range(7)
+_MSG, _TICK, _CLIENT, _PARTITION, _CRASH, _RESTART, _TURN, _PERSIST = range(8)
 
 
 class SimulationFailure(AssertionError):
@@ -168,7 +168,7 @@ class SimNode:
     __slots__ = ("id", "config", "disk", "raft", "incarnation", "kv", "seen_commit", "last_commit",
                  "last_term", "leader_term", "leader_last", "pending", "read_wait", "crash_on_ready", "turns",
                  "inbox", "turn_due", "outgoing", "receiver", "staged_stream", "install_pending",
-                 "compact_every", "compact_keep")
+                 "compact_every", "compact_keep", "writes", "write_done_at")
 
     def __init__(self, node_id: int, config: RaftConfig) -> None:
         self.id = node_id
@@ -195,6 +195,9 @@ class SimNode:
         self.install_pending: tuple[InstallSnapshot, tuple[int, int] | None] | None = None
         self.compact_every = 0  # compact once the log holds this many applied entries (0: never)
         self.compact_keep = 0  # keep up to this many applied entries when compacting
+        # Async storage writes: Readys taken but not yet durable, oldest first, each with what waits for it.
+        self.writes: deque[_Write] = deque()
+        self.write_done_at = 0  # when the newest of them becomes durable (writes finish in order)
 
     @property
     def up(self) -> bool:
@@ -220,6 +223,16 @@ class SimNode:
         self.receiver = SnapshotReceiver(self.id)
         self.staged_stream = None
         self.install_pending = None
+        self.writes = deque()
+
+
+@dataclass(eq=False)
+class _Write:
+    """A Ready whose writes are in flight (async storage), with the effects that wait for them."""
+
+    rd: Ready
+    msgs: list[Message]  # still to send once durable (empty if they went out early)
+    done_at: int
 
 
 def _encode_items(items: list[tuple[bytes, bytes]]) -> bytes:
@@ -264,7 +277,8 @@ class Cluster:
                  read_share: float = 0.3, latency: tuple[int, int] = (1, 2 * TICK), early_send: float = 0.0,
                  turn_delay: int = 0, trace: int = 0, snapshot_threshold: int = 0, snapshot_keep: int = 0,
                  chunk_items: int = 2, snapshot_window: int = 4, snapshot_retry_ticks: int = 4,
-                 snapshot_give_up_ticks: int = 100) -> None:
+                 snapshot_give_up_ticks: int = 100, async_writes: bool = False,
+                 write_delay: tuple[int, int] = (1, TICK)) -> None:
         self.seed = seed
         self.n = n
         self.mix = mix
@@ -274,7 +288,8 @@ class Cluster:
         self.configs = {
             i: RaftConfig(id=i, voters=self.ids, election_ticks=election_ticks,
                           heartbeat_ticks=heartbeat_ticks, pre_vote=pre_vote, check_quorum=check_quorum,
-                          max_inflight_msgs=max_inflight_msgs, max_msg_bytes=max_msg_bytes)
+                          max_inflight_msgs=max_inflight_msgs, max_msg_bytes=max_msg_bytes,
+                          async_storage=async_writes)
             for i in self.ids
         }
         self.nodes = {i: SimNode(i, self.configs[i]) for i in self.ids}
@@ -285,6 +300,10 @@ class Cluster:
         # Inbox mode (turn_delay > 0): like the server's poll loop, a node gathers messages, ticks and
         # client requests for up to turn_delay units, steps them all, then takes one Ready.
         self.turn_delay = turn_delay
+        # Async storage (the server's writer thread): a Ready's writes become durable write_delay units
+        # after it is taken, in order; meanwhile the node goes on; a crash loses whatever is in flight.
+        self.async_writes = async_writes
+        self.write_delay = write_delay
         self.faults_on = True
         self.clients_on = self.has_clients = clients
         self.client_gap = client_gap
@@ -309,7 +328,10 @@ class Cluster:
                       # refused; crashes of a node while it had a stream in or a staged state
                       "compactions": 0, "snap_requests": 0, "snap_requests_ignored": 0, "snap_streams": 0,
                       "snap_sent": 0, "snap_failed": 0, "snap_dropped": 0, "snap_chunks": 0,
-                      "snap_installed": 0, "snap_reset_log": 0, "snap_refused": 0, "install_crashes": 0}
+                      "snap_installed": 0, "snap_reset_log": 0, "snap_refused": 0, "install_crashes": 0,
+                      # async storage: Readys written in the background; crashes that lost some in flight;
+                      # drains (a snapshot Ready waits for every earlier write)
+                      "async_writes": 0, "lost_writes": 0, "drains": 0}
         # Snapshots: each node compacts when its log holds about snapshot_threshold applied entries
         # (0: never); the leader streams chunk_items KV records per chunk, snapshot_window unacknowledged.
         self.snapshot_threshold = snapshot_threshold
@@ -428,6 +450,10 @@ class Cluster:
                 node = self.nodes[a]
                 if node.up and node.incarnation == b:
                     self._inbox_turn(node)
+            elif kind == _PERSIST:
+                node = self.nodes[a]
+                if node.up and node.incarnation == b:
+                    self._writes_done(node)
         self.now = max(self.now, end)
         return bool(done())
 
@@ -548,6 +574,10 @@ class Cluster:
                 read.state = "lost"
                 del self.open_reads[read.rid]
         node.raft = None
+        if node.writes:
+            self.stats["lost_writes"] += 1
+            self.trace.append((self.now, node_id, "lost writes in flight", [w.rd for w in node.writes]))
+        node.writes = deque()
         node.inbox, node.turn_due = [], False
         node.read_wait = []
         node.pending = {}
@@ -745,12 +775,17 @@ class Cluster:
         if wants and (rd.role is not Role.LEADER or any(m.term != rd.term for m in wants)):
             self.fail(f"node {node.id}: a {rd.role.value} of term {rd.term} asks for snapshots: {wants}")
         # Thesis 10.2.1, allowed by the contract: a leader's AppendEntries may go out before its fsync
-        # (here: all its messages, when none of them promises anything that is not on disk yet).
-        early = (self.early_send and rd.role is Role.LEADER and msgs and rd.snapshot is None
-                 and self.rng.random() < self.early_send and not any(map(_promises, msgs)))
+        # (here: all its messages, when none of them promises anything that is not on disk yet). With
+        # async storage, as the server does it: always, unless the Ready changes the hard state.
+        if self.async_writes:
+            early = bool(rd.role is Role.LEADER and msgs and rd.snapshot is None and rd.hard_state is None)
+        else:
+            early = (self.early_send and rd.role is Role.LEADER and msgs and rd.snapshot is None
+                     and self.rng.random() < self.early_send and not any(map(_promises, msgs)))
         if early:
             self.stats["early_sends"] += 1
             self.trace.append((self.now, node.id, "send before persisting", msgs))
+            self._check_persisted_before_send(node, rd, msgs)
             self._send(msgs)
         if node.crash_on_ready:
             self.trace.append((self.now, node.id, "crash with the Ready lost", rd))
@@ -758,16 +793,53 @@ class Cluster:
             self.crash(node.id)
             self._schedule_restart(node)
             return
+        rest = [] if early else msgs
+        decided = node.install_pending is not None
+        if self.async_writes:
+            self._observe_commit(node)
+            if rd.snapshot is not None or decided:
+                self._drain(node)  # a snapshot is installed once every earlier write is durable
+            elif rd.hard_state is not None or rd.entries or node.writes:
+                # Written in the background, in order; what depends on it waits (core.py's contract).
+                done_at = node.write_done_at  # (nothing of its own to write: it waits for the earlier ones)
+                if rd.hard_state is not None or rd.entries:
+                    done_at = node.write_done_at = max(done_at, self.now + self.rng.randint(*self.write_delay))
+                node.writes.append(_Write(rd, rest, done_at))
+                self.stats["async_writes"] += 1
+                self._push(done_at, _PERSIST, node.id, node.incarnation)
+                return
+        self._persist(node, rd, decided)
+        self._finish(node, rd, rest, decided)
+
+    def _writes_done(self, node: SimNode) -> None:
+        """Background writes that are durable by now: persist them, then release what waited for them."""
+        while node.writes and node.writes[0].done_at <= self.now and node.raft is not None:
+            w = node.writes.popleft()
+            self._persist(node, w.rd, False)
+            self._finish(node, w.rd, w.msgs, False)
+        if node.raft is not None and node.raft.has_ready():
+            self._turn(node)
+
+    def _drain(self, node: SimNode) -> None:
+        if node.writes:
+            self.stats["drains"] += 1
+        while node.writes and node.raft is not None:
+            w = node.writes.popleft()
+            self._persist(node, w.rd, False)
+            self._finish(node, w.rd, w.msgs, False, check=False)  # the Ready that waits is taken already
+
+    def _persist(self, node: SimNode, rd: Ready, decided: bool) -> None:
+        """Steps 0 and 1 of the contract: install or drop the staged snapshot; write hard state and entries."""
         d = node.disk
         # 0. install the snapshot the core took, or throw the staged one away
-        decided = node.install_pending is not None
         if rd.snapshot is not None:
             self._install(node, rd)
         elif decided:
             self.trace.append((self.now, node.id, "snapshot refused", node.install_pending[0]))
             self.stats["snap_refused"] += 1
             d.staged, node.staged_stream = None, None
-        node.install_pending = None
+        if rd.snapshot is not None or decided:
+            node.install_pending = None
         # 1. persist
         if rd.hard_state is not None:
             old = d.hard_state
@@ -786,10 +858,17 @@ class Cluster:
                 self.stats["truncations"] += 1
             del d.entries[first - d.snap_index - 1:]
             d.entries.extend(rd.entries)
+        mark = rd.persist_mark
+        if self.async_writes and mark is not None:
+            node.raft.persisted(*mark)
+            self._after_call(node)
+
+    def _finish(self, node: SimNode, rd: Ready, msgs: list[Message], decided: bool, check: bool = True) -> None:
+        """Steps 2-4 of the contract, once the Ready is durable: send, apply, answer reads."""
         self._check_persisted_before_send(node, rd, msgs)
         self._observe_commit(node)
         # 2. send
-        if msgs and not early:
+        if msgs:
             self.trace.append((self.now, node.id, "send", msgs))
             self._send(msgs)
         if decided:
@@ -800,15 +879,17 @@ class Cluster:
         # 3. apply
         if rd.committed:
             self._apply(node, rd.committed)
-            self._maybe_compact(node)
-        for m in wants:
+            if check:  # (not while draining for a snapshot, which replaces the log anyway)
+                self._maybe_compact(node)
+        for m in rd.snapshot_requests:
             self._start_stream(node, m)
         # 4. reads
         if rd.reads or rd.dropped_reads:
             self._take_reads(node, rd)
         if node.read_wait:
             self._serve_reads(node)
-        self._check_node(node)
+        if check and not node.writes:  # (with writes in flight, the disk is behind the core by design)
+            self._check_node(node)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -1067,6 +1148,7 @@ class Cluster:
         if raft is None:
             return
         self.calls += 1
+        self._observe_commit(node)
         term = raft.term
         if term < node.last_term:
             self.fail(f"node {node.id}: term goes back from {node.last_term} to {term}")
@@ -1174,6 +1256,10 @@ class Cluster:
                 continue
             if i != len(committed) + 1:
                 self.fail(f"node {node.id}: commits {i} with only {len(committed)} known committed")
+            # Committed means durable on a majority: disks that hold it (or a snapshot past it).
+            held = sum(1 for n in self.nodes.values() if n.disk.snap_index >= i or n.disk.entry(i) == e)
+            if held < self.n // 2 + 1:
+                self.fail(f"durability: node {node.id} commits {e}, which only {held} of {self.n} disks hold")
             committed.append((e.term, e.data, raft.term))
             put = _parse_put(e.data)
             if put is not None:
@@ -1225,7 +1311,7 @@ class Cluster:
                 return False
             if r.commit_index != last or r.applied_index != last or r.log.last_term != lr.log.last_term:
                 return False
-            if n.outgoing:  # and every snapshot stream has ended (a receiver whose sender gave up stays
+            if n.outgoing or n.writes:  # and every snapshot stream has ended (a receiver whose sender gave up stays
                 return False  # "active", its staged state unused, until another stream begins)
         return True
 
@@ -1353,6 +1439,10 @@ def random_cluster(seed: int) -> Cluster:
     )
     if knobs.random() < 0.35:
         kw["keys"] = 12
+    # Async storage writes (drawn after everything else, for the same reason): half the seeds write in
+    # the background, with a write taking from a fraction of a tick to a few ticks.
+    if knobs.random() < 0.5:
+        kw.update(async_writes=True, write_delay=knobs.choice(((1, TICK // 2), (1, 2 * TICK), (TICK, 4 * TICK))))
     return Cluster(n, seed, mix=mix, **kw)
 
 

@@ -24,6 +24,16 @@ The driver's side of the bargain, for every Ready it takes:
 3. apply ``committed`` in order, then answer ``reads`` once applied >= their index;
 4. finish all of that before the next call into the core.
 
+With ``RaftConfig.async_storage`` (etcd's AsyncStorageWrites) step 4 is relaxed: the driver
+may go on calling into the core while a Ready's writes are in flight, so that the loop keeps
+reading requests and acknowledgements during an fsync. In exchange it writes Readys in the
+order it took them, holds back everything of a Ready that steps 1-3 put after the write
+(the dependent messages, the applies, the reads) until that Ready's writes and every
+earlier Ready's are durable, and then reports it with :meth:`RaftNode.persisted` (the last
+entry, or the snapshot, the Ready asked to persist). The core counts the leader's own copy of
+an entry towards a commit only from that report, so nothing commits on a disk that may still
+lose it. A Ready with a ``snapshot`` is handled once every earlier write is durable.
+
 Structure follows etcd-io/raft: :meth:`step` does the term checks once, then hands the
 message to the current role's handler.
 """
@@ -69,6 +79,10 @@ class RaftConfig:
     check_quorum: bool = True  # a leader that can't hear a quorum for an election timeout steps down
     max_inflight_msgs: int = 256  # pipelining window per follower, in AppendEntries messages
     max_msg_bytes: int = 1 << 20  # soft cap on entry payload per AppendEntries
+    # The driver persists Readys in the background and reports durability with persisted()
+    # (etcd's AsyncStorageWrites); see the module docstring. Off: a Ready is durable by the
+    # next call into the core.
+    async_storage: bool = False
 
     def __post_init__(self) -> None:
         if self.id not in self.voters:
@@ -127,6 +141,16 @@ class Ready:
     # Followers that need entries compacted away: stream each a snapshot (zraft.raft.snapshot).
     # Requests, not messages: nothing here is sent as it is.
     snapshot_requests: list[InstallSnapshot] = field(default_factory=list)
+
+    @property
+    def persist_mark(self) -> tuple[int, int] | None:
+        """(index, term) to report to ``persisted()`` once this Ready is durable, or None if no log change."""
+        if self.entries:
+            last = self.entries[-1]
+            return last.index, last.term
+        if self.snapshot is not None:
+            return self.snapshot.index, self.snapshot.term
+        return None
 
 
 class Progress:
@@ -196,7 +220,8 @@ class RaftNode:
         self.election_timeout = self._random_timeout()
         self.votes: dict[int, bool] = {}
         self.progress: dict[int, Progress] = {}
-        self.self_match = 0
+        # Highest index of this node's log known to be durable (the leader counts itself with it).
+        self.stable_index = self.log.last_index
         self.read_seq = 0
         self._reads_pending: deque[tuple[int, int, list[Any]]] = deque()  # (read_seq, commit index, ids)
         self._reads_before_commit: list[Any] = []  # arrived before this term's first commit
@@ -291,6 +316,20 @@ class RaftNode:
         pr.next = max(pr.next, index + 1)
         self._send_append(peer)
 
+    def persisted(self, index: int, term: int) -> None:
+        """(``async_storage``) The driver's writes up to the entry (index, term) are durable.
+
+        The entry is the last one (or the snapshot) of a Ready whose writes, and every earlier
+        Ready's, are now on disk. A mark the log has moved past (the entry was replaced since
+        it was handed out) is ignored: its replacement reports its own.
+        """
+        log = self.log
+        if index <= self.stable_index or index < log.snapshot_index or log.term_at(index) != term:
+            return  # (compacted away: a snapshot the core took since replaced it, and reports itself)
+        self.stable_index = index
+        if self.role is Role.LEADER:
+            self._maybe_commit()
+
     def step(self, m: Message) -> None:
         """Handle one message from a peer."""
         if m.term > self.term:
@@ -339,9 +378,17 @@ class RaftNode:
     def ready(self) -> Ready:
         """Take the effects of everything since the last call (see the module docstring)."""
         entries = self.log.take_unstable()
-        if entries and self.role is Role.LEADER:
-            self.self_match = entries[-1].index
-            self._maybe_commit()
+        if self.config.async_storage:
+            # Entries handed out again (a truncation) or dropped by a snapshot are not durable as they
+            # stand now; persisted() raises the mark once the driver has written what replaces them.
+            if entries:
+                self.stable_index = min(self.stable_index, entries[0].index - 1)
+            if self._snapshot is not None and self._snapshot.reset_log:
+                self.stable_index = min(self.stable_index, self._snapshot.index)
+        elif entries or self._snapshot is not None:
+            self.stable_index = self.log.last_index  # durable before our next call, by contract
+            if self.role is Role.LEADER:
+                self._maybe_commit()
         hs = HardState(self.term, self.voted_for)
         rd = Ready(role=self.role, term=self.term, leader=self.leader, commit_index=self.log.committed,
                    hard_state=hs if hs != self._persisted_hs else None, entries=entries,
@@ -408,7 +455,6 @@ class RaftNode:
         self.progress = {p: Progress(nxt) for p in self.peers}
         for pr in self.progress.values():
             pr.recent_active = True  # give everyone a full election timeout before check-quorum
-        self.self_match = self.log.unstable_from - 1
         # A no-op entry of the new term: committing it commits everything before it (5.4.2)
         # and tells the leader the commit index, which ReadIndex needs.
         self.propose([b""])
@@ -619,7 +665,7 @@ class RaftNode:
 
     def _maybe_commit(self) -> None:
         """Commit the highest index a quorum holds, if it is of the current term (5.4.2)."""
-        matches = sorted([self.self_match, *(pr.match for pr in self.progress.values())], reverse=True)
+        matches = sorted([self.stable_index, *(pr.match for pr in self.progress.values())], reverse=True)
         n = matches[self.quorum - 1]
         if n > self.log.committed and self.log.term_at(n) == self.term:
             self.log.commit_to(n)
