@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from zraft.config import ClusterConfig, ConfigError, Settings, load_config
-from zraft.protocol import log_span
+from zraft.protocol import commit_span, log_span
 
 app = typer.Typer(help="zraft: a strongly consistent, replicated key-value store on Raft.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -134,13 +135,14 @@ def cluster_status(
     if as_json:
         print(json.dumps(rows))
         return
-    t = Table()
-    for col in ("id", "endpoint", "answers", "role", "term", "leader", "commit", "applied", "log"):
+    t = Table(box=box.SIMPLE_HEAD, caption="commit (applied, when behind); log: the indexes it holds",
+              caption_justify="left")
+    for col in ("id", "endpoint", "answers", "role", "term", "leader", "commit", "log"):
         t.add_column(col)
     for r in rows:
-        t.add_row(str(r.get("id", "-")), r["endpoint"], "yes" if r["answers"] else "[red]no[/]",
+        t.add_row(str(r.get("id", "-")), r["endpoint"].removeprefix("tcp://"), "yes" if r["answers"] else "[red]no[/]",
                   str(r.get("role", "-")), str(r.get("term", "-")), str(r.get("leader", "-")),
-                  str(r.get("commit_index", "-")), str(r.get("applied_index", "-")), log_span(r))
+                  commit_span(r), log_span(r))
     out = Console()
     if not out.is_terminal:
         out = Console(width=200)

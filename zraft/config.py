@@ -293,6 +293,7 @@ class Settings:
     # Raft log writes in a background thread while the loop goes on (zraft.writer). Off by default:
     # on a 2-core host the thread hand-offs cost more than the overlap gains (docs/BENCHMARKS.md).
     async_storage: bool = False
+    http_api: bool = True  # serve the HTTP API on each node's http_port (zraft.httpapi)
 
     ENV_PREFIX = "ZRAFT_"  # not a field: no annotation
 

@@ -154,5 +154,13 @@ def log_span(status: dict[str, Any]) -> str:
     return f"{status.get('snapshot_index', 0) + 1}..{status['last_index']}"
 
 
+def commit_span(status: dict[str, Any]) -> str:
+    """A node's commit index from its status reply, with the applied index beside it when that lags."""
+    if "commit_index" not in status:
+        return "-"
+    commit, applied = status["commit_index"], status.get("applied_index", status["commit_index"])
+    return str(commit) if applied == commit else f"{commit} ({applied})"
+
+
 def error(code: str, message: str, **fields: Any) -> bytes:
     return msgpack.packb({"ok": False, "error": code, "message": message, **fields}, use_bin_type=True)

@@ -38,6 +38,7 @@ import zmq
 
 from zraft import protocol
 from zraft.config import ClusterConfig, Settings
+from zraft.httpapi import HttpGateway
 from zraft.protocol import Limits, Request, RequestError
 from zraft.raft.core import RaftConfig, RaftNode, Ready, Role
 from zraft.raft.log import RaftLog
@@ -118,6 +119,9 @@ class NodeServer:
         self.clients.setsockopt(zmq.LINGER, 0)
         self.clients.setsockopt(zmq.MAXMSGSIZE, 32 * s.max_request_bytes)
         self.clients.bind(self.me.client_endpoint)
+        # The HTTP API (zraft.httpapi): its own threads, a client of this node's client port.
+        self.http = (HttpGateway(cluster, self.me, s.request_timeout_s + 1.0, s.max_value_bytes)
+                     if s.http_api else None)
         self.pending_writes: dict[int, PendingWrite] = {}
         self.pending_reads: dict[int, PendingRead] = {}
         self.reads_to_serve: list[int] = []  # confirmed reads waiting for the state machine
@@ -133,8 +137,9 @@ class NodeServer:
         self.backups: dict[int, BackupStream] = {}
         self._ids = random.Random()  # stream ids: unique across restarts, so a follower never mixes streams
         self.snapshot_stats = {"sent": 0, "failed": 0, "installed": 0, "refused": 0, "compactions": 0}
-        log.info("node %d starting: term %d, log %d..%d, applied %d", node_id, self.node.term,
-                 raft_log.first_index, raft_log.last_index, self.sm.applied_index)
+        log.info("node %d starting: term %d, log %d..%d, applied %d; clients on %s, HTTP on %s", node_id,
+                 self.node.term, raft_log.first_index, raft_log.last_index, self.sm.applied_index,
+                 self.me.client_endpoint, self.me.http_endpoint if self.http is not None else "(off)")
 
     # ------------------------------------------------------------------ the loop
 
@@ -549,6 +554,8 @@ class NodeServer:
             out.view.close()
         for b in self.backups.values():
             b.view.close()
+        if self.http is not None:
+            self.http.close()
         if self.writer is not None:
             self.writer.close()  # what is queued still reaches the disk
         self.transport.close()

@@ -22,13 +22,14 @@ from typing import Any
 
 import msgpack
 import zmq
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from zraft.client import Client
 from zraft.config import ClusterConfig
-from zraft.protocol import log_span
+from zraft.protocol import commit_span, log_span
 
 STOP_GRACE_S = 5.0
 REFRESH_S = 0.5
@@ -154,9 +155,12 @@ class Supervisor:
                                    f"bring it back with: zraft cluster start-node {n.id}")
 
     def table(self) -> Table:
-        t = Table(title=f"zraft cluster ({self.config_path.name}, data in {self.data_dir})", title_justify="left")
-        for col in ("node", "pid", "role", "term", "leader", "commit", "applied", "log", "client endpoint"):
-            t.add_column(col, justify="right" if col in ("pid", "term", "commit", "applied", "log") else "left")
+        # Borderless, one space between columns: fits 80 columns with 7-digit indexes.
+        t = Table(title=f"zraft cluster ({self.config_path.name}, data in {self.data_dir})", title_justify="left",
+                  caption="commit (applied, when behind); log: the indexes it holds", caption_justify="left",
+                  box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)
+        for col in ("node", "pid", "role", "term", "leader", "commit", "log", "client"):
+            t.add_column(col, justify="right" if col in ("pid", "term", "commit", "log") else "left")
         for addr in self.cluster.nodes:
             n = self.nodes[addr.id]
             alive = n.proc is not None and n.proc.poll() is None
@@ -165,8 +169,8 @@ class Supervisor:
             style = {"leader": "bold green", "candidate": "yellow"}.get(role, "")
             pid = "-" if n.proc is None else f"[green]{n.proc.pid}[/]" if alive else f"[red]{n.proc.pid} dead[/]"
             t.add_row(str(addr.id), pid, f"[{style}]{role}[/]" if style else role,
-                      str(st.get("term", "-")), str(st.get("leader", "-")), str(st.get("commit_index", "-")),
-                      str(st.get("applied_index", "-")), log_span(st), addr.client_endpoint)
+                      str(st.get("term", "-")), str(st.get("leader", "-")), commit_span(st), log_span(st),
+                      addr.client_endpoint.removeprefix("tcp://"))
         return t
 
     # ------------------------------------------------------------------ main loop

@@ -101,14 +101,15 @@ def test_second_node_on_the_same_data_dir_fails_clearly(make_cluster) -> None:
     assert lead in c.ids
 
 
-def test_port_in_use_fails_clearly(make_cluster, tmp_path) -> None:
-    """Another program holds a node's client port: that node fails with a clear error."""
+@pytest.mark.parametrize("offset", [100, 200], ids=["client-port", "http-port"])
+def test_port_in_use_fails_clearly(make_cluster, tmp_path, offset: int) -> None:
+    """Another program holds a node's client (or HTTP) port: that node fails with a clear error."""
     import socket
 
     c: Cluster = make_cluster(start=False)
     blocker = socket.socket()
     try:
-        blocker.bind(("127.0.0.1", c.base + 100))  # node 1's client port
+        blocker.bind(("127.0.0.1", c.base + offset))  # node 1's client or HTTP port
         blocker.listen()
         r = run_zraft("node", "--id", "1", "--config", str(c.config_path), "--data-dir", str(c.data_dir),
                       cwd=c.workdir)
@@ -116,4 +117,6 @@ def test_port_in_use_fails_clearly(make_cluster, tmp_path) -> None:
         blocker.close()
     assert r.rc != 0 and r.seconds < QUICK_S, str(r)
     assert "Traceback" not in r.err, str(r)
-    assert str(c.base + 100) in r.err or "in use" in r.err.lower(), str(r)
+    assert str(c.base + offset) in r.err or "in use" in r.err.lower(), str(r)
+    if offset == 200:
+        assert "HTTP port" in r.err and str(c.base + 200) in r.err, str(r)
