@@ -96,10 +96,11 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ routes
 
     def do_GET(self) -> None:  # noqa: N802 - the standard library's naming
-        path, query = self._target()
+        path, _ = self._target()
         if path.startswith(KV_PREFIX):
-            key = self._key(path)
-            if key is not None:
+            target = self._kv_target()
+            if target is not None:
+                key = target[0]
                 self._with_client(lambda c: self._send_value(c.get(key)))
         elif path == "/v1/status":
             self._with_client(self._status)
@@ -110,21 +111,20 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/health":
             self._health()
         else:
-            self._not_found(path, query)
+            self._not_found(path)
 
     def do_PUT(self) -> None:  # noqa: N802
-        path, query = self._target()
-        if not path.startswith(KV_PREFIX):
-            self._not_found(path, query)
+        target = self._kv_target()
+        if target is None:
             return
-        key = self._key(path)
+        key, query = target
+        if "expect" in query and "absent" in query:
+            self._error(HTTPStatus.BAD_REQUEST, protocol.BAD_REQUEST, "give either ?expect=VALUE or ?absent")
+            return
         value = self._body()
-        if key is None or value is None:
+        if value is None:
             return
         if "expect" in query or "absent" in query:
-            if "expect" in query and "absent" in query:
-                self._error(HTTPStatus.BAD_REQUEST, protocol.BAD_REQUEST, "give either ?expect=VALUE or ?absent")
-                return
             expect = unquote_to_bytes(query["expect"]) if "expect" in query else None
             self._with_client(lambda c: self._swapped(*c.cas(key, expect, value)))
         else:
@@ -134,12 +134,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.do_PUT()
 
     def do_DELETE(self) -> None:  # noqa: N802
-        path, query = self._target()
-        if not path.startswith(KV_PREFIX):
-            self._not_found(path, query)
-            return
-        key = self._key(path)
-        if key is not None:
+        target = self._kv_target()
+        if target is not None:
+            key = target[0]
             self._with_client(lambda c: self._json(HTTPStatus.OK, {"deleted": c.delete(key)}))
 
     # ------------------------------------------------------------------ helpers
@@ -153,12 +150,17 @@ class _Handler(BaseHTTPRequestHandler):
             query[unquote(name)] = raw
         return parts.path, query
 
-    def _key(self, path: str) -> bytes | None:
+    def _kv_target(self) -> tuple[bytes, dict[str, str]] | None:
+        """The key of a /v1/kv/KEY request and its query; None once an error has been sent."""
+        path, query = self._target()
+        if not path.startswith(KV_PREFIX):
+            self._not_found(path)
+            return None
         key = unquote_to_bytes(path[len(KV_PREFIX):])
         if not key:
             self._error(HTTPStatus.BAD_REQUEST, protocol.BAD_REQUEST, "no key: use /v1/kv/KEY")
             return None
-        return key
+        return key, query
 
     def _body(self) -> bytes | None:
         length = self.headers.get("Content-Length")
@@ -235,7 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
             body.update(_value_fields(current))
         self._json(HTTPStatus.OK if swapped else HTTPStatus.PRECONDITION_FAILED, body)
 
-    def _not_found(self, path: str, _query: object = None) -> None:
+    def _not_found(self, path: str) -> None:
         self._error(HTTPStatus.NOT_FOUND, "not_found", f"no route {self.command} {path}; see docs/PROTOCOL.md "
                                                        "(/v1/kv/KEY, /v1/status, /v1/cluster, /health)")
 

@@ -16,7 +16,6 @@ up`` supervisor) are tracked with :meth:`ProcessRegistry.track_pid` and checked 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import random
@@ -34,31 +33,16 @@ from typing import Any
 import msgpack
 import zmq
 
+from zraft.jepsen.cluster import die_with_parent, ephemeral_low, node_env
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # ------------------------------------------------------------------------------------ processes
 
-_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded here, never in the forked child
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    def preexec() -> None:  # runs in the child between fork and exec: no imports, no locks
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(125)
-
-    return preexec
-
-
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of every process the tests start: no inherited ZRAFT_* variables
     (the test decides every setting), the repo importable, output unbuffered."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZRAFT_")}
-    old = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + old if old else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("COLUMNS", "200")  # rich tables of the CLI: no wrapping in captured output
+    env = node_env({"COLUMNS": os.environ.get("COLUMNS", "200")})  # CLI tables: no wrapping in captured output
     env.update(extra or {})
     return env
 
@@ -167,13 +151,13 @@ def spawn(cmd: Sequence[str], *, what: str, log: Path | None = None, env: dict[s
             out.write(f"===== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n".encode())
             out.flush()
             proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env=env or child_env(), cwd=cwd, preexec_fn=_die_with_parent(os.getpid()))
+                                    env=env or child_env(), cwd=cwd, preexec_fn=die_with_parent(os.getpid()))
         if log not in LOG_FILES:
             LOG_FILES.append(log)
     else:
         stdio = subprocess.PIPE if pipes else subprocess.DEVNULL
         proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=stdio, stderr=stdio,
-                                env=env or child_env(), cwd=cwd, preexec_fn=_die_with_parent(os.getpid()))
+                                env=env or child_env(), cwd=cwd, preexec_fn=die_with_parent(os.getpid()))
     REGISTRY.add(proc, what, long_lived)
     return proc
 
@@ -217,14 +201,6 @@ def tail(path: Path, lines: int = 40) -> str:
 # ------------------------------------------------------------------------------------ ports
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(lo), int(hi)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
 _used_bases: set[int] = set()
 
 
@@ -233,8 +209,7 @@ def free_base(n: int = 3) -> int:
 
     Picked at random below the kernel's ephemeral range (where outgoing connections get
     their ports), never twice in one session, so tests can run back to back."""
-    lo_eph, _ = _ephemeral_range()
-    hi = min(lo_eph, 65536) - 210 - n
+    hi = min(ephemeral_low(), 65536) - 210 - n
     lo = 10000 if hi > 12000 else 1024
     for _ in range(500):
         base = random.randrange(lo, hi)

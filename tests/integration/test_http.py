@@ -91,6 +91,8 @@ def test_bad_requests_get_clear_errors(cluster: Cluster) -> None:
     node = cluster.wait_leader()
     status, _, body = call(cluster, node, "GET", "/v1/kv/")
     assert status == 400 and "no key" in json.loads(body)["message"]
+    status, _, body = call(cluster, node, "PUT", "/v1/kv/", b"v")  # one answer, not two
+    assert status == 400 and "no key" in json.loads(body)["message"]
     status, _, body = call(cluster, node, "GET", "/nowhere")
     assert status == 404 and "/v1/kv/KEY" in json.loads(body)["message"]
     status, _, body = call(cluster, node, "PUT", kv(b"k") + "?expect=a&absent", b"v")

@@ -235,7 +235,7 @@ def _async_seeds(count: int) -> list[int]:
 def test_async_seeds_lose_writes_in_flight_and_drain_for_snapshots() -> None:
     """The async runs exercise what they are for: crashes with writes in flight, and drains."""
     totals = {"async_writes": 0, "lost_writes": 0, "drains": 0}
-    for seed in _async_seeds(30):
+    for seed in _async_seeds(20):
         c = run_seed(seed, 3000)
         for k in totals:
             totals[k] += c.stats[k]

@@ -43,13 +43,20 @@ except OSError:  # not Linux: no PR_SET_PDEATHSIG, close() still cleans up
 _PR_SET_PDEATHSIG = 1
 
 
-def _preexec(parent_pid: int) -> Callable[[], None]:
+def die_with_parent(parent_pid: int, own_group: bool = False) -> Callable[[], None]:
+    """A ``preexec_fn``: the child is SIGKILLed when the thread that started it dies (Linux).
+
+    ``own_group``: the child leaves our process group, so a Ctrl-C in a terminal reaches only
+    us (the Jepsen runner handles it, and stops the nodes itself). Shared with the
+    integration tests' helper (tests/integration/cluster.py).
+    """
     def run() -> None:  # in the child between fork and exec: no imports, no locks
         if _LIBC is not None:
             _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent_pid:  # the parent died before prctl took effect
                 os._exit(125)
-        os.setpgid(0, 0)  # Ctrl-C in a terminal is the runner's to handle; it stops the nodes
+        if own_group:
+            os.setpgid(0, 0)
 
     return run
 
@@ -91,7 +98,8 @@ _used_ports: set[int] = set()
 _ports_lock = threading.Lock()
 
 
-def _ephemeral_low() -> int:
+def ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (where outgoing connections get theirs)."""
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -103,7 +111,7 @@ def free_ports(count: int, rng: random.Random | None = None) -> list[int]:
     kernel's ephemeral range (where outgoing connections take their local ports, which
     could otherwise steal a port from a node restarted later), never twice per process."""
     rng = rng or random.Random()
-    hi = min(_ephemeral_low(), 65536) - 1
+    hi = min(ephemeral_low(), 65536) - 1
     lo = 10000 if hi > 12000 else 1024
     out: list[int] = []
     with _ports_lock:
@@ -202,7 +210,8 @@ class LocalCluster:
                     out.write(f"===== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n".encode())
                     out.flush()
                     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                            env=node_env(self.env), cwd=self.workdir, preexec_fn=_preexec(parent))
+                                            env=node_env(self.env), cwd=self.workdir,
+                                            preexec_fn=die_with_parent(parent, own_group=True))
 
             self.procs[node_id] = self._spawner.call(spawn)
             self.spawned_pids.append(self.procs[node_id].pid)
