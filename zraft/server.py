@@ -137,9 +137,10 @@ class NodeServer:
         self.backups: dict[int, BackupStream] = {}
         self._ids = random.Random()  # stream ids: unique across restarts, so a follower never mixes streams
         self.snapshot_stats = {"sent": 0, "failed": 0, "installed": 0, "refused": 0, "compactions": 0}
-        log.info("node %d starting: term %d, log %d..%d, applied %d; clients on %s, HTTP on %s", node_id,
-                 self.node.term, raft_log.first_index, raft_log.last_index, self.sm.applied_index,
-                 self.me.client_endpoint, self.me.http_endpoint if self.http is not None else "(off)")
+        log.info("node %d starting: term %d, log %d..%d, applied %d; clients on %s, HTTP on %s; log writes %s",
+                 node_id, self.node.term, raft_log.first_index, raft_log.last_index, self.sm.applied_index,
+                 self.me.client_endpoint, self.me.http_endpoint if self.http is not None else "(off)",
+                 "in a background thread" if self.writer is not None else "inline")
 
     # ------------------------------------------------------------------ the loop
 
