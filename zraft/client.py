@@ -17,13 +17,17 @@ applying it twice. Without a session (``exactly_once=False``) a write whose outc
 unknown (sent, but no reply, or a ``timeout`` reply) is never retried. Either way, a
 write still unresolved at the deadline raises :class:`OutcomeUnknown`.
 
-A Client is not thread-safe: give each thread its own (a session is one sequence of
-requests, one at a time).
+A Client keeps one ZeroMQ REQ socket per node, open across requests (relaxed and
+correlated, so a request that got no reply never blocks the next one, and a late reply to
+it is dropped). Close it (or use ``with``) to release them. Its writes are not thread-safe:
+give each thread its own Client (a session is one sequence of requests, one at a time);
+status and raw requests may be shared, one socket exchange at a time.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -67,6 +71,8 @@ class Client:
         self.ctx = zmq.Context.instance()
         self.leader: str | None = None
         self._next = 0
+        self._socks: dict[str, zmq.Socket] = {}
+        self._lock = threading.Lock()  # one exchange at a time on the sockets
 
     def __enter__(self) -> Client:
         return self
@@ -75,7 +81,10 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        pass  # sockets live for one request each; nothing to release
+        with self._lock:
+            for sock in self._socks.values():
+                sock.close()
+            self._socks.clear()
 
     # ------------------------------------------------------------------ operations
 
@@ -136,19 +145,21 @@ class Client:
 
     def _exchange(self, endpoint: str, frame: bytes, timeout: float) -> tuple[bool, dict[str, Any] | None]:
         """Returns (sent, reply). ``sent`` is False only when the node certainly never got the request."""
-        sock = self.ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a node we are not connected to
-        try:
-            sock.connect(endpoint)
+        with self._lock:
+            sock = self._socks.get(endpoint)
+            if sock is None:
+                sock = self._socks[endpoint] = self.ctx.socket(zmq.REQ)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a node we are not connected to
+                sock.setsockopt(zmq.REQ_RELAXED, 1)  # a request without a reply does not block the next
+                sock.setsockopt(zmq.REQ_CORRELATE, 1)  # ... and its late reply is dropped, not taken for ours
+                sock.connect(endpoint)
             if not sock.poll(int(min(timeout, CONNECT_TIMEOUT_S) * 1000), zmq.POLLOUT):
                 return False, None
             sock.send(frame)
             if not sock.poll(int(timeout * 1000)):
                 return True, None
             return True, msgpack.unpackb(sock.recv(), raw=False)
-        finally:
-            sock.close()
 
     def _targets(self) -> str:
         if self.leader is not None:

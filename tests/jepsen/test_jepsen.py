@@ -1,13 +1,13 @@
 """Jepsen-style tests: real node processes, concurrent clients, a nemesis, and the
 linearizability checker over the whole history.
 
-Each scenario runs ~37 s of faulted operation (ZRAFT_JEPSEN_DURATION overrides it),
-five scenarios in all: more than three minutes under faults. The seed of each run is
+Each scenario runs ~32 s of faulted operation (ZRAFT_JEPSEN_DURATION overrides it),
+five scenarios in all: over two and a half minutes under faults. The seed of each run is
 random unless ZRAFT_JEPSEN_SEED is set; it is printed in the summary (shown with -s,
 and on failure), so a failing run can be repeated:
 
     ZRAFT_JEPSEN_SEED=123 bin/test tests/jepsen -k partition -s
-    python -m zraft.jepsen --scenario partition --duration 37 --seed 123 --tick-ms 20
+    python -m zraft.jepsen --scenario partition --duration 32 --seed 123 --tick-ms 20
 
 (the timing of faults and operations is not reproducible, only the random choices).
 """
@@ -29,7 +29,7 @@ from zraft.jepsen.runner import SCENARIOS, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-DURATION = float(os.environ.get("ZRAFT_JEPSEN_DURATION", "37"))
+DURATION = float(os.environ.get("ZRAFT_JEPSEN_DURATION", "32"))
 # Faster elections than the default (50 ms ticks): more leader changes per fault, so the
 # same time under faults exercises more of the protocol. Safety does not depend on it.
 # Frequent compactions: a node that was killed, paused or cut off comes back through

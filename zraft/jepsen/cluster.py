@@ -291,6 +291,7 @@ class LocalCluster:
             self._closed = True
             for i in self.ids:
                 self.kill(i)
+        self.client.close()
         self._spawner.close()
         if self.own_workdir and not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -268,6 +268,8 @@ class Worker(threading.Thread):
                         self.seen[key] = None
         except BaseException as exc:  # reported by the runner
             self.error = exc
+        finally:
+            self.client.close()
 
 
 # ---------------------------------------------------------------------- the nemesis
@@ -693,17 +695,17 @@ def run(scenario: str = "mixed", duration: float = 60.0, clients: int = 5, nodes
             convergence = f"did NOT converge: {exc}"
         convergence += "; " + _snapshot_counts(cluster.data_dir)
         log(f"[{time.monotonic() - t0:6.1f}s] {convergence}")
-        reader = Client(cluster.endpoints, timeout=5.0)
-        for key in key_names:
-            for _attempt in range(5):
-                op = run_op(reader, GET, key, process=-2)
+        with Client(cluster.endpoints, timeout=5.0) as reader:
+            for key in key_names:
+                for _attempt in range(5):
+                    op = run_op(reader, GET, key, process=-2)
+                    if op.status == OK:
+                        break
+                rec.add(op)
                 if op.status == OK:
-                    break
-            rec.add(op)
-            if op.status == OK:
-                final[key] = op.result
-            else:
-                errors.append(f"the final read of {fmt(key)} failed: {op.error}")
+                    final[key] = op.result
+                else:
+                    errors.append(f"the final read of {fmt(key)} failed: {op.error}")
     except Exception as exc:
         errors.append(f"runner: {type(exc).__name__}: {exc}")
         stop.set()
