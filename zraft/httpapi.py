@@ -112,7 +112,7 @@ class _Handler(BaseHTTPRequestHandler):
                 {"endpoint": ep, "answers": st is not None, **(st or {})}
                 for ep, st in zip(c.endpoints, c.statuses(), strict=True)]}))
         elif path == "/health":
-            self._health()
+            self._with_client(self._health)
         else:
             self._not_found(path)
 
@@ -197,32 +197,32 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             gw.release(client)
 
+    def _own_status(self, client: Client) -> dict[str, Any] | None:
+        """This node's status reply without its ``ok``, or None if its server does not answer."""
+        st = client.status(self.gateway.me.client_endpoint)
+        return None if st is None else {k: v for k, v in st.items() if k != "ok"}
+
     def _status(self, client: Client) -> None:
-        st = _status_or_none(client.status, self.gateway.me.client_endpoint)
+        st = self._own_status(client)
         if st is None:
             self._error(HTTPStatus.SERVICE_UNAVAILABLE, protocol.UNAVAILABLE, "this node's server does not answer")
         else:
             self._json(HTTPStatus.OK, st)
 
-    def _health(self) -> None:
+    def _health(self, client: Client) -> None:
         """Healthy: this node answers, knows a leader, and a linearizable read goes through in time."""
-        gw = self.gateway
-        client = gw.client()
+        st = self._own_status(client)
+        if st is None or st.get("leader") is None:
+            why = "this node does not answer" if st is None else "this node knows no leader"
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"health": False, "reason": why})
+            return
         try:
-            st = _status_or_none(client.status, gw.me.client_endpoint)
-            if st is None or st.get("leader") is None:
-                why = "this node does not answer" if st is None else "this node knows no leader"
-                self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"health": False, "reason": why})
-                return
-            try:
-                client.get(HEALTH_KEY)
-            except ZraftError as exc:
-                self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"health": False, "reason": f"no quorum read: {exc}"})
-                return
-            self._json(HTTPStatus.OK, {"health": True, "id": st.get("id"), "role": st.get("role"),
-                                       "leader": st.get("leader"), "term": st.get("term")})
-        finally:
-            gw.release(client)
+            client.get(HEALTH_KEY)
+        except ZraftError as exc:
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"health": False, "reason": f"no quorum read: {exc}"})
+            return
+        self._json(HTTPStatus.OK, {"health": True, "id": st.get("id"), "role": st.get("role"),
+                                   "leader": st.get("leader"), "term": st.get("term")})
 
     def _send_value(self, value: bytes | None) -> None:
         if value is None:
@@ -257,13 +257,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the standard library's signature
         log.debug("http %s: " + format, self.address_string(), *args)
-
-
-def _status_or_none(status: Any, endpoint: str) -> dict[str, Any] | None:
-    st = status(endpoint)
-    if st is not None:
-        st = {k: v for k, v in st.items() if k != "ok"}
-    return st
 
 
 def _value_fields(value: bytes | None) -> dict[str, Any]:

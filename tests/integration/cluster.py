@@ -42,8 +42,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of every process the tests start: no inherited ZRAFT_* variables
     (the test decides every setting), the repo importable, output unbuffered."""
-    env = node_env({"COLUMNS": os.environ.get("COLUMNS", "200")})  # CLI tables: no wrapping in captured output
-    env.update(extra or {})
+    env = node_env(extra)
+    env.setdefault("COLUMNS", "200")  # rich tables of the CLI: no wrapping in captured output
     return env
 
 

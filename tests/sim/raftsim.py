@@ -622,6 +622,13 @@ class Cluster:
 
     # ------------------------------------------------------------------ clients
 
+    def settled_leader(self, max_ticks: int) -> SimNode:
+        """Run until there is one leader everybody follows and its no-op is committed everywhere."""
+        assert self.run_until(self.quiet, max_ticks), self.describe()
+        leader = self.leader()
+        assert leader is not None
+        return leader
+
     def leaders_now(self) -> list[SimNode]:
         return [n for n in self.nodes.values() if n.raft is not None and n.raft.role is Role.LEADER]
 
@@ -813,20 +820,22 @@ class Cluster:
 
     def _writes_done(self, node: SimNode) -> None:
         """Background writes that are durable by now: persist them, then release what waited for them."""
-        while node.writes and node.writes[0].done_at <= self.now and node.raft is not None:
-            w = node.writes.popleft()
-            self._persist(node, w.rd, False)
-            self._finish(node, w.rd, w.msgs, False)
+        self._complete_writes(node, self.now)
         if node.raft is not None and node.raft.has_ready():
             self._turn(node)
 
     def _drain(self, node: SimNode) -> None:
+        """Every write in flight becomes durable now (a snapshot Ready, taken already, waits for them)."""
         if node.writes:
             self.stats["drains"] += 1
-        while node.writes and node.raft is not None:
+        self._complete_writes(node, None, check=False)
+
+    def _complete_writes(self, node: SimNode, until: int | None, check: bool = True) -> None:
+        """In order: persist each write done by ``until`` (None: all of them), then finish its Ready."""
+        while node.writes and node.raft is not None and (until is None or node.writes[0].done_at <= until):
             w = node.writes.popleft()
             self._persist(node, w.rd, False)
-            self._finish(node, w.rd, w.msgs, False, check=False)  # the Ready that waits is taken already
+            self._finish(node, w.rd, w.msgs, False, check=check)
 
     def _persist(self, node: SimNode, rd: Ready, decided: bool) -> None:
         """Steps 0 and 1 of the contract: install or drop the staged snapshot; write hard state and entries."""

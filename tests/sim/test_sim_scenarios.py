@@ -18,11 +18,7 @@ ELECTION = 10  # election_ticks in these scenarios
 
 
 def _elect(c: Cluster) -> SimNode:
-    """Run until there is one leader everybody follows and its no-op is committed everywhere."""
-    assert c.run_until(c.quiet, 20 * ELECTION), c.describe()
-    leader = c.leader()
-    assert leader is not None
-    return leader
+    return c.settled_leader(20 * ELECTION)
 
 
 def _write(c: Cluster, node: SimNode, n: int = 3) -> None:

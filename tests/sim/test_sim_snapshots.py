@@ -31,10 +31,7 @@ def _cluster(n: int, seed: int, **kw: object) -> Cluster:
 
 
 def _elect(c: Cluster) -> SimNode:
-    assert c.run_until(c.quiet, 20 * ELECTION), c.describe()
-    leader = c.leader()
-    assert leader is not None
-    return leader
+    return c.settled_leader(20 * ELECTION)
 
 
 def _write(c: Cluster, leader: SimNode, rounds: int = 8) -> None:
