@@ -66,3 +66,31 @@ def test_a_write_without_a_reply_is_unknown_and_the_socket_still_works(fake_node
         reply(router, envelope, {"ok": True, "value": b"v"})
         t.join(5)
         assert got == [b"v"]
+
+
+def test_no_write_is_sent_in_the_last_instant_before_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every node answered not_leader (the write certainly did not take effect) until just before the
+    deadline. The client must give up with `unavailable`, not send once more with no time left for a
+    reply and then call the outcome unknown (the flaky `client put` exit code 3 in test_basic)."""
+    import zraft.client as zc
+
+    now = [100.0]
+    monkeypatch.setattr(zc.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(zc.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+    timeouts: list[float] = []
+
+    def exchange(endpoint: str, frame: bytes, timeout: float) -> tuple[bool, dict | None]:
+        timeouts.append(timeout)
+        if timeout < 0.005:  # no node can answer this fast: sent, no reply
+            now[0] += timeout
+            return True, None
+        now[0] = 100.0 + 1.0 - 0.0004  # this attempt took until 0.4 ms before the deadline
+        return True, {"ok": False, "error": "not_leader", "message": "leader unknown", "leader": None}
+
+    c = Client(["tcp://127.0.0.1:1"], timeout=1.0)
+    monkeypatch.setattr(c, "_exchange", exchange)
+    with pytest.raises(zc.ZraftError) as info:
+        c.put(b"k", b"v")
+    assert not isinstance(info.value, OutcomeUnknown), info.value
+    assert info.value.code == "unavailable"
+    assert all(t >= zc.MIN_ATTEMPT_S for t in timeouts), timeouts

@@ -26,6 +26,7 @@ status and raw requests may be shared, one socket exchange at a time.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -38,6 +39,9 @@ import zmq
 from zraft import protocol
 
 CONNECT_TIMEOUT_S = 0.3
+# No attempt starts with less time than this left: a request sent with no real chance of a reply
+# would turn a certain "did not take effect" (the not_leader answers so far) into "outcome unknown".
+MIN_ATTEMPT_S = 0.02
 
 
 class ZraftError(Exception):
@@ -51,6 +55,11 @@ class ZraftError(Exception):
 
 class OutcomeUnknown(ZraftError):
     """A write was sent but its outcome is unknown: it may or may not have been applied."""
+
+
+def _ms(seconds: float) -> int:
+    """A poll timeout in whole milliseconds, rounded up (rounding down would make 0.4 ms a 0 ms poll)."""
+    return max(0, math.ceil(seconds * 1000))
 
 
 def _bytes(v: bytes | str) -> bytes:
@@ -154,10 +163,10 @@ class Client:
                 sock.setsockopt(zmq.REQ_RELAXED, 1)  # a request without a reply does not block the next
                 sock.setsockopt(zmq.REQ_CORRELATE, 1)  # ... and its late reply is dropped, not taken for ours
                 sock.connect(endpoint)
-            if not sock.poll(int(min(timeout, CONNECT_TIMEOUT_S) * 1000), zmq.POLLOUT):
+            if not sock.poll(_ms(min(timeout, CONNECT_TIMEOUT_S)), zmq.POLLOUT):
                 return False, None
             sock.send(frame)
-            if not sock.poll(int(timeout * 1000)):
+            if not sock.poll(_ms(timeout)):
                 return True, None
             return True, msgpack.unpackb(sock.recv(), raw=False)
 
@@ -186,7 +195,7 @@ class Client:
         ambiguous = False  # an attempt of this write may have been applied
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining < MIN_ATTEMPT_S:
                 if ambiguous:
                     raise OutcomeUnknown(protocol.TIMEOUT, f"gave up after {self.timeout} s: {last_error}; the "
                                                            "write may or may not have been applied")
