@@ -166,9 +166,11 @@ def test_new_empty_node_rebuilds_from_the_leaders_snapshot(make_cluster) -> None
 
 @pytest.mark.slow
 def test_follower_killed_in_the_middle_of_an_install_ends_consistent(make_cluster) -> None:
-    """Small chunks, one in flight: an install of ~8 MB takes a while, so the follower can be
-    killed -9 mid-stream. Restarted, it must end with exactly the leader's data."""
-    env = {**SNAP_ENV, "ZRAFT_SNAPSHOT_CHUNK_BYTES": "8192", "ZRAFT_SNAPSHOT_WINDOW": "1"}
+    """Small chunks, one in flight, and every message of the leader held 20 ms (fault injection):
+    an install of ~8 MB takes over 20 s, so the follower is surely killed -9 mid-stream.
+    Restarted, it must end with exactly the leader's data."""
+    env = {**SNAP_ENV, "ZRAFT_SNAPSHOT_CHUNK_BYTES": "8192", "ZRAFT_SNAPSHOT_WINDOW": "1",
+           "ZRAFT_ALLOW_FAULTS": "1"}
     c: Cluster = make_cluster(env=env)
     leader = c.wait_leader()
     victim = next(i for i in c.ids if i != leader)
@@ -178,6 +180,8 @@ def test_follower_killed_in_the_middle_of_an_install_ends_consistent(make_cluste
 
     assert all(r == {"ok": True} for r in pipeline(c.endpoint(leader), reqs, window=64, timeout=300))
     assert c.status(leader)["snapshot_index"] > 0
+    slow = request(c.endpoint(leader), {"op": "fault", "action": "delay", "delay_ms": 20})
+    assert slow and slow.get("ok"), slow
 
     c.start(victim)
     node_log = c.data_dir / str(victim) / "node.log"
@@ -185,10 +189,11 @@ def test_follower_killed_in_the_middle_of_an_install_ends_consistent(make_cluste
     while "receiving a snapshot" not in (node_log.read_text() if node_log.exists() else ""):
         assert time.monotonic() < deadline, "the follower never started receiving a snapshot"
         time.sleep(0.01)
-    time.sleep(0.3)  # well inside the stream: hundreds of chunks of about a thousand
     installed_before_kill = "installed a snapshot" in node_log.read_text()
     c.kill(victim)
-    assert not installed_before_kill, "the install finished before the kill: make the snapshot bigger"
+    assert not installed_before_kill, "the install finished before the kill (it should take over 20 s)"
+    clear = request(c.endpoint(leader), {"op": "fault", "action": "clear"})
+    assert clear and clear.get("ok"), clear
 
     c.start(victim)
     st = c.wait_caught_up(victim, leader, timeout=90)
