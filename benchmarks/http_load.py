@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from zraft.jepsen.cluster import LocalCluster
+from zraft.cluster.local import LocalCluster
 
 VALUE = b"v" * 128
 

@@ -16,7 +16,7 @@ import time
 
 from _pipeline import pipelined_puts
 
-from zraft.jepsen.cluster import LocalCluster
+from zraft.cluster.local import LocalCluster
 
 KEYS = 100_000
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from _pipeline import pipelined_puts
 
-from zraft.jepsen.cluster import LocalCluster
+from zraft.cluster.local import LocalCluster
 
 
 def db_mb(path: Path) -> float:

@@ -72,7 +72,7 @@ def test_no_write_is_sent_in_the_last_instant_before_the_deadline(monkeypatch: p
     """Every node answered not_leader (the write certainly did not take effect) until just before the
     deadline. The client must give up with `unavailable`, not send once more with no time left for a
     reply and then call the outcome unknown (the flaky `client put` exit code 3 in test_basic)."""
-    import zraft.client as zc
+    import zraft.client.client as zc
 
     now = [100.0]
     monkeypatch.setattr(zc.time, "monotonic", lambda: now[0])

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zraft.config import (
+from zraft.cluster.config import (
     ClusterConfig,
     ConfigError,
     NodeAddress,

@@ -16,8 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zraft.raft.messages import Entry
-from zraft.statemachine import (
+from zraft.node.statemachine import (
     CAS,
     DELETE,
     PUT,
@@ -29,7 +28,8 @@ from zraft.statemachine import (
     encode_delete,
     encode_put,
 )
-from zraft.storage import LevelDBStorage, MemoryStorage
+from zraft.node.storage import LevelDBStorage, MemoryStorage
+from zraft.raft.messages import Entry
 
 REPO = Path(__file__).resolve().parent.parent
 # The many-example tests put their databases on tmpfs when there is one: sync=True writes
@@ -448,8 +448,8 @@ def test_noop_only_batch_persists_the_applied_index(tmp_path) -> None:
 _CRASH_CHILD = """
 import sys
 from zraft.raft.messages import Entry
-from zraft.statemachine import KVStateMachine, encode_delete, encode_put
-from zraft.storage import LevelDBStorage
+from zraft.node.statemachine import KVStateMachine, encode_delete, encode_put
+from zraft.node.storage import LevelDBStorage
 
 storage = LevelDBStorage(sys.argv[1])
 sm = KVStateMachine(storage)

@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from zraft.node.statemachine import SessionRecord
+from zraft.node.storage import LevelDBStorage, LogState, MemoryStorage
 from zraft.raft.core import HardState
 from zraft.raft.messages import Entry
-from zraft.statemachine import SessionRecord
-from zraft.storage import LevelDBStorage, LogState, MemoryStorage
 
 U64 = struct.Struct(">Q")
 # The many-example tests put their databases on tmpfs when there is one: sync=True writes
@@ -393,8 +393,8 @@ def test_applied_index_and_term_are_big_endian_u64(tmp_path) -> None:
 
 # --- compaction, staged snapshots, generations -----------------------------------------------
 
+from zraft.node.storage import REC_DATA, REC_SESSION, StorageError, decode_chunk, restore_into  # noqa: E402
 from zraft.raft.core import SnapshotMeta  # noqa: E402
-from zraft.storage import REC_DATA, REC_SESSION, StorageError, decode_chunk, restore_into  # noqa: E402
 
 
 def chunk(*records: tuple[int, bytes, bytes]) -> bytes:

@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
+from zraft.node.storage import LevelDBStorage
+from zraft.node.writer import StorageWriter, StorageWriterError
 from zraft.raft.core import HardState
 from zraft.raft.messages import Entry
-from zraft.storage import LevelDBStorage
-from zraft.writer import StorageWriter, StorageWriterError
 
 
 def ents(first: int, *terms: int) -> list[Entry]:

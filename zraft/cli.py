@@ -11,8 +11,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from zraft.config import ClusterConfig, ConfigError, Settings, load_config
-from zraft.protocol import commit_span, log_span
+from zraft.client.protocol import commit_span, log_span
+from zraft.cluster.config import ClusterConfig, ConfigError, Settings, load_config
 
 app = typer.Typer(help="zraft: a strongly consistent, replicated key-value store on Raft.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -85,8 +85,8 @@ def node(
     """Run one node in the foreground (what `cluster up` spawns; also how a node runs on its own host)."""
     import zmq
 
-    from zraft.server import run_node
-    from zraft.storage import StorageError
+    from zraft.node.server import run_node
+    from zraft.node.storage import StorageError
 
     cluster = _load(config)
     try:
@@ -107,7 +107,7 @@ def node(
 def cluster_up(config: Path = ConfigOpt, data_dir: Path = DataDirOpt, log_level: str = LogLevelOpt,
                allow_faults: bool = AllowFaultsOpt) -> None:
     """Start one process per node in Config.txt and show their state until Ctrl-C (which stops them all)."""
-    from zraft.supervisor import Supervisor, SupervisorError
+    from zraft.cluster.supervisor import Supervisor, SupervisorError
 
     cluster = _load(config)
     _settings()  # fail before spawning anything
@@ -152,7 +152,7 @@ def cluster_status(
 
 
 def _control(op: str, node_id: int, data_dir: Path) -> None:
-    from zraft.supervisor import send_control
+    from zraft.cluster.supervisor import send_control
 
     rep = send_control(data_dir, op, node_id)
     if not rep.get("ok"):
@@ -277,7 +277,7 @@ def snapshot_save(
     """Write a point-in-time copy of the cluster's data to FILE, with a SHA-256 checksum (like etcdctl)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    from zraft.backup import BackupError, save
+    from zraft.tools.backup import BackupError, save
 
     ep = _endpoints(config, [endpoint])[0] if endpoint else _leader_endpoint(_endpoints(config, None))
     try:
@@ -304,7 +304,7 @@ def snapshot_restore(
 
     Start the cluster on DATA_DIR afterwards (`zraft cluster up --data-dir DATA_DIR`).
     """
-    from zraft.backup import BackupError, restore
+    from zraft.tools.backup import BackupError, restore
 
     cluster = _load(config)
     wanted = ids or cluster.ids
@@ -329,7 +329,7 @@ def snapshot_info(file: Path = typer.Argument(..., help="A backup file.")) -> No
     """Verify a backup file end to end and describe it."""
     import datetime
 
-    from zraft.backup import BackupError, verify
+    from zraft.tools.backup import BackupError, verify
 
     try:
         info = verify(file)
@@ -463,10 +463,10 @@ def bench(
                                                          "using the running one of --config."),
 ) -> None:
     """Measure throughput and latency against a running cluster (closed-loop client processes)."""
-    from zraft import bench as zb
+    from zraft.tools import bench as zb
 
     if spawn:
-        from zraft.jepsen.cluster import LocalCluster
+        from zraft.cluster.local import LocalCluster
 
         err.print(f"starting a {spawn}-node cluster in a temporary dir...")
         with LocalCluster(spawn, log_level="WARNING") as c:

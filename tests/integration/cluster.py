@@ -33,7 +33,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from zraft.jepsen.cluster import die_with_parent, ephemeral_low, node_env
+from zraft.cluster.local import die_with_parent, ephemeral_low, node_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""The HTTP API (zraft/httpapi.py) on real nodes: any node answers, with the wire protocol's guarantees."""
+"""The HTTP API (zraft/api/http.py) on real nodes: any node answers, with the wire protocol's guarantees."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from zraft.client import Client
-from zraft.jepsen.cluster import LocalCluster
+from zraft.cluster.local import LocalCluster
 from zraft.jepsen.history import dump_history
 from zraft.jepsen.runner import SCENARIOS, run
 

@@ -63,8 +63,8 @@ from pathlib import Path
 from typing import Any
 
 from zraft.client import Client, OutcomeUnknown, ZraftError
+from zraft.cluster.local import LocalCluster
 from zraft.jepsen.checker import CheckResult, check
-from zraft.jepsen.cluster import LocalCluster
 from zraft.jepsen.history import (
     CAS,
     DELETE,

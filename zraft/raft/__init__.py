@@ -1,0 +1,1 @@
+"""The Raft consensus core: pure, deterministic, no I/O (sans-I/O)."""

@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import msgpack
 import plyvel
 
+from zraft.node.statemachine import MemoryKV, SessionRecord
 from zraft.raft.core import HardState, SnapshotMeta
 from zraft.raft.messages import Entry
-from zraft.statemachine import MemoryKV, SessionRecord
 
 FORMAT = b"2"
 _FORMAT = b"m/format"
@@ -177,7 +177,7 @@ class LevelDBStorage:
                 self._last_index = _U64.unpack(key[len(_LOG):])[0]
                 break
         self._data = _gen_prefix(_DATA, self.gen)
-        # Log writes may come from the storage writer thread (zraft.writer) while the loop compacts.
+        # Log writes may come from the storage writer thread (zraft.node.writer) while the loop compacts.
         self._log_lock = threading.Lock()
         self._gc_resume: dict[bytes, bytes] = {}  # generation prefix -> the first key not yet deleted
         # Whatever is in other generations is an unfinished install or an unfinished clean-up.

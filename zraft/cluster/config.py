@@ -290,10 +290,10 @@ class Settings:
     snapshot_keep: int = 5_000  # applied entries kept after a compaction, for followers a little behind
     snapshot_chunk_bytes: int = 256 << 10  # size of one InstallSnapshot chunk
     snapshot_window: int = 4  # chunks in flight per snapshot stream
-    # Raft log writes in a background thread while the loop goes on (zraft.writer). Off by default:
+    # Raft log writes in a background thread while the loop goes on (zraft.node.writer). Off by default:
     # on a 2-core host the thread hand-offs cost more than the overlap gains (docs/BENCHMARKS.md).
     async_storage: bool = False
-    http_api: bool = True  # serve the HTTP API on each node's http_port (zraft.httpapi)
+    http_api: bool = True  # serve the HTTP API on each node's http_port (zraft.api.http)
 
     ENV_PREFIX = "ZRAFT_"  # not a field: no annotation
 

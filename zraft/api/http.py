@@ -27,9 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
-from zraft import protocol
-from zraft.client import Client, OutcomeUnknown, ZraftError
-from zraft.config import ClusterConfig, NodeAddress
+from zraft.client import Client, OutcomeUnknown, ZraftError, protocol
+from zraft.cluster.config import ClusterConfig, NodeAddress
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from rich.live import Live
 from rich.table import Table
 
 from zraft.client import Client
-from zraft.config import ClusterConfig
-from zraft.protocol import commit_span, log_span
+from zraft.client.protocol import commit_span, log_span
+from zraft.cluster.config import ClusterConfig
 
 STOP_GRACE_S = 5.0
 REFRESH_S = 0.5

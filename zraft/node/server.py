@@ -36,20 +36,20 @@ from pathlib import Path
 
 import zmq
 
-from zraft import protocol
-from zraft.config import ClusterConfig, Settings
-from zraft.httpapi import HttpGateway
-from zraft.protocol import Limits, Request, RequestError
+from zraft.api.http import HttpGateway
+from zraft.client import protocol
+from zraft.client.protocol import Limits, Request, RequestError
+from zraft.cluster.config import ClusterConfig, Settings
+from zraft.node.statemachine import KVStateMachine, encode_cas, encode_delete, encode_put
+from zraft.node.storage import LevelDBStorage, SnapshotView
+from zraft.node.transport import PeerTransport
+from zraft.node.writer import StorageWriter
 from zraft.raft.core import RaftConfig, RaftNode, Ready, Role
 from zraft.raft.log import RaftLog
 from zraft.raft.messages import Message, SnapshotAck, SnapshotChunk
 from zraft.raft.snapshot import DONE, FAILED, SENDING, SnapshotReceiver, SnapshotSender
-from zraft.statemachine import KVStateMachine, encode_cas, encode_delete, encode_put
-from zraft.storage import LevelDBStorage, SnapshotView
-from zraft.transport import PeerTransport
-from zraft.writer import StorageWriter
 
-log = logging.getLogger("zraft.server")
+log = logging.getLogger("zraft.node.server")
 
 Envelope = list[bytes]  # the ROUTER routing frames of one client request, echoed on the reply
 
@@ -119,7 +119,7 @@ class NodeServer:
         self.clients.setsockopt(zmq.LINGER, 0)
         self.clients.setsockopt(zmq.MAXMSGSIZE, 32 * s.max_request_bytes)
         self.clients.bind(self.me.client_endpoint)
-        # The HTTP API (zraft.httpapi): its own threads, a client of this node's client port.
+        # The HTTP API (zraft.api.http): its own threads, a client of this node's client port.
         self.http = (HttpGateway(cluster, self.me, s.request_timeout_s + 1.0, s.max_value_bytes)
                      if s.http_api else None)
         self.pending_writes: dict[int, PendingWrite] = {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from zraft.config import NodeAddress
+from zraft.cluster.config import NodeAddress
 from zraft.raft.messages import Message, decode_batch, encode_batch
 
 log = logging.getLogger(__name__)

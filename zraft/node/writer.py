@@ -19,9 +19,9 @@ import queue
 import select
 import threading
 
+from zraft.node.storage import LevelDBStorage
 from zraft.raft.core import HardState
 from zraft.raft.messages import Entry
-from zraft.storage import LevelDBStorage
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 import msgpack
 import zmq
 
-from zraft.storage import decode_chunk, restore_into
+from zraft.node.storage import decode_chunk, restore_into
 
 MAGIC = b"ZRAFTSNAP\x01"
 _U32 = struct.Struct(">I")

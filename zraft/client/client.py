@@ -36,7 +36,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from zraft import protocol
+from zraft.client import protocol
 
 CONNECT_TIMEOUT_S = 0.3
 # No attempt starts with less time than this left: a request sent with no real chance of a reply

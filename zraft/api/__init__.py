@@ -1,0 +1,1 @@
+"""What a node serves besides the native protocol: the HTTP API."""

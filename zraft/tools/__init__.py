@@ -1,0 +1,1 @@
+"""Client-side tools: backups (`zraft snapshot`) and the load generator (`zraft bench`)."""
