@@ -23,6 +23,7 @@ from zraft.raft.messages import (
     RequestVote,
     RequestVoteResponse,
 )
+from zraft.raft.tracker import ProgressState
 
 ET = 10  # election_ticks
 
@@ -55,7 +56,7 @@ def elect(r: RaftNode) -> Ready:
     r.campaign()
     assert r.role is Role.CANDIDATE
     drain(r)
-    for p in r.peers[: r.quorum - 1]:
+    for p in r.peers[: len(r.peers) // 2]:
         r.step(RequestVoteResponse(r.term, p, r.id, granted=True))
     assert r.role is Role.LEADER
     return drain(r)
@@ -73,7 +74,7 @@ def ack(r: RaftNode, src: int, index: int) -> None:
 
 
 def commit_noop(r: RaftNode) -> None:
-    for p in r.peers[: r.quorum - 1]:
+    for p in r.peers[: len(r.peers) // 2]:
         ack(r, p, r.log.last_index)
     assert r.commit_index == r.log.last_index
     drain(r)
@@ -607,7 +608,7 @@ def test_leaders_back_up_next_index_a_whole_term_per_round_trip(follower_log: tu
     # One AppendEntries per round trip; the last one matches and carries everything after it.
     assert _exchange(lead, follower) == prevs
     assert follower.log.entries == lead.log.entries
-    assert lead.progress[2].match == 11 and not lead.progress[2].probing
+    assert lead.progress[2].match == 11 and lead.progress[2].state is ProgressState.REPLICATE
     assert lead.commit_index == 11
 
 

@@ -26,6 +26,7 @@ from zraft.raft.messages import (
     to_wire,
 )
 from zraft.raft.snapshot import DONE, FAILED, SENDING, SnapshotReceiver, SnapshotSender
+from zraft.raft.tracker import ProgressState
 
 ET = 10
 
@@ -59,7 +60,7 @@ def only(rd: Ready, cls: type, dst: int | None = None) -> list:
 def elect(r: RaftNode) -> Ready:
     r.campaign()
     drain(r)
-    for p in r.peers[: r.quorum - 1]:
+    for p in r.peers[: len(r.peers) // 2]:
         r.step(RequestVoteResponse(r.term, p, r.id, granted=True))
     assert r.role is Role.LEADER
     return drain(r)
@@ -144,7 +145,7 @@ def test_leader_asks_the_driver_for_a_snapshot_when_a_follower_needs_compacted_e
     ask = to_snapshot_state(r)
     assert ask == InstallSnapshot(r.term, 1, 3, r.log.snapshot_index, r.log.snapshot_term)
     pr = r.progress[3]
-    assert pr.snapshot == 4 and pr.paused(r.config.max_inflight_msgs)
+    assert pr.pending_snapshot == 4 and pr.paused()
 
 
 def test_leader_in_snapshot_state_stays_paused_heartbeats_only() -> None:
@@ -157,7 +158,7 @@ def test_leader_in_snapshot_state_stays_paused_heartbeats_only() -> None:
     assert not only(rd, AppendEntries, 3) and not only(rd, InstallSnapshot, 3)  # no second request either
     assert only(rd, Heartbeat, 3)  # still the leader's: its election timer must not fire
     assert only(rd, AppendEntries, 2)
-    assert r.progress[3].snapshot == 4
+    assert r.progress[3].pending_snapshot == 4
 
 
 def test_leader_in_snapshot_state_ignores_rejections() -> None:
@@ -165,7 +166,7 @@ def test_leader_in_snapshot_state_ignores_rejections() -> None:
     to_snapshot_state(r)
     reject(r, 3, 5, conflict_index=2)
     assert not only(drain(r), AppendEntries, 3)
-    assert r.progress[3].snapshot == 4
+    assert r.progress[3].pending_snapshot == 4
 
 
 def test_report_snapshot_success_resumes_appends_right_after_the_snapshot_index() -> None:
@@ -173,12 +174,12 @@ def test_report_snapshot_success_resumes_appends_right_after_the_snapshot_index(
     to_snapshot_state(r)
     r.report_snapshot(3, 5)  # the driver streamed its state as of applied 5 (>= the 4 asked for)
     pr = r.progress[3]
-    assert pr.snapshot == 0 and pr.probing
+    assert pr.state is ProgressState.PROBE
     [ae] = only(drain(r), AppendEntries, 3)
     assert (ae.prev_index, ae.prev_term) == (5, 1) and [e.index for e in ae.entries] == [6]
     # Its answer moves it to replicating, as after any successful probe.
     r.step(AppendEntriesResponse(r.term, 3, 1, success=True, match_index=6))
-    assert r.progress[3].match == 6 and not r.progress[3].probing
+    assert r.progress[3].match == 6 and r.progress[3].state is ProgressState.REPLICATE
 
 
 def test_report_snapshot_success_below_the_log_start_asks_for_a_newer_snapshot() -> None:
@@ -187,7 +188,7 @@ def test_report_snapshot_success_below_the_log_start_asks_for_a_newer_snapshot()
     r.compact(6)  # the leader compacted on while the stream ran
     r.report_snapshot(3, 4)
     [ask] = only(drain(r), InstallSnapshot, 3)
-    assert ask.index == 6 and r.progress[3].snapshot == 6
+    assert ask.index == 6 and r.progress[3].pending_snapshot == 6
 
 
 def test_report_snapshot_failure_waits_for_a_heartbeat_response_then_asks_again() -> None:
@@ -195,20 +196,20 @@ def test_report_snapshot_failure_waits_for_a_heartbeat_response_then_asks_again(
     to_snapshot_state(r)
     r.report_snapshot(3, None)
     pr = r.progress[3]
-    assert pr.snapshot == 0 and pr.paused(r.config.max_inflight_msgs)
+    assert pr.state is not ProgressState.SNAPSHOT and pr.paused()
     assert not only(drain(r), InstallSnapshot) and not only(r.ready(), AppendEntries, 3)
     r.step(HeartbeatResponse(r.term, 3, 1, 0))  # a sign of life
     [ask] = only(drain(r), InstallSnapshot, 3)
-    assert ask.index == 4 and r.progress[3].snapshot == 4
+    assert ask.index == 4 and r.progress[3].pending_snapshot == 4
 
 
 def test_report_snapshot_is_ignored_outside_snapshot_state_and_off_the_leader() -> None:
     r = compacted_leader()
-    before = (r.progress[3].next, r.progress[3].probing, r.progress[3].probe_sent)
+    before = (r.progress[3].next, r.progress[3].state, r.progress[3].probe_sent)
     r.report_snapshot(3, 5)
     r.report_snapshot(3, None)
     r.report_snapshot(9, 5)  # not a peer
-    assert (r.progress[3].next, r.progress[3].probing, r.progress[3].probe_sent) == before
+    assert (r.progress[3].next, r.progress[3].state, r.progress[3].probe_sent) == before
     f = node(2, log=(1, 1))
     f.report_snapshot(3, 1)
     assert not f.has_ready()
@@ -220,10 +221,10 @@ def test_an_ack_at_or_past_the_snapshot_ends_snapshot_state() -> None:
     to_snapshot_state(r)
     r.step(AppendEntriesResponse(r.term, 3, 1, success=True, match_index=5))
     pr = r.progress[3]
-    assert pr.snapshot == 0 and pr.match == 5 and not pr.probing
+    assert pr.state is ProgressState.REPLICATE and pr.match == 5
     assert [e.index for e in only(drain(r), AppendEntries, 3)[0].entries] == [6]
     r.report_snapshot(3, 5)  # the stream's DONE, later: nothing changes
-    assert not r.progress[3].snapshot and r.progress[3].match == 5
+    assert r.progress[3].state is not ProgressState.SNAPSHOT and r.progress[3].match == 5
 
 
 def test_leader_never_answers_an_install_snapshot_of_its_own_term() -> None:

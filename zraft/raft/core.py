@@ -35,13 +35,16 @@ an entry towards a commit only from that report, so nothing commits on a disk th
 lose it. A Ready with a ``snapshot`` is handled once every earlier write is durable.
 
 Structure follows etcd-io/raft: :meth:`step` does the term checks once, then hands the
-message to the current role's handler.
+message to the current role's handler. What the leader knows of each member, and every quorum
+question (commit index, election result, check-quorum, ReadIndex rounds), goes through the
+:class:`~zraft.raft.tracker.ProgressTracker` and its voter configuration (zraft/raft/quorum.py).
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -58,6 +61,8 @@ from zraft.raft.messages import (
     RequestVote,
     RequestVoteResponse,
 )
+from zraft.raft.quorum import VoteResult
+from zraft.raft.tracker import Progress, ProgressState, ProgressTracker
 
 _FROM_LEADER = (AppendEntries, Heartbeat, InstallSnapshot)  # messages only a leader sends
 
@@ -78,6 +83,7 @@ class RaftConfig:
     pre_vote: bool = True  # thesis 9.6: poll before campaigning, so a rejoining node can't inflate terms
     check_quorum: bool = True  # a leader that can't hear a quorum for an election timeout steps down
     max_inflight_msgs: int = 256  # pipelining window per follower, in AppendEntries messages
+    max_inflight_bytes: int = 0  # ... and in bytes of entries (0: no byte bound)
     max_msg_bytes: int = 1 << 20  # soft cap on entry payload per AppendEntries
     # The driver persists Readys in the background and reports durability with persisted()
     # (etcd's AsyncStorageWrites); see the module docstring. Off: a Ready is durable by the
@@ -91,6 +97,8 @@ class RaftConfig:
             raise ValueError(f"duplicate voter ids in {self.voters}")
         if self.election_ticks <= self.heartbeat_ticks:
             raise ValueError("election_ticks must be greater than heartbeat_ticks")
+        if self.max_inflight_msgs < 1 or self.max_inflight_bytes < 0:
+            raise ValueError("max_inflight_msgs must be positive and max_inflight_bytes not negative")
 
 
 @dataclass(slots=True, frozen=True)
@@ -153,60 +161,13 @@ class Ready:
         return None
 
 
-class Progress:
-    """The leader's view of one follower (etcd's Progress).
-
-    Probing: one AppendEntries at a time until the follower's match point is found.
-    Replicating: entries stream optimistically, up to ``max_inflight`` unacknowledged
-    messages; ``inflight`` holds the last index of each.
-    Snapshot (``snapshot`` > 0): the follower needs entries that are compacted away; the
-    driver streams it a snapshot, and nothing else is sent until it reports the outcome
-    or the follower acknowledges past it.
-    """
-
-    __slots__ = ("match", "next", "probing", "probe_sent", "inflight", "recent_active", "read_seq", "snapshot")
-
-    def __init__(self, next_index: int) -> None:
-        self.match = 0
-        self.next = next_index
-        self.probing = True
-        self.probe_sent = False
-        self.inflight: deque[int] = deque()
-        self.recent_active = False
-        self.read_seq = 0
-        self.snapshot = 0
-
-    def paused(self, max_inflight: int) -> bool:
-        if self.snapshot:
-            return True
-        return self.probe_sent if self.probing else len(self.inflight) >= max_inflight
-
-    def become_probe(self) -> None:
-        self.probing, self.probe_sent, self.snapshot = True, False, 0
-        self.inflight.clear()
-        self.next = self.match + 1
-
-    def become_replicate(self) -> None:
-        self.probing, self.probe_sent, self.snapshot = False, False, 0
-        self.inflight.clear()
-        self.next = self.match + 1
-
-    def become_snapshot(self, index: int) -> None:
-        self.probing, self.probe_sent, self.snapshot = True, False, index
-        self.inflight.clear()
-
-    def ack(self, index: int) -> None:
-        while self.inflight and self.inflight[0] <= index:
-            self.inflight.popleft()
-
-
 class RaftNode:
     def __init__(self, config: RaftConfig, hard_state: HardState | None = None, log: RaftLog | None = None,
                  rng: random.Random | None = None) -> None:
         self.config = config
         self.id = config.id
-        self.peers = tuple(v for v in config.voters if v != config.id)
-        self.quorum = len(config.voters) // 2 + 1
+        self.tracker = ProgressTracker(config.voters, config.max_inflight_msgs, config.max_inflight_bytes)
+        self.peers = tuple(i for i in self.tracker.ids if i != config.id)  # everyone we send to
         self.rng = rng or random.Random(config.id)
         hs = hard_state or HardState()
         self.term = hs.term
@@ -218,8 +179,6 @@ class RaftNode:
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
         self.election_timeout = self._random_timeout()
-        self.votes: dict[int, bool] = {}
-        self.progress: dict[int, Progress] = {}
         # Highest index of this node's log known to be durable (the leader counts itself with it).
         self.stable_index = self.log.last_index
         self.read_seq = 0
@@ -232,6 +191,11 @@ class RaftNode:
         self._snapshot_requests: list[InstallSnapshot] = []
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def progress(self) -> Mapping[int, Progress]:
+        """The leader's view of every member, itself included (empty when not leading)."""
+        return self.tracker.progress
 
     @property
     def commit_index(self) -> int:
@@ -306,8 +270,8 @@ class RaftNode:
 
     def report_snapshot(self, peer: int, index: int | None) -> None:
         """The driver's snapshot stream to ``peer`` ended: delivered up to ``index``, or failed (None)."""
-        pr = self.progress.get(peer) if self.role is Role.LEADER else None
-        if pr is None or not pr.snapshot:
+        pr = self.tracker.progress.get(peer) if self.role is Role.LEADER else None
+        if pr is None or pr.state is not ProgressState.SNAPSHOT:
             return
         pr.become_probe()
         if index is None:
@@ -326,9 +290,7 @@ class RaftNode:
         log = self.log
         if index <= self.stable_index or index < log.snapshot_index or log.term_at(index) != term:
             return  # (compacted away: a snapshot the core took since replaced it, and reports itself)
-        self.stable_index = index
-        if self.role is Role.LEADER:
-            self._maybe_commit()
+        self._stable_to(index)
 
     def step(self, m: Message) -> None:
         """Handle one message from a peer."""
@@ -386,9 +348,7 @@ class RaftNode:
             if self._snapshot is not None and self._snapshot.reset_log:
                 self.stable_index = min(self.stable_index, self._snapshot.index)
         elif entries or self._snapshot is not None:
-            self.stable_index = self.log.last_index  # durable before our next call, by contract
-            if self.role is Role.LEADER:
-                self._maybe_commit()
+            self._stable_to(self.log.last_index)  # durable before our next call, by contract
         hs = HardState(self.term, self.voted_for)
         rd = Ready(role=self.role, term=self.term, leader=self.leader, commit_index=self.log.committed,
                    hard_state=hs if hs != self._persisted_hs else None, entries=entries,
@@ -410,6 +370,13 @@ class RaftNode:
         self.heartbeat_elapsed = 0
         self.election_timeout = self._random_timeout()
 
+    def _stable_to(self, index: int) -> None:
+        """This node's log is durable up to ``index``: a leader counts itself that far."""
+        self.stable_index = index
+        if self.role is Role.LEADER:
+            self.tracker.progress[self.id].match = index
+            self._maybe_commit()
+
     def _in_lease(self) -> bool:
         """Heard from a live leader within the minimum election timeout (thesis 4.2.3, 9.6)."""
         return (self.config.check_quorum and self.leader is not None
@@ -426,14 +393,13 @@ class RaftNode:
             self._drop_reads()
         self.role = Role.FOLLOWER
         self.leader = leader
-        self.progress = {}
+        self.tracker.clear()
         self._reset_timers()
 
     def _become_pre_candidate(self) -> None:
         self.role = Role.PRE_CANDIDATE
         self.leader = None
-        self.votes = {self.id: True}
-        self._reset_timers()
+        self._start_election()
         if not self._poll_won():
             self._request_votes(self.term + 1, pre_vote=True)
 
@@ -442,19 +408,25 @@ class RaftNode:
         self.voted_for = self.id
         self.role = Role.CANDIDATE
         self.leader = None
-        self.votes = {self.id: True}
-        self._reset_timers()
+        self._start_election()
         if not self._poll_won():
             self._request_votes(self.term, pre_vote=False)
+
+    def _start_election(self) -> None:
+        self._reset_timers()
+        self.tracker.reset_votes()
+        self.tracker.record_vote(self.id, True)
 
     def _become_leader(self) -> None:
         self.role = Role.LEADER
         self.leader = self.id
         self._reset_timers()
-        nxt = self.log.last_index + 1
-        self.progress = {p: Progress(nxt) for p in self.peers}
-        for pr in self.progress.values():
+        self.tracker.reset(self.log.last_index + 1)
+        for pr in self.tracker.progress.values():
             pr.recent_active = True  # give everyone a full election timeout before check-quorum
+        me = self.tracker.progress[self.id]
+        me.match = self.stable_index  # the leader is tracked like any member: its disk is its match
+        me.become_replicate()
         # A no-op entry of the new term: committing it commits everything before it (5.4.2)
         # and tells the leader the commit index, which ReadIndex needs.
         self.propose([b""])
@@ -465,14 +437,14 @@ class RaftNode:
 
     def _poll_won(self) -> bool:
         """Count the votes so far; win or lose the election if a quorum decided. True if decided."""
-        granted = sum(1 for v in self.votes.values() if v)
-        if granted >= self.quorum:
+        result = self.tracker.tally_votes()
+        if result is VoteResult.WON:
             if self.role is Role.PRE_CANDIDATE:
                 self._become_candidate()
             else:
                 self._become_leader()
             return True
-        if len(self.votes) - granted >= self.quorum:
+        if result is VoteResult.LOST:
             self._become_follower(self.term, None)
             return True
         return False
@@ -512,7 +484,7 @@ class RaftNode:
             self._become_follower(self.term, m.src)
             self._step_follower(m)
         elif isinstance(m, RequestVoteResponse) and m.pre_vote == (self.role is Role.PRE_CANDIDATE):
-            self.votes.setdefault(m.src, m.granted)
+            self.tracker.record_vote(m.src, m.granted)
             self._poll_won()
 
     def _handle_append(self, m: AppendEntries) -> None:
@@ -554,12 +526,11 @@ class RaftNode:
         if self.election_elapsed >= self.config.election_ticks:
             self.election_elapsed = 0
             if self.config.check_quorum:
-                active = 1 + sum(1 for pr in self.progress.values() if pr.recent_active)
-                if active < self.quorum:
+                if not self.tracker.quorum_active():
                     self._become_follower(self.term, None)
                     return
-                for pr in self.progress.values():
-                    pr.recent_active = False
+                for i, pr in self.tracker.progress.items():
+                    pr.recent_active = i == self.id  # the leader is always active to itself
         self.heartbeat_elapsed += 1
         if self.heartbeat_elapsed >= self.config.heartbeat_ticks:
             self.heartbeat_elapsed = 0
@@ -569,14 +540,14 @@ class RaftNode:
         if isinstance(m, AppendEntriesResponse):
             self._handle_append_response(m)
         elif isinstance(m, HeartbeatResponse):
-            pr = self.progress.get(m.src)
-            if pr is None:
+            pr = self.tracker.progress.get(m.src)
+            if pr is None or m.src == self.id:
                 return
             pr.recent_active = True
             # Messages may have been lost: allow another probe, or free one slot of a full window.
             pr.probe_sent = False
-            if not pr.probing and pr.inflight and len(pr.inflight) >= self.config.max_inflight_msgs:
-                pr.inflight.popleft()
+            if pr.state is ProgressState.REPLICATE and pr.inflights.full():
+                pr.inflights.free_first_one()
             if m.read_seq > pr.read_seq:
                 pr.read_seq = m.read_seq
                 self._release_reads()
@@ -586,18 +557,18 @@ class RaftNode:
             raise AssertionError(f"two leaders in term {self.term}: {self.id} and {m.src}")
 
     def _handle_append_response(self, m: AppendEntriesResponse) -> None:
-        pr = self.progress.get(m.src)
-        if pr is None:
+        pr = self.tracker.progress.get(m.src)
+        if pr is None or m.src == self.id:
             return
         pr.recent_active = True
         if not m.success:
-            if pr.snapshot:
+            if pr.state is ProgressState.SNAPSHOT:
                 return  # answers an append from before the snapshot; the stream's outcome decides
             if m.conflict_term == 0 and m.conflict_index <= pr.match <= m.reject_index:
                 # Its log ends before what it acknowledged: its disk was lost or replaced (a new,
                 # empty node under an old id). Forget the match, or we would wait for it forever.
                 pr.match = m.conflict_index - 1
-            if m.reject_index <= pr.match or (pr.probing and m.reject_index != pr.next - 1):
+            if m.reject_index <= pr.match or (pr.state is ProgressState.PROBE and m.reject_index != pr.next - 1):
                 return  # stale: answers a message sent before we learned better
             if m.conflict_term:
                 last_of_term = self.log.last_index_of_term(m.conflict_term)
@@ -608,14 +579,13 @@ class RaftNode:
             pr.next = max(pr.match + 1, min(nxt, m.reject_index))
             self._send_append(m.src)
             return
-        if m.match_index > pr.match:
-            pr.match = m.match_index
-            if pr.probing or pr.snapshot:
-                pr.become_replicate()
+        if pr.maybe_update(m.match_index):
+            if pr.state is ProgressState.REPLICATE:
+                pr.inflights.free_le(m.match_index)
             else:
-                pr.ack(m.match_index)
+                pr.become_replicate()
             self._maybe_commit()
-        elif pr.probing:
+        elif pr.state is ProgressState.PROBE:
             pr.probe_sent = False
         pr.next = max(pr.next, pr.match + 1)
         while self._send_append(m.src, allow_empty=False):
@@ -623,8 +593,8 @@ class RaftNode:
 
     def _send_append(self, peer: int, allow_empty: bool = True) -> bool:
         """Send the next AppendEntries to ``peer`` if its window allows. True if something was sent."""
-        pr = self.progress[peer]
-        if pr.paused(self.config.max_inflight_msgs):
+        pr = self.tracker.progress[peer]
+        if pr.paused():
             return False
         log = self.log
         if pr.next <= log.snapshot_index:
@@ -635,22 +605,18 @@ class RaftNode:
             return True
         last = log.last_index
         entries: list[Entry] = []
+        size = 0
         if pr.next <= last:
-            budget = self.config.max_msg_bytes
             hi = pr.next
-            while hi <= last and (budget > 0 or hi == pr.next):
-                budget -= len(log.entries[hi - log.snapshot_index - 1].data) + 16
+            while hi <= last and (size < self.config.max_msg_bytes or hi == pr.next):
+                size += len(log.entries[hi - log.snapshot_index - 1].data) + 16
                 hi += 1
             entries = log.slice(pr.next, hi)
         if not entries and not allow_empty:
             return False
         prev = pr.next - 1
         self._send(AppendEntries(self.term, self.id, peer, prev, log.term_at(prev), entries, log.committed))
-        if pr.probing:
-            pr.probe_sent = True
-        elif entries:
-            pr.next = entries[-1].index + 1
-            pr.inflight.append(entries[-1].index)
+        pr.sent(entries[-1].index if entries else None, size)
         return True
 
     def _broadcast_append(self) -> None:
@@ -660,13 +626,13 @@ class RaftNode:
             self._maybe_commit()
 
     def _broadcast_heartbeat(self) -> None:
-        for p, pr in self.progress.items():
-            self._send(Heartbeat(self.term, self.id, p, min(pr.match, self.log.committed), self.read_seq))
+        progress = self.tracker.progress
+        for p in self.peers:
+            self._send(Heartbeat(self.term, self.id, p, min(progress[p].match, self.log.committed), self.read_seq))
 
     def _maybe_commit(self) -> None:
         """Commit the highest index a quorum holds, if it is of the current term (5.4.2)."""
-        matches = sorted([self.stable_index, *(pr.match for pr in self.progress.values())], reverse=True)
-        n = matches[self.quorum - 1]
+        n = self.tracker.committed()
         if n > self.log.committed and self.log.term_at(n) == self.term:
             self.log.commit_to(n)
             if self._reads_before_commit:
@@ -677,14 +643,14 @@ class RaftNode:
 
     def _start_read_round(self, request_ids: list[Any]) -> None:
         self.read_seq += 1
+        self.tracker.progress[self.id].read_seq = self.read_seq  # the leader confirms its own round
         self._reads_pending.append((self.read_seq, self.log.committed, request_ids))
         self._broadcast_heartbeat()
         self._release_reads()
 
     def _release_reads(self) -> None:
         """Serve every pending read whose heartbeat round a quorum has answered."""
-        seqs = sorted([self.read_seq, *(pr.read_seq for pr in self.progress.values())], reverse=True)
-        confirmed = seqs[self.quorum - 1]
+        confirmed = self.tracker.confirmed_read_seq()
         while self._reads_pending and self._reads_pending[0][0] <= confirmed:
             _, index, ids = self._reads_pending.popleft()
             self._reads_ready.extend(ReadState(i, index) for i in ids)
