@@ -612,6 +612,55 @@ def test_leaders_back_up_next_index_a_whole_term_per_round_trip(follower_log: tu
     assert lead.commit_index == 11
 
 
+def reject(r: RaftNode, src: int, prev: int, conflict_index: int, conflict_term: int = 0) -> None:
+    r.step(AppendEntriesResponse(r.term, src, r.id, success=False, reject_index=prev, conflict_term=conflict_term,
+                                 conflict_index=conflict_index))
+
+
+def probes(rd: Ready, dst: int) -> list[int]:
+    """The prev_index of every AppendEntries to ``dst`` in the Ready."""
+    return [m.prev_index for m in only(rd, AppendEntries) if m.dst == dst]
+
+
+def test_leaders_a_reordered_rejection_never_lowers_a_healthy_followers_match() -> None:
+    """A rejection that arrives late (the network reordered it) says the follower's log was short
+    when it answered; it has acknowledged more since. Its match must stay (one entry per message)."""
+    r = leader(3, log=(1, 1, 1, 1, 1), term=1, max_msg_bytes=1)  # term 2, last index 6 (5 entries, no-op)
+    # (the election's Ready held the first probe, at 5; its answer is the stale one below)
+    stale = AppendEntriesResponse(r.term, 2, 1, success=False, reject_index=5, conflict_term=0, conflict_index=4)
+    r.step(HeartbeatResponse(r.term, 2, 1, 0))  # a sign of life: the probe at 5 goes again
+    assert probes(drain(r), 2) == [5]
+    reject(r, 2, 5, conflict_index=4)  # the answer to the second copy: its log ends at 3
+    assert probes(drain(r), 2) == [3]
+    ack(r, 2, 4)
+    drain(r)
+    assert r.progress[2].match == 4 and r.progress[2].state is ProgressState.REPLICATE
+    r.step(stale)  # now the first copy's answer arrives
+    assert r.progress[2].match == 4, r.progress[2]
+    rd = drain(r)
+    assert all(prev >= 4 for prev in probes(rd, 2)), probes(rd, 2)  # nothing resent below what it holds
+    ack(r, 2, 6)
+    assert r.progress[2].match == 6 and r.progress[2].state is ProgressState.REPLICATE
+
+
+def test_leaders_notice_a_follower_that_lost_its_log_and_start_it_over() -> None:
+    """A follower restarted empty under its old id (its disk lost) rejects with a log shorter than
+    what it acknowledged. A probe sent after that acknowledgement confirms it; then its match goes."""
+    r = leader(3, log=(1, 1, 1, 1, 1), term=1)
+    ack(r, 2, 6)
+    drain(r)
+    r.propose([b"x"])
+    assert probes(drain(r), 2) == [6]
+    reject(r, 2, 6, conflict_index=1)  # empty now; this may be stale, so the leader probes to find out
+    assert r.progress[2].match == 6
+    assert probes(drain(r), 2) == [6]
+    reject(r, 2, 6, conflict_index=1)  # the answer to that probe: the log really is gone
+    assert r.progress[2].match == 0
+    assert probes(drain(r), 2) == [0]
+    ack(r, 2, 7)
+    assert r.progress[2].match == 7 and r.commit_index == 7
+
+
 def test_leaders_commit_only_entries_of_their_term_by_counting_replicas_figure_8() -> None:
     """5.4.2 (Figure 8): a leader never commits an entry of an earlier term by counting replicas;
     it is committed only indirectly, when an entry of the current term after it is."""

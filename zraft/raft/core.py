@@ -562,22 +562,7 @@ class RaftNode:
             return
         pr.recent_active = True
         if not m.success:
-            if pr.state is ProgressState.SNAPSHOT:
-                return  # answers an append from before the snapshot; the stream's outcome decides
-            if m.conflict_term == 0 and m.conflict_index <= pr.match <= m.reject_index:
-                # Its log ends before what it acknowledged: its disk was lost or replaced (a new,
-                # empty node under an old id). Forget the match, or we would wait for it forever.
-                pr.match = m.conflict_index - 1
-            if m.reject_index <= pr.match or (pr.state is ProgressState.PROBE and m.reject_index != pr.next - 1):
-                return  # stale: answers a message sent before we learned better
-            if m.conflict_term:
-                last_of_term = self.log.last_index_of_term(m.conflict_term)
-                nxt = last_of_term + 1 if last_of_term is not None else m.conflict_index
-            else:
-                nxt = m.conflict_index
-            pr.become_probe()
-            pr.next = max(pr.match + 1, min(nxt, m.reject_index))
-            self._send_append(m.src)
+            self._handle_append_reject(pr, m)
             return
         if pr.maybe_update(m.match_index):
             if pr.state is ProgressState.REPLICATE:
@@ -590,6 +575,44 @@ class RaftNode:
         pr.next = max(pr.next, pr.match + 1)
         while self._send_append(m.src, allow_empty=False):
             pass
+
+    def _handle_append_reject(self, pr: Progress, m: AppendEntriesResponse) -> None:
+        """A follower's log did not match at ``m.reject_index``: back up (etcd's MaybeDecrTo, plus lost disks).
+
+        In REPLICATE the follower holds everything up to its match, so a rejection means that
+        messages after it were lost (back up with the follower's hint, never below the match), or
+        is the late answer to an older message. One that says the follower's log ends before its
+        match (conflict term 0) is either such a late answer or a lost disk: probe from the match
+        to tell. Only in PROBE, and only answering the probe now outstanding (sent after the match
+        was acknowledged), does a log shorter than the match mean the disk was lost or replaced (a
+        new, empty node under an old id): then the match goes down to what it has, or we would
+        wait for it forever. (A late answer to an older probe at the very same index could still
+        lower it; that costs resends, never safety: commit indexes never go back.)
+        """
+        if pr.state is ProgressState.SNAPSHOT:
+            return  # answers an append from before the snapshot; the stream's outcome decides
+        shorter = m.conflict_term == 0 and m.conflict_index <= pr.match
+        if pr.state is ProgressState.REPLICATE:
+            if shorter:
+                pr.become_probe()  # from the match: a late answer, or a lost disk? The probe tells.
+                self._send_append(m.src)
+                return
+            if m.reject_index <= pr.match:
+                return  # stale: answers a message sent before we learned better
+        elif m.reject_index != pr.next - 1:
+            return  # answers an earlier probe
+        elif shorter:
+            pr.match = m.conflict_index - 1  # it lost its log
+        elif m.reject_index <= pr.match:
+            return
+        if m.conflict_term:
+            last_of_term = self.log.last_index_of_term(m.conflict_term)
+            nxt = last_of_term + 1 if last_of_term is not None else m.conflict_index
+        else:
+            nxt = m.conflict_index
+        pr.become_probe()
+        pr.next = max(pr.match + 1, min(nxt, m.reject_index))
+        self._send_append(m.src)
 
     def _send_append(self, peer: int, allow_empty: bool = True) -> bool:
         """Send the next AppendEntries to ``peer`` if its window allows. True if something was sent."""
