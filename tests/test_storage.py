@@ -344,7 +344,7 @@ def test_log_keys_sort_numerically_beyond_byte_boundaries(tmp_path) -> None:
     s.save(None, entries)
     assert s.last_index == 2**40 + 3
     for i in BOUNDARIES:
-        assert s.db.get(b"l/" + i.to_bytes(8, "big")) == U64.pack(i % 1000 + 1) + b"e%d" % i
+        assert s.db.get(b"l/" + i.to_bytes(8, "big")) == U64.pack(i % 1000 + 1) + b"\x00" + b"e%d" % i  # type 0
     assert s.load_log().entries == entries
     s.close()
 
@@ -533,3 +533,37 @@ def test_a_database_of_another_layout_is_refused(tmp_path) -> None:
     db.close()
     with pytest.raises(StorageError, match="format"):
         LevelDBStorage(tmp_path / "new")
+
+
+def test_entry_types_are_stored_and_read_back(tmp_path) -> None:
+    from zraft.raft.messages import EntryType
+
+    s = LevelDBStorage(tmp_path / "db")
+    entries = [Entry(1, 1, b"cmd"), Entry(1, 2, b"members", EntryType.CONFIG), Entry(2, 3, b"")]
+    s.save(HardState(2, None), entries)
+    s.close()
+    s = LevelDBStorage(tmp_path / "db")
+    assert s.load_log().entries == entries
+    assert [e.type for e in s.load_log().entries] == [EntryType.NORMAL, EntryType.CONFIG, EntryType.NORMAL]
+    s.close()
+
+
+def test_a_format_2_database_is_upgraded_in_place(tmp_path) -> None:
+    """Format 2 stored log records without their type byte; opening it upgrades them, atomically."""
+    import plyvel
+
+    db = plyvel.DB(str(tmp_path / "db"), create_if_missing=True)
+    db.put(b"m/format", b"2")
+    db.put(b"m/hardstate", __import__("msgpack").packb([3, 2]))
+    for i, (term, data) in enumerate([(1, b"a"), (3, b""), (3, b"\x01\x02")], start=1):
+        db.put(b"l/" + U64.pack(i), U64.pack(term) + data)
+    db.put(b"d" + bytes(4) + b"k", b"v")
+    db.close()
+    s = LevelDBStorage(tmp_path / "db")
+    assert s.load_log().entries == [Entry(1, 1, b"a"), Entry(3, 2, b""), Entry(3, 3, b"\x01\x02")]
+    assert s.load_hard_state() == HardState(3, 2) and s.get(b"k") == b"v"
+    assert s.db.get(b"m/format") == b"3"
+    s.close()
+    s = LevelDBStorage(tmp_path / "db")  # a second open reads format 3 as it is
+    assert s.load_log().entries[2] == Entry(3, 3, b"\x01\x02")
+    s.close()

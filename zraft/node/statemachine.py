@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from zraft.raft.messages import Entry
+from zraft.raft.messages import Entry, EntryType
 
 PUT, DELETE, CAS = 1, 2, 3
 
@@ -116,8 +116,8 @@ class KVStateMachine:
         session_updates: dict[int, SessionRecord | None] = {}
         results: list[Any] = []
         for e in entries:
-            if not e.data:
-                results.append(None)
+            if not e.data or e.type != EntryType.NORMAL:
+                results.append(None)  # a no-op, or a configuration change (the core's, not ours)
                 continue
             cmd = msgpack.unpackb(e.data, raw=False)
             session = cmd[-1]

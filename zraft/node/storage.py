@@ -2,12 +2,12 @@
 
 Key layout (one keyspace, prefixes keep the parts apart and in order):
 
-    m/format          the layout version, b"2"
+    m/format          the layout version, b"3" (b"2", whose log records had no type byte, is upgraded at open)
     m/hardstate       msgpack [term, voted_for]
     m/logstart        msgpack [snapshot_index, snapshot_term]: the log begins after these
     m/gen             4-byte big-endian generation of the live state machine (absent: 0)
     m/applied         8-byte big-endian applied index + 8-byte term of that entry
-    l/<index>         8-byte big-endian index -> 8-byte big-endian term + command bytes
+    l/<index>         8-byte big-endian index -> 8-byte big-endian term + 1-byte entry type + data
     d<gen><key>       the key-value data of state machine generation <gen> (4 bytes)
     s<gen><client>    8-byte client id -> msgpack [seq, result, last index]: a client session
 
@@ -49,7 +49,8 @@ from zraft.node.statemachine import MemoryKV, SessionRecord
 from zraft.raft.core import HardState, SnapshotMeta
 from zraft.raft.messages import Entry
 
-FORMAT = b"2"
+FORMAT = b"3"
+_UPGRADABLE = b"2"  # the same layout, but log records without their type byte
 _FORMAT = b"m/format"
 _HARD_STATE = b"m/hardstate"
 _LOG_START = b"m/logstart"
@@ -73,6 +74,17 @@ class StorageError(RuntimeError):
 
 def _log_key(index: int) -> bytes:
     return _LOG + _U64.pack(index)
+
+
+def _log_value(e: Entry) -> bytes:
+    return _U64.pack(e.term) + _TYPE_BYTES[e.type] + e.data
+
+
+_TYPE_BYTES = [bytes([t]) for t in range(256)]
+
+
+def _log_entry(key: bytes, value: bytes) -> Entry:
+    return Entry(_U64.unpack_from(value)[0], _U64.unpack(key[len(_LOG):])[0], value[9:], value[8])
 
 
 def _gen_prefix(kind: bytes, gen: int) -> bytes:
@@ -162,6 +174,8 @@ class LevelDBStorage:
                 raise StorageError(f"{self.path} holds data of an older zraft (no m/format); "
                                    "move it away, or restore a snapshot into a fresh data dir")
             self.db.put(_FORMAT, FORMAT, sync=True)
+        elif fmt == _UPGRADABLE:
+            self._upgrade_from_2()
         elif fmt != FORMAT:
             self.db.close()
             raise StorageError(f"{self.path} has storage format {fmt!r}; this zraft reads {FORMAT!r}")
@@ -186,6 +200,14 @@ class LevelDBStorage:
     def close(self) -> None:
         self.db.close()
 
+    def _upgrade_from_2(self) -> None:
+        """Format 2 to 3: every log record gets its entry type (all were normal), in one synced batch."""
+        with self.db.write_batch(sync=True) as wb:
+            with self.db.iterator(prefix=_LOG) as it:
+                for key, value in it:
+                    wb.put(key, value[:8] + _TYPE_BYTES[0] + value[8:])
+            wb.put(_FORMAT, FORMAT)
+
     # --- raft state -------------------------------------------------------------------
 
     def load_hard_state(self) -> HardState:
@@ -199,7 +221,7 @@ class LevelDBStorage:
         entries = []
         with self.db.iterator(prefix=_LOG) as it:
             for key, value in it:
-                entries.append(Entry(_U64.unpack_from(value)[0], _U64.unpack(key[len(_LOG):])[0], value[8:]))
+                entries.append(_log_entry(key, value))
         return LogState(self._snapshot_index, self._snapshot_term, entries)
 
     @property
@@ -223,7 +245,6 @@ class LevelDBStorage:
             return
         with self._log_lock:
             last = self._last_index
-            pack = _U64.pack
             with self.db.write_batch(sync=True) as wb:
                 for hard_state, entries in writes:
                     if hard_state is not None:
@@ -232,7 +253,7 @@ class LevelDBStorage:
                         for index in range(entries[0].index, last + 1):
                             wb.delete(_log_key(index))
                         for e in entries:
-                            wb.put(_LOG + pack(e.index), pack(e.term) + e.data)
+                            wb.put(_log_key(e.index), _log_value(e))
                         last = entries[-1].index
             self._last_index = last
 

@@ -8,18 +8,25 @@ client command once and nothing re-encodes it on the way to disk or to a peer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from enum import IntEnum
 from typing import ClassVar
 
 import msgpack
 
 
+class EntryType(IntEnum):
+    NORMAL = 0  # a state machine command (``b""``: a new leader's no-op)
+    CONFIG = 1  # a change of the cluster's membership: the core's business, never the state machine's
+
+
 @dataclass(slots=True)
 class Entry:
-    """One log entry. ``data`` is an encoded state machine command; ``b""`` is a no-op."""
+    """One log entry. ``data`` is an encoded state machine command (NORMAL) or configuration (CONFIG)."""
 
     term: int
     index: int
     data: bytes = b""
+    type: int = 0  # an EntryType; a plain int on the hot path
 
 
 @dataclass(slots=True)
@@ -187,15 +194,14 @@ _ENTRIES_POS = _FIELDS[AppendEntries].index("entries")
 def to_wire(msg: Message | StreamMessage) -> list:
     """The message as a msgpack-ready list: [type, field values in declaration order].
 
-    AppendEntries carries its entries as a flat list [term, data, term, data, ...]; their
-    indexes follow from prev_index, so they never travel.
+    AppendEntries carries its entries as a flat list [term, type, data, term, type, data, ...];
+    their indexes follow from prev_index, so they never travel.
     """
     values = [getattr(msg, name) for name in _FIELDS[type(msg)]]
     if isinstance(msg, AppendEntries):
         flat: list = []
         for e in msg.entries:
-            flat.append(e.term)
-            flat.append(e.data)
+            flat += (e.term, e.type, e.data)
         values[_ENTRIES_POS] = flat
     return [msg.TYPE, *values]
 
@@ -208,7 +214,7 @@ def from_wire(obj: list) -> Message | StreamMessage:
         if isinstance(msg, AppendEntries):
             flat = msg.entries
             base = msg.prev_index + 1
-            msg.entries = [Entry(flat[i], base + i // 2, flat[i + 1]) for i in range(0, len(flat), 2)]
+            msg.entries = [Entry(flat[i], base + i // 3, flat[i + 2], flat[i + 1]) for i in range(0, len(flat), 3)]
     except (KeyError, IndexError, TypeError) as exc:
         raise ValueError(f"malformed raft message: {exc}") from exc
     return msg
