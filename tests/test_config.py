@@ -430,7 +430,7 @@ def test_settings_defaults():
     assert (s.tick_ms, s.election_ticks, s.heartbeat_ticks) == (50, 10, 2)
     assert s.request_timeout_s == 4.0
     assert (s.max_key_bytes, s.max_value_bytes, s.max_request_bytes) == (4096, 1 << 20, 2 << 20)
-    assert (s.max_inflight_msgs, s.max_batch_bytes) == (256, 1 << 20)
+    assert (s.max_inflight_msgs, s.max_msg_bytes, s.max_inflight_bytes) == (256, 1 << 20, 64 << 20)
     assert (s.snapshot_threshold, s.snapshot_keep, s.snapshot_chunk_bytes, s.snapshot_window) == (
         10_000, 5_000, 256 << 10, 4)
     assert s.tick_s == 0.05
@@ -447,16 +447,34 @@ def test_settings_from_env_overrides_every_field():
         "ZRAFT_MAX_VALUE_BYTES": " 2000 ",
         "ZRAFT_MAX_REQUEST_BYTES": "1_000_000",
         "ZRAFT_MAX_INFLIGHT_MSGS": "8",
-        "ZRAFT_MAX_BATCH_BYTES": "65536",
+        "ZRAFT_MAX_MSG_BYTES": "65536",
         "ZRAFT_SNAPSHOT_THRESHOLD": "500",
         "ZRAFT_SNAPSHOT_KEEP": "50",
         "ZRAFT_SNAPSHOT_CHUNK_BYTES": "4096",
         "ZRAFT_SNAPSHOT_WINDOW": "2",
+        "ZRAFT_MAX_INFLIGHT_BYTES": "1000000",
     }
     s = Settings.from_env(env)
-    assert s == Settings(20, 15, 3, 1.5, 100, 2000, 1_000_000, 8, 65536, 500, 50, 4096, 2)
+    assert s == Settings(20, 15, 3, 1.5, 100, 2000, 1_000_000, 8, 65536, 500, 50, 4096, 2, 1_000_000)
     assert isinstance(s.tick_ms, int)
     assert isinstance(s.request_timeout_s, float)
+
+
+def test_settings_older_env_name_is_read_when_the_new_one_is_unset():
+    assert Settings.from_env({"ZRAFT_MAX_BATCH_BYTES": "4096"}).max_msg_bytes == 4096
+    assert Settings.from_env({"ZRAFT_MAX_BATCH_BYTES": "4096", "ZRAFT_MAX_MSG_BYTES": "8192"}).max_msg_bytes == 8192
+
+
+def test_settings_hand_the_core_and_the_driver_their_values_under_the_same_names():
+    s = Settings.from_env({"ZRAFT_HEARTBEAT_TICKS": "3", "ZRAFT_MAX_MSG_BYTES": "5000", "ZRAFT_ASYNC_STORAGE": "1",
+                           "ZRAFT_SNAPSHOT_THRESHOLD": "77"})
+    rc = s.raft_config(2, (1, 2, 3))
+    assert (rc.id, rc.voters, rc.heartbeat_ticks, rc.election_ticks) == (2, (1, 2, 3), 3, 10)
+    assert (rc.max_msg_bytes, rc.max_inflight_msgs, rc.max_inflight_bytes, rc.async_storage) == (
+        5000, 256, 64 << 20, True)
+    dc = s.driver_config()
+    assert (dc.snapshot_threshold, dc.snapshot_keep, dc.snapshot_chunk_bytes, dc.snapshot_window) == (
+        77, 5000, 256 << 10, 4)
 
 
 def test_settings_float_field_accepts_integers():

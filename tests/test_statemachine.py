@@ -16,19 +16,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from zraft.node.leveldb import LevelDBStorage
+from zraft.node.memory import MemoryStateStore
 from zraft.node.statemachine import (
     CAS,
     DELETE,
     PUT,
     SESSION_EXPIRED,
     KVStateMachine,
-    MemoryKV,
     SessionRecord,
     encode_cas,
     encode_delete,
     encode_put,
 )
-from zraft.node.storage import LevelDBStorage, MemoryStorage
 from zraft.raft.messages import Entry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,17 +63,15 @@ def apply(sm: KVStateMachine, *commands: bytes) -> list:
     return sm.apply(entries_after(sm.applied_index, *commands))
 
 
-@pytest.fixture(params=["memorykv", "memorystorage", "leveldb"])
+@pytest.fixture(params=["memory", "leveldb"])
 def backend(request, tmp_path):
-    if request.param == "memorykv":
-        b = MemoryKV()
-    elif request.param == "memorystorage":
-        b = MemoryStorage()
-    else:
-        b = LevelDBStorage(tmp_path / "db")
-    yield b
-    if hasattr(b, "close"):
-        b.close()
+    """The state machine's room of a node's storage, in memory or in LevelDB."""
+    if request.param == "memory":
+        yield MemoryStateStore()
+        return
+    storage = LevelDBStorage(tmp_path / "db")
+    yield storage.state
+    storage.close()
 
 
 @pytest.fixture
@@ -82,8 +80,8 @@ def sm(backend) -> KVStateMachine:
 
 
 def state_of(backend) -> dict[bytes, bytes]:
-    """Everything in the backend (MemoryKV has no items())."""
-    return dict(backend.items()) if hasattr(backend, "items") else dict(backend.data)
+    """Everything in the backend."""
+    return dict(backend.items())
 
 
 # --- encoding ----------------------------------------------------------------------------
@@ -267,7 +265,7 @@ def test_unknown_command_raises_and_applies_nothing_of_the_batch(sm, backend) ->
 
 
 def test_state_machine_starts_from_the_backend_applied_index() -> None:
-    kv = MemoryKV([(b"k", b"v")], applied_index=41)
+    kv = MemoryStateStore([(b"k", b"v")], applied_index=41)
     sm = KVStateMachine(kv)
     assert sm.applied_index == 41
     with pytest.raises(AssertionError):
@@ -350,13 +348,13 @@ def test_duplicate_within_one_batch(sm, backend) -> None:
 def test_sessions_survive_reopen(tmp_path) -> None:
     path = tmp_path / "db"
     storage = LevelDBStorage(path)
-    sm = KVStateMachine(storage)
+    sm = KVStateMachine(storage.state)
     apply(sm, put(b"k", b"v", (1, 1)), cas(b"k", b"v", b"\x00w", (2**63 - 1, 1)), delete(b"k", (1, 2)))
     before = dict(sm.sessions)
     storage.close()
 
     storage = LevelDBStorage(path)
-    sm = KVStateMachine(storage)
+    sm = KVStateMachine(storage.state)
     assert sm.sessions == before == {
         1: SessionRecord(2, {"deleted": True}, 3),
         2**63 - 1: SessionRecord(1, {"swapped": True, "value": b"\x00w"}, 2),
@@ -390,19 +388,19 @@ def test_eviction_does_not_depend_on_batching(tmp_path) -> None:
     cmds = [put(b"k%d" % c, b"v", (c, 1)) for c in range(1, 12)] + [put(b"late", b"x", (1, 2))]
     entries = [Entry(1, i + 1, c) for i, c in enumerate(cmds)]
 
-    one_by_one = KVStateMachine(MemoryKV(), max_sessions=10)
+    one_by_one = KVStateMachine(MemoryStateStore(), max_sessions=10)
     expected = [r for e in entries for r in one_by_one.apply([e])]
     assert expired(expected[-1])  # client 1 was forgotten when client 11 arrived
     assert one_by_one.get(b"late") is None
 
     for cut in (None, 11, 5):
         storage = LevelDBStorage(tmp_path / f"db{cut}")
-        sm = KVStateMachine(storage, max_sessions=10)
+        sm = KVStateMachine(storage.state, max_sessions=10)
         batches = [entries] if cut is None else [entries[:cut], entries[cut:]]
         results = [r for batch in batches for r in sm.apply(batch)]
         assert results == expected, cut
         assert sm.get(b"late") is None
-        assert sm.sessions == one_by_one.sessions == storage.load_sessions()
+        assert sm.sessions == one_by_one.sessions == storage.state.load_sessions()
         storage.close()
 
 
@@ -412,15 +410,15 @@ def test_eviction_does_not_depend_on_batching(tmp_path) -> None:
 def test_applied_index_and_data_survive_reopen(tmp_path) -> None:
     path = tmp_path / "db"
     storage = LevelDBStorage(path)
-    sm = KVStateMachine(storage)
+    sm = KVStateMachine(storage.state)
     apply(sm, put(b"a", b"1"), put(b"b", b"2"), NOOP)
     apply(sm, delete(b"a"), cas(b"b", b"2", b"3"), put(b"c", b""))
     storage.close()
 
     storage = LevelDBStorage(path)
-    sm = KVStateMachine(storage)
-    assert sm.applied_index == storage.applied_index == 6
-    assert storage.items() == [(b"b", b"3"), (b"c", b"")]
+    sm = KVStateMachine(storage.state)
+    assert sm.applied_index == storage.state.applied_index == 6
+    assert storage.state.items() == [(b"b", b"3"), (b"c", b"")]
     assert sm.get(b"a") is None
     # The reopened state machine continues at 7 and refuses a replay of 6.
     with pytest.raises(AssertionError):
@@ -429,19 +427,19 @@ def test_applied_index_and_data_survive_reopen(tmp_path) -> None:
     storage.close()
 
     storage = LevelDBStorage(path)
-    assert storage.applied_index == 7
-    assert storage.items() == [(b"b", b"3"), (b"c", b"4")]
+    assert storage.state.applied_index == 7
+    assert storage.state.items() == [(b"b", b"3"), (b"c", b"4")]
     storage.close()
 
 
 def test_noop_only_batch_persists_the_applied_index(tmp_path) -> None:
     storage = LevelDBStorage(tmp_path / "db")
-    sm = KVStateMachine(storage)
+    sm = KVStateMachine(storage.state)
     apply(sm, NOOP, NOOP, NOOP)
     storage.close()
     storage = LevelDBStorage(tmp_path / "db")
-    assert storage.applied_index == 3
-    assert storage.items() == []
+    assert storage.state.applied_index == 3
+    assert storage.state.items() == []
     storage.close()
 
 
@@ -449,10 +447,10 @@ _CRASH_CHILD = """
 import sys
 from zraft.raft.messages import Entry
 from zraft.node.statemachine import KVStateMachine, encode_delete, encode_put
-from zraft.node.storage import LevelDBStorage
+from zraft.node.leveldb import LevelDBStorage
 
 storage = LevelDBStorage(sys.argv[1])
-sm = KVStateMachine(storage)
+sm = KVStateMachine(storage.state)
 print("ready", sm.applied_index, flush=True)
 if sm.applied_index % 22 == 21:  # the last child was killed between the two batches of a round
     sm.apply([Entry(1, sm.applied_index + 1, encode_put(b"marker%d" % (sm.applied_index + 1), b"x"))])
@@ -470,8 +468,8 @@ while True:
 
 def check_consistent_prefix(storage: LevelDBStorage) -> int:
     """The state after a crash is exactly the state after some whole batch."""
-    applied = storage.applied_index
-    items = dict(storage.items())
+    applied = storage.state.applied_index
+    items = dict(storage.state.items())
     if applied == 0:
         assert items == {}
         return 0
@@ -629,7 +627,7 @@ def check_batches(scenario, backend, reopen=None, reopen_at: frozenset = frozens
     entries = [Entry(1, start + 1 + i, encode(c)) for i, c in enumerate(cmds)]
 
     # One entry at a time through a state machine on a dict.
-    single_kv = MemoryKV(initial.items(), start)
+    single_kv = MemoryStateStore(initial.items(), start)
     single_kv.sessions = dict(initial_sessions)
     single = KVStateMachine(single_kv, max_sessions)
     one_by_one = [normalized(r) for e in entries for r in single.apply([e])]
@@ -660,7 +658,7 @@ def check_batches(scenario, backend, reopen=None, reopen_at: frozenset = frozens
 @settings(max_examples=500, deadline=None)
 @given(scenarios())
 def test_any_batch_split_matches_one_by_one_on_memory(scenario) -> None:
-    check_batches(scenario, MemoryKV())
+    check_batches(scenario, MemoryStateStore())
 
 
 @settings(max_examples=250, deadline=None)
@@ -672,18 +670,19 @@ def test_any_batch_split_matches_one_by_one_on_leveldb_with_restarts(scenario, d
     with tempfile.TemporaryDirectory(prefix="zraft-test-sm-", dir=FAST_TMP) as d:
         stores = [LevelDBStorage(d)]
 
-        def reopen() -> LevelDBStorage:
+        def reopen():
             stores[-1].close()
             stores.append(LevelDBStorage(d))
-            return stores[-1]
+            return stores[-1].state
 
         try:
-            model = check_batches(scenario, stores[-1], reopen, reopen_at)
-            storage = reopen()  # and everything is there after a final restart
+            model = check_batches(scenario, stores[-1].state, reopen, reopen_at)
+            reopen()  # and everything is there after a final restart
+            storage = stores[-1]
             _, _, start, max_sessions, cmds, _ = scenario
-            sm = KVStateMachine(storage, max_sessions)
-            assert sm.applied_index == storage.applied_index == start + len(cmds)
-            assert dict(storage.items()) == model.data
+            sm = KVStateMachine(storage.state, max_sessions)
+            assert sm.applied_index == storage.state.applied_index == start + len(cmds)
+            assert dict(storage.state.items()) == model.data
             assert as_tuples(sm.sessions) == model.sessions
         finally:
             stores[-1].close()

@@ -1,8 +1,11 @@
 """LevelDBStorage against MemoryStorage (its model), and the LevelDB key layout.
 
-The stateful test drives both stores through random sequences of what a node does to
-them (append, suffix replacement, hard-state changes, applied batches, restarts) and
-checks after every step that the LevelDB store reads back exactly what the model holds.
+Both have two rooms (zraft.node.interfaces): ``log`` (the Raft log and hard state) and
+``state`` (the state machine's data, sessions, applied index, snapshots and staging), plus the
+writes that span them (``install_snapshot``, ``compact``). The stateful test drives both
+stores through random sequences of what a node does to them (append, suffix replacement,
+hard-state changes, applied batches, compaction, restarts) and checks after every step that
+the LevelDB store reads back exactly what the model holds.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from zraft.node.interfaces import LogState
+from zraft.node.leveldb import LevelDBStorage
+from zraft.node.memory import MemoryStorage
 from zraft.node.statemachine import SessionRecord
-from zraft.node.storage import LevelDBStorage, LogState, MemoryStorage
 from zraft.raft.core import HardState
 from zraft.raft.messages import Entry
 
@@ -68,21 +73,21 @@ def draw_entries(data: st.DataObject, start: int, prev_term: int, min_size: int)
 
 
 def assert_same(db: LevelDBStorage, model: MemoryStorage) -> None:
-    assert db.load_hard_state() == model.load_hard_state()
-    log = db.load_log()
-    expected = model.load_log()
+    assert db.log.load_hard_state() == model.log.load_hard_state()
+    log = db.log.load_log()
+    expected = model.log.load_log()
     assert (log.snapshot_index, log.snapshot_term) == (expected.snapshot_index, expected.snapshot_term)
     assert log.entries == expected.entries
     start = log.snapshot_index + 1
     assert [e.index for e in log.entries] == list(range(start, start + len(log.entries)))
     assert all(type(e.data) is bytes for e in log.entries)
-    assert db.last_index == model.last_index == expected.snapshot_index + len(expected.entries)
-    assert db.snapshot_index == model.snapshot_index
-    assert db.applied_index == model.applied_index
+    assert db.log.last_index == model.log.last_index == expected.snapshot_index + len(expected.entries)
+    assert db.log.snapshot_index == model.log.snapshot_index
+    assert db.state.applied_index == model.state.applied_index
     for k in KEYS:
-        assert db.get(k) == model.get(k), k
-    assert db.items() == model.items()
-    assert db.load_sessions() == model.load_sessions()
+        assert db.state.get(k) == model.state.get(k), k
+    assert db.state.items() == model.state.items()
+    assert db.state.load_sessions() == model.state.load_sessions()
 
 
 def raw_keys(db: LevelDBStorage) -> list[bytes]:
@@ -98,47 +103,45 @@ class StorageComparison(RuleBasedStateMachine):
         self.model = MemoryStorage()
 
     def term_at(self, index: int) -> int:
-        first = self.model.snapshot_index
-        if index == first:
-            return self.model.load_log().snapshot_term
-        return self.model.log[index - first - 1].term
+        log = self.model.log
+        return log.snap_term if index == log.snap_index else log.entries[index - log.snap_index - 1].term
 
     @rule(hard_state=st.none() | hard_states, data=st.data())
     def append(self, hard_state: HardState | None, data: st.DataObject) -> None:
-        last = self.model.last_index
+        last = self.model.log.last_index
         entries = draw_entries(data, last + 1, self.term_at(last), min_size=0)
-        self.db.save(hard_state, entries)
-        self.model.save(hard_state, entries)
+        self.db.log.save(hard_state, entries)
+        self.model.log.save(hard_state, entries)
 
     @rule(hard_state=st.none() | hard_states, data=st.data())
     def replace_suffix(self, hard_state: HardState | None, data: st.DataObject) -> None:
-        start = data.draw(st.integers(self.model.snapshot_index + 1, self.model.last_index + 1), label="start")
+        start = data.draw(st.integers(self.model.log.snapshot_index + 1, self.model.log.last_index + 1), label="start")
         entries = draw_entries(data, start, self.term_at(start - 1), min_size=1)
-        self.db.save(hard_state, entries)
-        self.model.save(hard_state, entries)
+        self.db.log.save(hard_state, entries)
+        self.model.log.save(hard_state, entries)
 
     @rule(hard_state=st.none() | hard_states)
     def hard_state_only(self, hard_state: HardState | None) -> None:
-        self.db.save(hard_state, [])
-        self.model.save(hard_state, [])
+        self.db.log.save(hard_state, [])
+        self.model.log.save(hard_state, [])
 
     @rule(updates=updates_st, step=st.integers(1, 3) | st.just(2**32), sessions=sessions_st)
     def write(self, updates: dict[bytes, bytes | None], step: int, sessions) -> None:
-        applied = self.model.applied_index + step
+        applied = self.model.state.applied_index + step
         if sessions is None:
-            self.db.write(dict(updates), applied)
-            self.model.write(dict(updates), applied)
+            self.db.state.write(dict(updates), applied)
+            self.model.state.write(dict(updates), applied)
         else:
-            self.db.write(dict(updates), applied, dict(sessions))
-            self.model.write(dict(updates), applied, dict(sessions))
+            self.db.state.write(dict(updates), applied, dict(sessions))
+            self.model.state.write(dict(updates), applied, dict(sessions))
 
     @rule(data=st.data())
     def compact(self, data: st.DataObject) -> None:
         """Drop the log up to an applied index (the state machine covers it)."""
-        top = min(self.model.applied_index, self.model.last_index)
-        if top <= self.model.snapshot_index:
+        top = min(self.model.state.applied_index, self.model.log.last_index)
+        if top <= self.model.log.snapshot_index:
             return
-        index = data.draw(st.integers(self.model.snapshot_index + 1, top), label="compact_to")
+        index = data.draw(st.integers(self.model.log.snapshot_index + 1, top), label="compact_to")
         term = self.term_at(index)
         self.db.compact(index, term)
         self.model.compact(index, term)
@@ -164,9 +167,9 @@ class StorageComparison(RuleBasedStateMachine):
                 session_keys.append(k)
             else:
                 assert k in META_KEYS, k
-        assert log_keys == [b"l/" + U64.pack(e.index) for e in self.model.log]
-        assert data_keys == [k for k, _ in self.model.items()]
-        assert session_keys == [SESSION0 + U64.pack(c) for c in sorted(self.model.sessions)]
+        assert log_keys == [b"l/" + U64.pack(e.index) for e in self.model.log.entries]
+        assert data_keys == [k for k, _ in self.model.state.items()]
+        assert session_keys == [SESSION0 + U64.pack(c) for c in sorted(self.model.state.sessions)]
 
     def teardown(self) -> None:
         try:
@@ -195,39 +198,39 @@ def store(request, tmp_path):
 
 
 def test_empty_store_defaults(store) -> None:
-    assert store.load_hard_state() == HardState(0, None)
-    assert store.load_log() == LogState(0, 0, [])
-    assert store.last_index == 0
-    assert store.applied_index == 0
+    assert store.log.load_hard_state() == HardState(0, None)
+    assert store.log.load_log() == LogState(0, 0, [])
+    assert store.log.last_index == 0
+    assert store.state.applied_index == 0
     for k in KEYS:
-        assert store.get(k) is None
-    assert store.items() == []
-    assert store.load_sessions() == {}
+        assert store.state.get(k) is None
+    assert store.state.items() == []
+    assert store.state.load_sessions() == {}
 
 
 def test_empty_save_changes_nothing(store) -> None:
-    store.save(None, [])
-    assert store.load_hard_state() == HardState()
-    assert store.load_log().entries == []
-    assert store.last_index == 0
+    store.log.save(None, [])
+    assert store.log.load_hard_state() == HardState()
+    assert store.log.load_log().entries == []
+    assert store.log.last_index == 0
 
 
 def test_empty_leveldb_store_writes_only_its_format(tmp_path) -> None:
     s = LevelDBStorage(tmp_path / "db")
-    s.save(None, [])
+    s.log.save(None, [])
     assert raw_keys(s) == [b"m/format"]
     s.close()
     s = LevelDBStorage(tmp_path / "db")
-    assert (s.last_index, s.applied_index, s.load_hard_state()) == (0, 0, HardState())
+    assert (s.log.last_index, s.state.applied_index, s.log.load_hard_state()) == (0, 0, HardState())
     s.close()
 
 
 def test_save_truncates_longer_suffix(store) -> None:
-    store.save(HardState(1, 1), [Entry(1, i, b"old%d" % i) for i in range(1, 8)])
-    store.save(HardState(2, None), [Entry(2, 4, b"new4"), Entry(2, 5, b"new5")])
-    assert store.last_index == 5
-    assert store.load_hard_state() == HardState(2, None)
-    assert store.load_log().entries == [
+    store.log.save(HardState(1, 1), [Entry(1, i, b"old%d" % i) for i in range(1, 8)])
+    store.log.save(HardState(2, None), [Entry(2, 4, b"new4"), Entry(2, 5, b"new5")])
+    assert store.log.last_index == 5
+    assert store.log.load_hard_state() == HardState(2, None)
+    assert store.log.load_log().entries == [
         Entry(1, 1, b"old1"),
         Entry(1, 2, b"old2"),
         Entry(1, 3, b"old3"),
@@ -235,40 +238,40 @@ def test_save_truncates_longer_suffix(store) -> None:
         Entry(2, 5, b"new5"),
     ]
     # Replacing from the very first index drops everything.
-    store.save(None, [Entry(3, 1, b"")])
-    assert store.last_index == 1
-    assert store.load_log().entries == [Entry(3, 1, b"")]
-    assert store.load_hard_state() == HardState(2, None)
+    store.log.save(None, [Entry(3, 1, b"")])
+    assert store.log.last_index == 1
+    assert store.log.load_log().entries == [Entry(3, 1, b"")]
+    assert store.log.load_hard_state() == HardState(2, None)
 
 
 def test_reopened_store_keeps_everything(tmp_path) -> None:
     path = tmp_path / "db"
     s = LevelDBStorage(path)
     entries = [Entry(1, 1, b""), Entry(1, 2, b"\x00cmd"), Entry(3, 3, b"x" * 1000)]
-    s.save(HardState(3, 2), entries)
-    s.write({b"k1": b"v1", b"k2": b"", b"gone": b"soon"}, 2)
-    s.write({b"gone": None, b"k3": b"\xff"}, 3, {9: SessionRecord(4, {"swapped": False, "value": b"v1"}, 3)})
+    s.log.save(HardState(3, 2), entries)
+    s.state.write({b"k1": b"v1", b"k2": b"", b"gone": b"soon"}, 2)
+    s.state.write({b"gone": None, b"k3": b"\xff"}, 3, {9: SessionRecord(4, {"swapped": False, "value": b"v1"}, 3)})
     s.close()
 
     s = LevelDBStorage(path)
-    assert s.load_hard_state() == HardState(3, 2)
-    assert s.load_log() == LogState(0, 0, entries)
-    assert s.last_index == 3
-    assert s.applied_index == 3
-    assert s.get(b"k1") == b"v1"
-    assert s.get(b"k2") == b""
-    assert s.get(b"gone") is None
-    assert s.items() == [(b"k1", b"v1"), (b"k2", b""), (b"k3", b"\xff")]
-    assert s.load_sessions() == {9: SessionRecord(4, {"swapped": False, "value": b"v1"}, 3)}
+    assert s.log.load_hard_state() == HardState(3, 2)
+    assert s.log.load_log() == LogState(0, 0, entries)
+    assert s.log.last_index == 3
+    assert s.state.applied_index == 3
+    assert s.state.get(b"k1") == b"v1"
+    assert s.state.get(b"k2") == b""
+    assert s.state.get(b"gone") is None
+    assert s.state.items() == [(b"k1", b"v1"), (b"k2", b""), (b"k3", b"\xff")]
+    assert s.state.load_sessions() == {9: SessionRecord(4, {"swapped": False, "value": b"v1"}, 3)}
 
     # It keeps working after the reopen: a truncation and a vote with no candidate.
-    s.save(HardState(4, None), [Entry(4, 2, b"y")])
+    s.log.save(HardState(4, None), [Entry(4, 2, b"y")])
     s.close()
     s = LevelDBStorage(path)
-    assert s.load_hard_state() == HardState(4, None)
-    assert s.load_log().entries == [Entry(1, 1, b""), Entry(4, 2, b"y")]
-    assert s.last_index == 2
-    assert s.applied_index == 3
+    assert s.log.load_hard_state() == HardState(4, None)
+    assert s.log.load_log().entries == [Entry(1, 1, b""), Entry(4, 2, b"y")]
+    assert s.log.last_index == 2
+    assert s.state.applied_index == 3
     s.close()
 
 
@@ -297,34 +300,34 @@ BINARY_ITEMS = (
 
 def check_binary_items(s) -> None:
     for k, v in BINARY_ITEMS:
-        assert s.get(k) == v, k
-    assert s.get(b"m/nothing") is None
-    assert s.get(b"\x00\x00\x00") is None
-    assert s.items() == sorted(BINARY_ITEMS)
+        assert s.state.get(k) == v, k
+    assert s.state.get(b"m/nothing") is None
+    assert s.state.get(b"\x00\x00\x00") is None
+    assert s.state.items() == sorted(BINARY_ITEMS)
     # Data keys that look like internal keys leave the raft state alone.
-    assert s.load_hard_state() == HardState(5, 3)
-    assert s.load_log() == LogState(0, 0, [Entry(5, 1, ALL_BYTES), Entry(5, 2, b"")])
-    assert s.last_index == 2
-    assert s.applied_index == 2
-    assert s.load_sessions() == {}
+    assert s.log.load_hard_state() == HardState(5, 3)
+    assert s.log.load_log() == LogState(0, 0, [Entry(5, 1, ALL_BYTES), Entry(5, 2, b"")])
+    assert s.log.last_index == 2
+    assert s.state.applied_index == 2
+    assert s.state.load_sessions() == {}
 
 
 def test_binary_keys_and_values(store) -> None:
-    store.save(HardState(5, 3), [Entry(5, 1, ALL_BYTES), Entry(5, 2, b"")])
-    store.write(dict(BINARY_ITEMS), 2)
+    store.log.save(HardState(5, 3), [Entry(5, 1, ALL_BYTES), Entry(5, 2, b"")])
+    store.state.write(dict(BINARY_ITEMS), 2)
     check_binary_items(store)
 
 
 def test_binary_keys_and_values_survive_reopen(tmp_path) -> None:
     s = LevelDBStorage(tmp_path / "db")
-    s.save(HardState(5, 3), [Entry(5, 1, ALL_BYTES), Entry(5, 2, b"")])
-    s.write(dict(BINARY_ITEMS), 2)
+    s.log.save(HardState(5, 3), [Entry(5, 1, ALL_BYTES), Entry(5, 2, b"")])
+    s.state.write(dict(BINARY_ITEMS), 2)
     s.close()
     s = LevelDBStorage(tmp_path / "db")
     try:
         check_binary_items(s)
-        s.write({k: None for k, _ in BINARY_ITEMS}, 3)
-        assert s.items() == []
+        s.state.write({k: None for k, _ in BINARY_ITEMS}, 3)
+        assert s.state.items() == []
         assert raw_keys(s) == [b"l/" + U64.pack(1), b"l/" + U64.pack(2), b"m/applied", b"m/format",
                                b"m/hardstate"]
     finally:
@@ -341,16 +344,16 @@ def test_log_keys_sort_numerically_beyond_byte_boundaries(tmp_path) -> None:
     s = LevelDBStorage(path)
     # One save (it only deletes the range it replaces, so sparse indexes are fine here).
     entries = [Entry(i % 1000 + 1, i, b"e%d" % i) for i in BOUNDARIES]
-    s.save(None, entries)
-    assert s.last_index == 2**40 + 3
+    s.log.save(None, entries)
+    assert s.log.last_index == 2**40 + 3
     for i in BOUNDARIES:
         assert s.db.get(b"l/" + i.to_bytes(8, "big")) == U64.pack(i % 1000 + 1) + b"\x00" + b"e%d" % i  # type 0
-    assert s.load_log().entries == entries
+    assert s.log.load_log().entries == entries
     s.close()
 
     s = LevelDBStorage(path)
-    assert s.last_index == 2**40 + 3
-    assert [e.index for e in s.load_log().entries] == BOUNDARIES
+    assert s.log.last_index == 2**40 + 3
+    assert [e.index for e in s.log.load_log().entries] == BOUNDARIES
     s.close()
 
 
@@ -360,40 +363,41 @@ def test_truncation_across_a_byte_boundary(tmp_path, base) -> None:
     s = LevelDBStorage(path)
     # A contiguous run base-3 .. base+3 (the storage does not care where the log starts).
     first = [Entry(7, i, b"a%d" % i) for i in range(base - 3, base + 4)]
-    s.save(HardState(7, 1), first)
-    assert s.last_index == base + 3
+    s.log.save(HardState(7, 1), first)
+    assert s.log.last_index == base + 3
     # Replace from base-1: base-1 .. base+3 go, base-1 .. base come in.
     second = [Entry(8, base - 1, b"b1"), Entry(8, base, b"b2")]
-    s.save(HardState(8, 2), second)
-    assert s.last_index == base
+    s.log.save(HardState(8, 2), second)
+    assert s.log.last_index == base
     expected = first[:2] + second
-    assert s.load_log().entries == expected
+    assert s.log.load_log().entries == expected
     s.close()
 
     s = LevelDBStorage(path)
-    assert s.last_index == base
-    assert s.load_log().entries == expected
-    assert s.load_hard_state() == HardState(8, 2)
+    assert s.log.last_index == base
+    assert s.log.load_log().entries == expected
+    assert s.log.load_hard_state() == HardState(8, 2)
     # Append across the boundary again after the reopen.
-    s.save(None, [Entry(8, base + 1, b"c")])
-    assert [e.index for e in s.load_log().entries] == list(range(base - 3, base + 2))
+    s.log.save(None, [Entry(8, base + 1, b"c")])
+    assert [e.index for e in s.log.load_log().entries] == list(range(base - 3, base + 2))
     s.close()
 
 
 def test_applied_index_and_term_are_big_endian_u64(tmp_path) -> None:
     s = LevelDBStorage(tmp_path / "db")
-    s.write({}, 2**32 + 5, applied_term=7)
+    s.state.write({}, 2**32 + 5, applied_term=7)
     assert s.db.get(b"m/applied") == (2**32 + 5).to_bytes(8, "big") + (7).to_bytes(8, "big")
     s.close()
     s = LevelDBStorage(tmp_path / "db")
-    assert (s.applied_index, s.applied_term) == (2**32 + 5, 7)
-    assert s.items() == []
+    assert (s.state.applied_index, s.state.applied_term) == (2**32 + 5, 7)
+    assert s.state.items() == []
     s.close()
 
 
 # --- compaction, staged snapshots, generations -----------------------------------------------
 
-from zraft.node.storage import REC_DATA, REC_SESSION, StorageError, decode_chunk, restore_into  # noqa: E402
+from zraft.node.leveldb import StorageError, restore_into  # noqa: E402
+from zraft.node.statemachine import REC_DATA, REC_SESSION, decode_chunk  # noqa: E402
 from zraft.raft.core import SnapshotMeta  # noqa: E402
 
 
@@ -405,22 +409,22 @@ def chunk(*records: tuple[int, bytes, bytes]) -> bytes:
 
 def filled(tmp_path, n_entries: int = 10, applied: int = 6) -> LevelDBStorage:
     s = LevelDBStorage(tmp_path / "db")
-    s.save(HardState(2, 1), [Entry(1 if i <= 4 else 2, i, b"e%d" % i) for i in range(1, n_entries + 1)])
-    s.write({b"a": b"1", b"b": b"2"}, applied, {7: SessionRecord(3, {}, applied)}, applied_term=2)
+    s.log.save(HardState(2, 1), [Entry(1 if i <= 4 else 2, i, b"e%d" % i) for i in range(1, n_entries + 1)])
+    s.state.write({b"a": b"1", b"b": b"2"}, applied, {7: SessionRecord(3, {}, applied)}, applied_term=2)
     return s
 
 
 def test_compact_drops_the_prefix_keeps_the_tail_and_survives_reopen(tmp_path) -> None:
     s = filled(tmp_path)
     s.compact(5, 2)
-    assert s.load_log() == LogState(5, 2, [Entry(2, i, b"e%d" % i) for i in range(6, 11)])
+    assert s.log.load_log() == LogState(5, 2, [Entry(2, i, b"e%d" % i) for i in range(6, 11)])
     assert [k for k in raw_keys(s) if k.startswith(b"l/")] == [b"l/" + U64.pack(i) for i in range(6, 11)]
     s.close()
     s = LevelDBStorage(tmp_path / "db")
-    assert (s.snapshot_index, s.last_index) == (5, 10)
-    assert s.load_log().entries[0] == Entry(2, 6, b"e6")
+    assert (s.log.snapshot_index, s.log.last_index) == (5, 10)
+    assert s.log.load_log().entries[0] == Entry(2, 6, b"e6")
     s.compact(3, 1)  # behind the current start: nothing happens
-    assert s.snapshot_index == 5
+    assert s.log.snapshot_index == 5
     with pytest.raises(ValueError, match="past the applied index"):
         s.compact(7, 2)
     s.close()
@@ -428,70 +432,70 @@ def test_compact_drops_the_prefix_keeps_the_tail_and_survives_reopen(tmp_path) -
 
 def test_snapshot_view_is_a_point_in_time_copy(tmp_path) -> None:
     s = filled(tmp_path)
-    view = s.open_snapshot()
-    s.write({b"a": None, b"c": b"3"}, 7, applied_term=2)  # after the view was taken
+    view = s.state.open_snapshot()
+    s.state.write({b"a": None, b"c": b"3"}, 7, applied_term=2)  # after the view was taken
     records = [r for c in view.chunks(chunk_bytes=1) for r in decode_chunk(c)]
     view.close()
     assert (view.index, view.term) == (6, 2)
     assert records == [(REC_DATA, b"a", b"1"), (REC_DATA, b"b", b"2"),
                        (REC_SESSION, U64.pack(7), records[2][2])]
-    assert s.items() == [(b"b", b"2"), (b"c", b"3")]
+    assert s.state.items() == [(b"b", b"2"), (b"c", b"3")]
     s.close()
 
 
 @pytest.mark.parametrize("reset_log", [True, False])
 def test_install_staged_replaces_the_state_and_moves_the_log_start(tmp_path, reset_log: bool) -> None:
     s = filled(tmp_path)
-    s.begin_staging()
-    s.stage(chunk((REC_DATA, b"x", b"from-leader"), (REC_DATA, b"y", b"")))
-    s.stage(chunk((REC_SESSION, U64.pack(9), b"\x93\x05\x80\x08")))
+    s.state.begin_staging()
+    s.state.stage(chunk((REC_DATA, b"x", b"from-leader"), (REC_DATA, b"y", b"")))
+    s.state.stage(chunk((REC_SESSION, U64.pack(9), b"\x93\x05\x80\x08")))
     # Until the install, the live state is untouched.
-    assert s.items() == [(b"a", b"1"), (b"b", b"2")]
-    s.install_staged(SnapshotMeta(8, 2, reset_log))
-    assert s.items() == [(b"x", b"from-leader"), (b"y", b"")]
-    assert (s.applied_index, s.applied_term) == (8, 2)
-    assert s.load_sessions() == {9: SessionRecord(5, {}, 8)}
+    assert s.state.items() == [(b"a", b"1"), (b"b", b"2")]
+    s.install_snapshot(SnapshotMeta(8, 2, reset_log), None, [])
+    assert s.state.items() == [(b"x", b"from-leader"), (b"y", b"")]
+    assert (s.state.applied_index, s.state.applied_term) == (8, 2)
+    assert s.state.load_sessions() == {9: SessionRecord(5, {}, 8)}
     expect_tail = [] if reset_log else [Entry(2, 9, b"e9"), Entry(2, 10, b"e10")]
-    assert s.load_log() == LogState(8, 2, expect_tail)
-    assert s.last_index == (8 if reset_log else 10)
+    assert s.log.load_log() == LogState(8, 2, expect_tail)
+    assert s.log.last_index == (8 if reset_log else 10)
     # The old generation is garbage, collected a bounded batch at a time.
-    assert s.has_garbage
-    while s.has_garbage:
-        assert s.collect_garbage(max_keys=1) <= 1
+    assert s.state.has_garbage
+    while s.state.has_garbage:
+        assert s.state.collect_garbage(max_keys=1) <= 1
     assert not [k for k in raw_keys(s) if k[:1] in (b"d", b"s") and k[1:5] == bytes(4)]
     s.close()
     s = LevelDBStorage(tmp_path / "db")
-    assert s.items() == [(b"x", b"from-leader"), (b"y", b"")]
-    assert s.load_log() == LogState(8, 2, expect_tail) and not s.has_garbage
+    assert s.state.items() == [(b"x", b"from-leader"), (b"y", b"")]
+    assert s.log.load_log() == LogState(8, 2, expect_tail) and not s.state.has_garbage
     s.close()
 
 
 def test_a_crash_while_staging_leaves_the_old_state_whole(tmp_path) -> None:
     s = filled(tmp_path)
-    s.begin_staging()
-    s.stage(chunk(*[(REC_DATA, b"k%d" % i, b"v") for i in range(50)]))
+    s.state.begin_staging()
+    s.state.stage(chunk(*[(REC_DATA, b"k%d" % i, b"v") for i in range(50)]))
     s.close()  # the process dies before the install
     s = LevelDBStorage(tmp_path / "db")
-    assert s.items() == [(b"a", b"1"), (b"b", b"2")]
-    assert s.applied_index == 6 and s.load_log().snapshot_index == 0
-    assert s.has_garbage  # the half-staged generation
-    s.collect_garbage(max_keys=10_000)
+    assert s.state.items() == [(b"a", b"1"), (b"b", b"2")]
+    assert s.state.applied_index == 6 and s.log.load_log().snapshot_index == 0
+    assert s.state.has_garbage  # the half-staged generation
+    s.state.collect_garbage(max_keys=10_000)
     assert [k for k in raw_keys(s) if k.startswith(b"d")] == [b"d" + bytes(4) + b"a", b"d" + bytes(4) + b"b"]
     # A new stream starts over cleanly.
-    s.begin_staging()
-    s.stage(chunk((REC_DATA, b"only", b"this")))
-    s.install_staged(SnapshotMeta(9, 2, True))
-    assert s.items() == [(b"only", b"this")]
+    s.state.begin_staging()
+    s.state.stage(chunk((REC_DATA, b"only", b"this")))
+    s.install_snapshot(SnapshotMeta(9, 2, True), None, [])
+    assert s.state.items() == [(b"only", b"this")]
     s.close()
 
 
 def test_discarded_staging_is_collected_and_the_live_state_stays(tmp_path) -> None:
     s = filled(tmp_path)
-    s.begin_staging()
-    s.stage(chunk((REC_DATA, b"nope", b"x")))
-    s.discard_staged()
-    s.collect_garbage()
-    assert s.items() == [(b"a", b"1"), (b"b", b"2")]
+    s.state.begin_staging()
+    s.state.stage(chunk((REC_DATA, b"nope", b"x")))
+    s.state.discard_staged()
+    s.state.collect_garbage()
+    assert s.state.items() == [(b"a", b"1"), (b"b", b"2")]
     assert not [k for k in raw_keys(s) if k.startswith(b"d" + U32(1))]
     s.close()
 
@@ -512,9 +516,9 @@ def test_restore_into_a_fresh_dir_and_never_over_an_existing_one(tmp_path) -> No
                                                                                     b"\x93\x01\x80\x28"))]))
     assert n == 2
     s = LevelDBStorage(tmp_path / "db")
-    assert (s.applied_index, s.applied_term, s.snapshot_index) == (40, 3, 40)
-    assert s.load_hard_state() == HardState(3, None)
-    assert s.items() == [(b"k", b"v")] and s.load_sessions() == {1: SessionRecord(1, {}, 40)}
+    assert (s.state.applied_index, s.state.applied_term, s.log.snapshot_index) == (40, 3, 40)
+    assert s.log.load_hard_state() == HardState(3, None)
+    assert s.state.items() == [(b"k", b"v")] and s.state.load_sessions() == {1: SessionRecord(1, {}, 40)}
     s.close()
     with pytest.raises(StorageError, match="not empty"):
         restore_into(tmp_path / "db", 1, 1, iter([]))
@@ -540,11 +544,11 @@ def test_entry_types_are_stored_and_read_back(tmp_path) -> None:
 
     s = LevelDBStorage(tmp_path / "db")
     entries = [Entry(1, 1, b"cmd"), Entry(1, 2, b"members", EntryType.CONFIG), Entry(2, 3, b"")]
-    s.save(HardState(2, None), entries)
+    s.log.save(HardState(2, None), entries)
     s.close()
     s = LevelDBStorage(tmp_path / "db")
-    assert s.load_log().entries == entries
-    assert [e.type for e in s.load_log().entries] == [EntryType.NORMAL, EntryType.CONFIG, EntryType.NORMAL]
+    assert s.log.load_log().entries == entries
+    assert [e.type for e in s.log.load_log().entries] == [EntryType.NORMAL, EntryType.CONFIG, EntryType.NORMAL]
     s.close()
 
 
@@ -560,10 +564,82 @@ def test_a_format_2_database_is_upgraded_in_place(tmp_path) -> None:
     db.put(b"d" + bytes(4) + b"k", b"v")
     db.close()
     s = LevelDBStorage(tmp_path / "db")
-    assert s.load_log().entries == [Entry(1, 1, b"a"), Entry(3, 2, b""), Entry(3, 3, b"\x01\x02")]
-    assert s.load_hard_state() == HardState(3, 2) and s.get(b"k") == b"v"
+    assert s.log.load_log().entries == [Entry(1, 1, b"a"), Entry(3, 2, b""), Entry(3, 3, b"\x01\x02")]
+    assert s.log.load_hard_state() == HardState(3, 2) and s.state.get(b"k") == b"v"
     assert s.db.get(b"m/format") == b"3"
     s.close()
     s = LevelDBStorage(tmp_path / "db")  # a second open reads format 3 as it is
-    assert s.load_log().entries[2] == Entry(3, 3, b"\x01\x02")
+    assert s.log.load_log().entries[2] == Entry(3, 3, b"\x01\x02")
+    s.close()
+
+
+def test_a_new_stream_stages_beside_an_abandoned_one_without_deleting_it_first(tmp_path) -> None:
+    """Staging never stalls the loop: a stream that begins while an earlier one's staged keys are
+    still there stages into a fresh generation; the old keys go to the bounded collector."""
+    s = filled(tmp_path)
+    s.state.begin_staging()
+    s.state.stage(chunk(*[(REC_DATA, b"old%05d" % i, b"v") for i in range(3000)]))
+    s.state.begin_staging()  # the first stream was abandoned: a new one begins
+    old = [k for k in raw_keys(s) if k.startswith(b"d" + U32(1))]
+    assert len(old) == 3000, "begin_staging deleted the old stream's keys itself"
+    s.state.stage(chunk((REC_DATA, b"new", b"n")))
+    rounds = 0
+    while s.state.has_garbage:
+        assert s.state.collect_garbage(max_keys=1000) <= 1000
+        rounds += 1
+    assert rounds >= 3 and not [k for k in raw_keys(s) if k.startswith(b"d" + U32(1))]
+    s.install_snapshot(SnapshotMeta(8, 2, True), None, [])
+    assert s.state.items() == [(b"new", b"n")]
+    s.close()
+    s = LevelDBStorage(tmp_path / "db")  # and a restart finds the newest generation live
+    assert s.state.items() == [(b"new", b"n")]
+    s.close()
+
+
+def test_install_snapshot_writes_the_readys_hard_state_and_entries_in_the_same_batch(tmp_path) -> None:
+    """One synced batch: the staged state, the log's new start, the Ready's hard state and entries.
+    A crash can never leave the snapshot installed under a term older than its own."""
+    s = filled(tmp_path)
+    s.state.begin_staging()
+    s.state.stage(chunk((REC_DATA, b"x", b"1")))
+    batches: list[list[bytes]] = []
+    db = s.db
+    real = db.write_batch
+
+    class Recording:
+        def __init__(self, **kw: object) -> None:
+            self.kw, self.wb, self.keys = kw, real(**kw), []
+
+        def put(self, k: bytes, v: bytes) -> None:
+            self.keys.append(k)
+            self.wb.put(k, v)
+
+        def delete(self, k: bytes) -> None:
+            self.keys.append(k)
+            self.wb.delete(k)
+
+        def __enter__(self) -> Recording:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.wb.__exit__(*exc)
+            if self.kw.get("sync"):
+                batches.append(self.keys)
+
+    class RecordingDB:  # (a plyvel DB's methods can't be patched: wrap it)
+        write_batch = Recording
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(db, name)
+
+    s.db = RecordingDB()  # type: ignore[assignment]
+    s.install_snapshot(SnapshotMeta(12, 5, True), HardState(6, None), [Entry(6, 13, b"next")])
+    s.db = db
+    assert len(batches) == 1
+    assert {b"m/gen", b"m/applied", b"m/logstart", b"m/hardstate", b"l/" + U64.pack(13)} <= set(batches[0])
+    s.close()
+    s = LevelDBStorage(tmp_path / "db")
+    assert s.log.load_hard_state() == HardState(6, None)
+    assert s.log.load_log() == LogState(12, 5, [Entry(6, 13, b"next")])
+    assert (s.state.applied_index, s.state.items()) == (12, [(b"x", b"1")])
     s.close()

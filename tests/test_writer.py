@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from zraft.node.storage import LevelDBStorage
+from zraft.node.leveldb import LevelDBStorage
 from zraft.node.writer import StorageWriter, StorageWriterError
 from zraft.raft.core import HardState
 from zraft.raft.messages import Entry
@@ -19,12 +19,13 @@ def ents(first: int, *terms: int) -> list[Entry]:
 
 @pytest.fixture
 def storage(tmp_path):
+    """The log room of a LevelDB storage: what the writer writes to."""
     s = LevelDBStorage(tmp_path / "db")
-    yield s
+    yield s.log
     s.close()
 
 
-def test_writes_land_in_order_and_the_eventfd_says_when(storage: LevelDBStorage) -> None:
+def test_writes_land_in_order_and_the_eventfd_says_when(storage) -> None:
     w = StorageWriter(storage)
     try:
         a = w.submit(HardState(1, 1), ents(1, 1, 1, 1))
@@ -41,7 +42,7 @@ def test_writes_land_in_order_and_the_eventfd_says_when(storage: LevelDBStorage)
     assert storage.load_hard_state() == HardState(2, None)
 
 
-def test_writes_queued_during_a_sync_share_its_successor(storage: LevelDBStorage) -> None:
+def test_writes_queued_during_a_sync_share_its_successor(storage) -> None:
     """Group commit: while one batch syncs, everything submitted meanwhile goes into the next one."""
     gate = threading.Event()
     original = storage.save_many
@@ -63,7 +64,7 @@ def test_writes_queued_during_a_sync_share_its_successor(storage: LevelDBStorage
     assert storage.last_index == 50
 
 
-def test_close_finishes_what_is_queued(storage: LevelDBStorage) -> None:
+def test_close_finishes_what_is_queued(storage) -> None:
     w = StorageWriter(storage)
     for i in range(1, 201):
         w.submit(HardState(i, None), ents(i, i))
@@ -71,7 +72,7 @@ def test_close_finishes_what_is_queued(storage: LevelDBStorage) -> None:
     assert storage.last_index == 200 and storage.load_hard_state() == HardState(200, None)
 
 
-def test_a_failed_write_stops_the_node_with_the_cause(storage: LevelDBStorage) -> None:
+def test_a_failed_write_stops_the_node_with_the_cause(storage) -> None:
     def broken(_writes):
         raise OSError(28, "No space left on device")
 

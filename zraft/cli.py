@@ -85,8 +85,8 @@ def node(
     """Run one node in the foreground (what `cluster up` spawns; also how a node runs on its own host)."""
     import zmq
 
+    from zraft.node.leveldb import StorageError
     from zraft.node.server import run_node
-    from zraft.node.storage import StorageError
 
     cluster = _load(config)
     try:

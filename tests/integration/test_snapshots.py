@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from zraft.node.storage import REC_DATA, decode_chunk
+from zraft.node.statemachine import REC_DATA, decode_chunk
 
 from .cluster import Cluster, request, run_zraft
 

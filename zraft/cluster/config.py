@@ -23,7 +23,11 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from zraft.node.driver import DriverConfig
+    from zraft.raft.core import RaftConfig
 
 __all__ = [
     "ClusterConfig",
@@ -275,6 +279,9 @@ class Settings:
     For example ``ZRAFT_TICK_MS=20`` or ``ZRAFT_REQUEST_TIMEOUT_S=1.5``. Numbers must be
     positive; switches (``ZRAFT_ASYNC_STORAGE=0``) take 1/0, true/false, yes/no or on/off;
     ``heartbeat_ticks`` must be less than ``election_ticks``.
+
+    This is the one place a node's tunables come from: :meth:`raft_config` and
+    :meth:`driver_config` hand the core and the driver theirs, under the same names.
     """
 
     tick_ms: int = 50
@@ -284,18 +291,20 @@ class Settings:
     max_key_bytes: int = 4096
     max_value_bytes: int = 1 << 20
     max_request_bytes: int = 2 << 20
-    max_inflight_msgs: int = 256
-    max_batch_bytes: int = 1 << 20
+    max_inflight_msgs: int = 256  # pipelining window per follower, in AppendEntries messages
+    max_msg_bytes: int = 1 << 20  # entry bytes per AppendEntries (soft: one entry always goes)
     snapshot_threshold: int = 10_000  # compact the log once it holds this many applied entries
     snapshot_keep: int = 5_000  # applied entries kept after a compaction, for followers a little behind
     snapshot_chunk_bytes: int = 256 << 10  # size of one InstallSnapshot chunk
     snapshot_window: int = 4  # chunks in flight per snapshot stream
+    max_inflight_bytes: int = 64 << 20  # ... and in entry bytes, per follower
     # Raft log writes in a background thread while the loop goes on (zraft.node.writer). Off by default:
     # on a 2-core host the thread hand-offs cost more than the overlap gains (docs/BENCHMARKS.md).
     async_storage: bool = False
     http_api: bool = True  # serve the HTTP API on each node's http_port (zraft.api.http)
 
     ENV_PREFIX = "ZRAFT_"  # not a field: no annotation
+    ENV_ALIASES = {"max_msg_bytes": "ZRAFT_MAX_BATCH_BYTES"}  # older names, read when the new one is unset
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -309,6 +318,26 @@ class Settings:
     @property
     def tick_s(self) -> float:
         return self.tick_ms / 1000.0
+
+    @property
+    def peer_frame_bytes(self) -> int:
+        """The largest peer frame a node takes (ZeroMQ's MAXMSGSIZE); senders cut frames well below it."""
+        return 4 * self.max_msg_bytes + (1 << 20)
+
+    def raft_config(self, node_id: int, voters: tuple[int, ...]) -> RaftConfig:
+        from zraft.raft.core import RaftConfig
+
+        return RaftConfig(node_id, voters, election_ticks=self.election_ticks, heartbeat_ticks=self.heartbeat_ticks,
+                          max_inflight_msgs=self.max_inflight_msgs, max_inflight_bytes=self.max_inflight_bytes,
+                          max_msg_bytes=self.max_msg_bytes, async_storage=self.async_storage)
+
+    def driver_config(self) -> DriverConfig:
+        from zraft.node.driver import DriverConfig
+
+        e = self.election_ticks
+        return DriverConfig(snapshot_threshold=self.snapshot_threshold, snapshot_keep=self.snapshot_keep,
+                            snapshot_chunk_bytes=self.snapshot_chunk_bytes, snapshot_window=self.snapshot_window,
+                            snapshot_retry_ticks=max(2, e), snapshot_give_up_ticks=10 * e, receive_idle_ticks=30 * e)
 
     @classmethod
     def env_var(cls, name: str) -> str:
@@ -328,6 +357,9 @@ class Settings:
         for name, f in fields.items():
             var = cls.env_var(name)
             raw = env.get(var)
+            if (raw is None or raw.strip() == "") and name in cls.ENV_ALIASES:
+                var = cls.ENV_ALIASES[name]
+                raw = env.get(var)
             if raw is None or raw.strip() == "":
                 continue
             values[name] = _parse_setting(f, raw, var)

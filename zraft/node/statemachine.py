@@ -14,19 +14,29 @@ forgotten (deterministically: by log index, so every replica forgets the same on
 and a later request in a forgotten session is refused with ``session_expired``.
 
 :class:`KVStateMachine` applies a batch of committed entries atomically together with
-the new applied index, through a :class:`KVBackend` (LevelDB in a node, a dict in
-tests). Another state machine can replace it by offering ``apply`` and ``get``.
+the new applied index, through a state store (zraft.node.interfaces.StateStore: LevelDB in a
+node, dicts in tests and the simulation). Another state machine can replace it by offering
+what zraft.node.interfaces.StateMachine asks for.
+
+Snapshot chunks (a snapshot stream, a backup) carry the state as records: a msgpack flat list
+``[kind, key, value, kind, key, value, ...]`` with kind :data:`REC_DATA` (a key and its value)
+or :data:`REC_SESSION` (an 8-byte big-endian client id and its :func:`encode_session` record);
+both stores cut and read chunks with :func:`chunked` and :func:`decode_chunk`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from zraft.client.protocol import SESSION_EXPIRED
 from zraft.raft.messages import Entry, EntryType
+
+if TYPE_CHECKING:
+    from zraft.node.interfaces import StateStore
 
 PUT, DELETE, CAS = 1, 2, 3
 
@@ -46,7 +56,6 @@ def encode_cas(key: bytes, expect: bytes | None, value: bytes, session: Session 
     return msgpack.packb((CAS, key, expect, value, session), use_bin_type=True)
 
 
-SESSION_EXPIRED = "session_expired"
 DEFAULT_MAX_SESSIONS = 10_000
 
 
@@ -57,31 +66,6 @@ class SessionRecord:
     last_index: int  # log index of the client's last write: the LRU order
 
 
-class KVBackend(Protocol):
-    """Where the state lives. ``write`` must apply all updates and the applied index atomically."""
-
-    def get(self, key: bytes) -> bytes | None: ...
-
-    def write(self, updates: dict[bytes, bytes | None], applied_index: int,
-              sessions: dict[int, SessionRecord | None] | None = None, applied_term: int = 0) -> None: ...
-
-    def load_sessions(self) -> dict[int, SessionRecord]: ...
-
-    @property
-    def applied_index(self) -> int: ...
-
-    @property
-    def applied_term(self) -> int: ...
-
-
-class StateMachine(Protocol):
-    applied_index: int
-
-    def apply(self, entries: list[Entry]) -> list[Any]: ...
-
-    def get(self, key: bytes) -> bytes | None: ...
-
-
 class KVStateMachine:
     """put / delete / cas over a :class:`KVBackend`.
 
@@ -89,7 +73,7 @@ class KVStateMachine:
     client's ok reply (``{}`` for put, ``{"deleted": bool}``, ``{"swapped": bool, "value": ...}``).
     """
 
-    def __init__(self, backend: KVBackend, max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
+    def __init__(self, backend: StateStore, max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
         self.backend = backend
         self.max_sessions = max_sessions
         self.reload()
@@ -174,40 +158,59 @@ def _apply_one(cmd: list, current, updates: dict[bytes, bytes | None], index: in
     raise ValueError(f"unknown command {op!r} at index {index}")
 
 
-class MemoryKV:
-    """A dict backend, for tests and simulations."""
+# ---------------------------------------------------------------------- records and chunks
 
-    def __init__(self, items: Iterable[tuple[bytes, bytes]] = (), applied_index: int = 0,
-                 applied_term: int = 0) -> None:
-        self.data = dict(items)
-        self._applied = applied_index
-        self._applied_term = applied_term
-        self.sessions: dict[int, SessionRecord] = {}
+REC_DATA, REC_SESSION = 0, 1  # record kinds in a snapshot chunk
+DEFAULT_CHUNK_BYTES = 256 << 10
 
-    def load_sessions(self) -> dict[int, SessionRecord]:
-        return dict(self.sessions)
 
-    @property
-    def applied_index(self) -> int:
-        return self._applied
+def encode_session(rec: SessionRecord) -> bytes:
+    return msgpack.packb([rec.seq, rec.result, rec.last_index], use_bin_type=True)
 
-    @property
-    def applied_term(self) -> int:
-        return self._applied_term
 
-    def get(self, key: bytes) -> bytes | None:
-        return self.data.get(key)
+def decode_session(raw: bytes) -> SessionRecord:
+    return SessionRecord(*msgpack.unpackb(raw, raw=False))
 
-    def write(self, updates: dict[bytes, bytes | None], applied_index: int,
-              sessions: dict[int, SessionRecord | None] | None = None, applied_term: int = 0) -> None:
-        for k, v in updates.items():
-            if v is None:
-                self.data.pop(k, None)
-            else:
-                self.data[k] = v
-        for client_id, rec in (sessions or {}).items():
-            if rec is None:
-                self.sessions.pop(client_id, None)
-            else:
-                self.sessions[client_id] = rec
-        self._applied, self._applied_term = applied_index, applied_term
+
+def chunked(records: Iterable[tuple[int, bytes, bytes]], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """Records ``(kind, key, value)`` as snapshot chunks of about ``chunk_bytes`` or less, lazily."""
+    flat: list = []
+    size = 0
+    for kind, k, v in records:
+        flat += (kind, k, v)
+        size += len(k) + len(v) + 8
+        if size >= chunk_bytes:
+            yield msgpack.packb(flat, use_bin_type=True)
+            flat, size = [], 0
+    if flat:
+        yield msgpack.packb(flat, use_bin_type=True)
+
+
+def decode_chunk(data: bytes) -> list[tuple[int, bytes, bytes]]:
+    """The records of a snapshot chunk. Raises ValueError on anything malformed."""
+    try:
+        flat = msgpack.unpackb(data, raw=False) if data else []
+    except Exception as exc:  # msgpack raises several unrelated exception types
+        raise ValueError(f"undecodable snapshot chunk: {exc}") from exc
+    if not isinstance(flat, list) or len(flat) % 3:
+        raise ValueError("a snapshot chunk is a flat list of [kind, key, value] records")
+    out = []
+    for i in range(0, len(flat), 3):
+        kind, k, v = flat[i:i + 3]
+        if kind not in (REC_DATA, REC_SESSION) or type(k) is not bytes or type(v) is not bytes:
+            raise ValueError(f"bad snapshot record {flat[i:i + 3]!r}")
+        if kind == REC_SESSION:
+            if len(k) != 8:
+                raise ValueError("a session record's key is an 8-byte client id")
+            _check_session(v)
+        out.append((kind, k, v))
+    return out
+
+
+def _check_session(raw: bytes) -> None:
+    try:
+        seq, _result, last_index = msgpack.unpackb(raw, raw=False)
+    except Exception as exc:  # msgpack's several exception types, or not three fields
+        raise ValueError(f"bad session record {raw[:40]!r}: {exc}") from exc
+    if type(seq) is not int or type(last_index) is not int:
+        raise ValueError(f"bad session record {raw[:40]!r}")

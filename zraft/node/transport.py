@@ -42,6 +42,21 @@ class Faults:
     def cuts(self, peer: int) -> bool:
         return peer in self.isolated or (self.drop_rate > 0 and self.rng.random() < self.drop_rate)
 
+    def apply(self, req: dict, everyone: set[int]) -> None:
+        """A validated fault injection request (zraft.client.protocol): change the network faults it names."""
+        action = req["action"]
+        if action == "isolate":
+            self.isolated |= everyone if req["peers"] is None else set(req["peers"]) & everyone
+        elif action == "heal":
+            self.isolated -= everyone if req["peers"] is None else set(req["peers"])
+        elif action == "drop":
+            self.drop_rate = req["rate"]
+        elif action == "delay":
+            self.delay_s = req["delay_ms"] / 1000
+        elif action == "clear":
+            self.isolated.clear()
+            self.drop_rate = self.delay_s = 0.0
+
     def describe(self) -> dict:
         return {"isolated": sorted(self.isolated), "drop_rate": self.drop_rate, "delay_ms": self.delay_s * 1000}
 

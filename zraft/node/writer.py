@@ -19,7 +19,7 @@ import queue
 import select
 import threading
 
-from zraft.node.storage import LevelDBStorage
+from zraft.node.interfaces import LogStore
 from zraft.raft.core import HardState
 from zraft.raft.messages import Entry
 
@@ -33,7 +33,7 @@ class StorageWriterError(RuntimeError):
 
 
 class StorageWriter:
-    def __init__(self, storage: LevelDBStorage) -> None:
+    def __init__(self, storage: LogStore) -> None:
         self.storage = storage
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # readable when writes completed
         self.submitted = 0  # sequence number of the last write handed over

@@ -32,7 +32,8 @@ from typing import Any, BinaryIO
 import msgpack
 import zmq
 
-from zraft.node.storage import decode_chunk, restore_into
+from zraft.node.leveldb import restore_into
+from zraft.node.statemachine import decode_chunk
 
 MAGIC = b"ZRAFTSNAP\x01"
 _U32 = struct.Struct(">I")
