@@ -1,18 +1,19 @@
-"""A deterministic simulation of a zraft cluster: N RaftNodes in one process.
+"""A deterministic simulation of a zraft cluster: N nodes in one process, on the production driver.
 
 One seeded ``random.Random`` drives everything: message latency, loss, duplication and
 reordering, partitions, crashes and restarts, client requests, and (through seeds drawn
 from it) every node's own rng. The same seed replays the same run, event for event.
 
-Each simulated node has a driver that follows the contract in ``zraft/raft/core.py``
-to the letter: for each Ready, persist hard state and entries to the node's ``Disk``,
-then hand the messages to the network, then apply the committed entries to the KV
-state machine (the KV and the applied index are written to the disk together, once
-per Ready), then answer the reads the state machine has caught up with.
+Each simulated node (tests/sim/simnode.py) runs the driver a node process runs
+(zraft/node/driver.py: the Ready contract, snapshot streams, async writes, compaction)
+over in-memory storage rooms that play its disk, with the production KV state machine.
+This module keeps only what is the simulation's own: the scheduler, the network and its
+faults, crashes and restarts, clients, and the checkers.
 
-Safety properties are checked after every call into a core and after every driver
-turn; the first violation raises :class:`SimulationFailure` with the seed, the command
-that reproduces the run and the last events before the failure.
+Safety properties are checked after every call into a core, on every durable write, every
+message sent, every apply and every served read; the first violation raises
+:class:`SimulationFailure` with the seed, the command that reproduces the run and the last
+events before the failure.
 
 Time is counted in units; a node ticks every ``TICK`` units (each node with its own
 phase), and a message takes between 1 and ``2 * TICK`` units unless a fault delays it.
@@ -25,11 +26,16 @@ import itertools
 import os
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from zraft.raft.core import HardState, RaftConfig, RaftNode, ReadState, Ready, Role
-from zraft.raft.log import RaftLog
+import msgpack
+from simnode import SimCrash, SimNode
+
+from zraft.node.driver import DriverConfig
+from zraft.node.statemachine import PUT, encode_put
+from zraft.raft.core import HardState, RaftConfig, Ready, Role, SnapshotMeta
 from zraft.raft.messages import (
     AppendEntriesResponse,
     Entry,
@@ -37,12 +43,11 @@ from zraft.raft.messages import (
     InstallSnapshot,
     Message,
     RequestVoteResponse,
-    SnapshotAck,
     SnapshotChunk,
+    StreamMessage,
     decode_batch,
     encode_batch,
 )
-from zraft.raft.snapshot import DONE, FAILED, SnapshotReceiver, SnapshotSender
 
 TICK = 10  # time units per tick
 _KV_EVERY = 128  # the checker keeps the committed log's KV every this many entries
@@ -101,39 +106,7 @@ def repro_command(seed: int, steps: int | None = None) -> str:
     return f"{env} python -m pytest tests/sim/test_sim_random.py -q -p no:cacheprovider"
 
 
-# ---------------------------------------------------------------------- the nodes
-
-
-class Disk:
-    """What survives a crash: hard state, the log (after its snapshot), the KV with its applied index.
-
-    The log begins after ``snap_index`` (the last compacted entry, of term ``snap_term``):
-    ``entries[0]``, if any, has index ``snap_index + 1``. ``staged`` is the staging area a
-    snapshot stream is received into, beside the live KV; it never survives a restart (like
-    a server that clears its staging area at startup), and installing it replaces the KV,
-    the applied index and the log's start in one atomic write.
-    """
-
-    __slots__ = ("hard_state", "snap_index", "snap_term", "entries", "kv", "applied", "staged")
-
-    def __init__(self) -> None:
-        self.hard_state = HardState()
-        self.snap_index = 0
-        self.snap_term = 0
-        self.entries: list[Entry] = []
-        self.kv: dict[bytes, bytes] = {}
-        self.applied = 0
-        self.staged: dict[bytes, bytes] | None = None
-
-    @property
-    def last_index(self) -> int:
-        return self.snap_index + len(self.entries)
-
-    def entry(self, index: int) -> Entry | None:
-        """The stored entry at ``index``; None if compacted away or past the end."""
-        if index <= self.snap_index or index > self.last_index:
-            return None
-        return self.entries[index - self.snap_index - 1]
+# ---------------------------------------------------------------------- clients' operations
 
 
 @dataclass(eq=False)
@@ -164,104 +137,18 @@ class Proposal:
     acked: bool = False
 
 
-class SimNode:
-    __slots__ = ("id", "config", "disk", "raft", "incarnation", "kv", "seen_commit", "last_commit",
-                 "last_term", "leader_term", "leader_last", "pending", "read_wait", "crash_on_ready", "turns",
-                 "inbox", "turn_due", "outgoing", "receiver", "staged_stream", "install_pending",
-                 "compact_every", "compact_keep", "writes", "write_done_at")
-
-    def __init__(self, node_id: int, config: RaftConfig) -> None:
-        self.id = node_id
-        self.config = config
-        self.disk = Disk()
-        self.raft: RaftNode | None = None
-        self.incarnation = 0
-        self.kv: dict[bytes, bytes] = {}
-        self.seen_commit = 0  # highest commit index the checker has seen on this node
-        self.last_commit = 0  # for the monotonicity check, per incarnation
-        self.last_term = 0
-        self.leader_term = 0  # the term of this node's current leadership, 0 if not leader
-        self.leader_last: Entry | None = None  # its last entry when last seen as leader (append-only check)
-        self.pending: dict[int, Proposal] = {}  # log index -> proposal made on this incarnation
-        self.read_wait: list[tuple[ReadState, Read]] = []
-        self.crash_on_ready = False
-        self.turns = 0
-        self.inbox: list[tuple[int, Any]] = []  # events waiting for the node's next turn (inbox mode)
-        self.turn_due = False
-        # Snapshots (all in memory, lost in a crash, except the disk's staging area, which is cleared).
-        self.outgoing: dict[int, SnapshotSender] = {}  # leader: peer -> the stream to it
-        self.receiver = SnapshotReceiver(node_id)
-        self.staged_stream: tuple[int, int] | None = None  # (src, stream) the staged state comes from
-        self.install_pending: tuple[InstallSnapshot, tuple[int, int] | None] | None = None
-        self.compact_every = 0  # compact once the log holds this many applied entries (0: never)
-        self.compact_keep = 0  # keep up to this many applied entries when compacting
-        # Async storage writes: Readys taken but not yet durable, oldest first, each with what waits for it.
-        self.writes: deque[_Write] = deque()
-        self.write_done_at = 0  # when the newest of them becomes durable (writes finish in order)
-
-    @property
-    def up(self) -> bool:
-        return self.raft is not None
-
-    def start(self, rng: random.Random) -> None:
-        d = self.disk
-        self.incarnation += 1
-        d.staged = None  # a restart clears the staging area: a half-received snapshot is gone
-        log = RaftLog(list(d.entries), snapshot_index=d.snap_index, snapshot_term=d.snap_term, applied=d.applied)
-        self.raft = RaftNode(self.config, d.hard_state, log, rng)
-        self.kv = dict(d.kv)
-        self.seen_commit = self.last_commit = d.applied
-        self.last_term = d.hard_state.term
-        self.leader_term = 0
-        self.leader_last = None
-        self.pending = {}
-        self.read_wait = []
-        self.crash_on_ready = False
-        self.inbox = []
-        self.turn_due = False
-        self.outgoing = {}
-        self.receiver = SnapshotReceiver(self.id)
-        self.staged_stream = None
-        self.install_pending = None
-        self.writes = deque()
-
-
-@dataclass(eq=False)
-class _Write:
-    """A Ready whose writes are in flight (async storage), with the effects that wait for them."""
-
-    rd: Ready
-    msgs: list[Message]  # still to send once durable (empty if they went out early)
-    done_at: int
-
-
-def _encode_items(items: list[tuple[bytes, bytes]]) -> bytes:
-    """A batch of KV records as a snapshot chunk carries it."""
-    return b"\n".join(k + b"=" + v for k, v in items)
-
-
-def _decode_items(data: bytes) -> list[tuple[bytes, bytes]]:
-    if not data:
-        return []
-    out = []
-    for line in data.split(b"\n"):
-        k, v = line.split(b"=", 1)
-        out.append((k, v))
-    return out
-
-
-def _promises(m: Message) -> bool:
-    """Does the message promise something the sender must have persisted (a vote, an ack)?"""
-    if isinstance(m, RequestVoteResponse):
-        return m.granted and not m.pre_vote
-    return isinstance(m, AppendEntriesResponse | HeartbeatResponse)
-
 
 def _parse_put(data: bytes) -> tuple[bytes, bytes] | None:
-    if not data.startswith(b"put "):
+    """(key, value) of a put command (zraft.node.statemachine's encoding); None for anything else."""
+    if not data:
         return None
-    _, key, value = data.split(b" ", 2)
-    return key, value
+    cmd = msgpack.unpackb(data)
+    return (cmd[1], cmd[2]) if cmd[0] == PUT else None
+
+
+def _record_bytes(key_len: int = 3, value_len: int = 6) -> int:
+    """What one KV record counts for when the driver cuts snapshot chunks (zraft.node.statemachine.chunked)."""
+    return key_len + value_len + 8
 
 
 # ---------------------------------------------------------------------- the cluster
@@ -292,11 +179,13 @@ class Cluster:
                           async_storage=async_writes)
             for i in self.ids
         }
-        self.nodes = {i: SimNode(i, self.configs[i]) for i in self.ids}
+        self.nodes = {i: SimNode(i, self.configs[i], self) for i in self.ids}
         self.wire = wire
         self.batch = batch
         self.latency = latency
-        self.early_send = early_send  # share of leader Readys whose messages go out before the fsync
+        # Share of leader Readys whose messages go out before the leader's own write (thesis 10.2.1; the
+        # driver's early_send, drawn per turn). With async storage always, as the server does it.
+        self.early_send = 1.0 if async_writes else early_send
         # Inbox mode (turn_delay > 0): like the server's poll loop, a node gathers messages, ticks and
         # client requests for up to turn_delay units, steps them all, then takes one Ready.
         self.turn_delay = turn_delay
@@ -311,7 +200,7 @@ class Cluster:
         self.keys = [b"k%d" % i for i in range(keys)]
 
         self.now = 0
-        self.steps = 0  # driver turns
+        self.steps = 0  # Readys taken (driver turns)
         self.calls = 0  # calls into the cores
         self._seq = itertools.count()
         self._events: list[tuple[int, int, int, Any, Any]] = []
@@ -320,12 +209,13 @@ class Cluster:
         self.trace: deque[tuple] = deque(maxlen=trace or TRACE_LEN or 60)
         self.stats = {"msgs": 0, "dropped": 0, "duplicated": 0, "crashes": 0, "lost_readies": 0,
                       "partitions": 0, "elections": 0, "proposed": 0, "acked": 0, "reads": 0,
-                      "served": 0, "read_dropped": 0, "truncations": 0, "early_sends": 0,
-                      # snapshots: log compactions; InstallSnapshot requests from leader cores (and those
-                      # the driver ignored: a stream to that peer was running); streams started, delivered
-                      # (DONE), failed (FAILED), dropped (the leader lost its term); chunks sent (with
-                      # resends); complete snapshots the follower's core installed (with reset_log) or
-                      # refused; crashes of a node while it had a stream in or a staged state
+                      "served": 0, "read_dropped": 0, "truncations": 0,
+                      # snapshots (the drivers count most of these into this same dict): log compactions;
+                      # InstallSnapshot requests from leader cores (and those the driver ignored: a stream
+                      # to that peer was running); streams started, delivered (DONE), failed (FAILED),
+                      # dropped (the leader lost its term); chunks sent (with resends); complete snapshots
+                      # the follower's core installed (with reset_log) or refused; crashes of a node while
+                      # it had a stream in or a staged state
                       "compactions": 0, "snap_requests": 0, "snap_requests_ignored": 0, "snap_streams": 0,
                       "snap_sent": 0, "snap_failed": 0, "snap_dropped": 0, "snap_chunks": 0,
                       "snap_installed": 0, "snap_reset_log": 0, "snap_refused": 0, "install_crashes": 0,
@@ -333,18 +223,19 @@ class Cluster:
                       # drains (a snapshot Ready waits for every earlier write)
                       "async_writes": 0, "lost_writes": 0, "drains": 0}
         # Snapshots: each node compacts when its log holds about snapshot_threshold applied entries
-        # (0: never); the leader streams chunk_items KV records per chunk, snapshot_window unacknowledged.
+        # (0: never), keeping a random few; the leader streams about chunk_items KV records per chunk,
+        # snapshot_window unacknowledged.
         self.snapshot_threshold = snapshot_threshold
-        self.chunk_items = chunk_items
-        self.snapshot_window = snapshot_window
-        self.snapshot_retry_ticks = snapshot_retry_ticks
-        self.snapshot_give_up_ticks = snapshot_give_up_ticks
-        self._streams = itertools.count(1)
+        self.driver_config = DriverConfig(
+            snapshot_threshold=0, snapshot_keep=0, snapshot_chunk_bytes=1 + _record_bytes() * (chunk_items - 1),
+            snapshot_window=snapshot_window, snapshot_retry_ticks=snapshot_retry_ticks,
+            snapshot_give_up_ticks=snapshot_give_up_ticks, receive_idle_ticks=30 * election_ticks,
+            early_send=self.early_send >= 1.0)
         self._kv_checkpoints: list[dict[bytes, bytes]] = [{}]  # KV of the committed log at k * _KV_EVERY
 
         # The checker's memory.
         self.leader_of_term: dict[int, int] = {}  # election safety, over the whole history
-        self.leaders: list[tuple[int, int, list[Entry]]] = []  # (term, node, log at election)
+        self.leaders: list[tuple[int, int, int, list[Entry]]] = []  # (term, node, snapshot index, log at election)
         self.registry: dict[tuple[int, int], tuple[bytes, int]] = {}  # (index, term) -> (data, prev term)
         self.committed: list[tuple[int, bytes, int]] = []  # index - 1 -> (term, data, term it was seen in)
         self.value_index: dict[bytes, int] = {}  # written value -> log index of its put
@@ -363,7 +254,7 @@ class Cluster:
                 node.compact_every = max(1, round(snapshot_threshold * (0.5 + self.rng.random())))
                 node.compact_keep = min(snapshot_keep, node.compact_every - 1)
         for node in self.nodes.values():
-            node.start(self._node_rng())
+            self._start(node)
             self._push(self.rng.randrange(TICK), _TICK, node.id)
         if clients:
             self._push(self.rng.randrange(client_gap), _CLIENT)
@@ -371,6 +262,11 @@ class Cluster:
             self._push(self._gap(mix.partition_every), _PARTITION)
         if mix.crash_every:
             self._push(self._gap(mix.crash_every), _CRASH)
+
+    def _start(self, node: SimNode) -> None:
+        config = DriverConfig(**{**self.driver_config.__dict__, "snapshot_threshold": node.compact_every,
+                                 "snapshot_keep": node.compact_keep})
+        node.start(self._node_rng(), config, self.async_writes)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -464,7 +360,8 @@ class Cluster:
 
     # ------------------------------------------------------------------ network
 
-    def _send(self, msgs: list[Message]) -> None:
+    def network(self, msgs: list[Message | StreamMessage]) -> None:
+        """Hand messages to the network: each is lost, delayed, duplicated as the fault mix says."""
         rng = self.rng
         mix = self.mix if self.faults_on else CALM
         lo, hi = self.latency
@@ -472,6 +369,8 @@ class Cluster:
             msgs = decode_batch(encode_batch(msgs))
         for m in msgs:
             self.stats["msgs"] += 1
+            if isinstance(m, SnapshotChunk):
+                self.stats["snap_chunks"] += 1
             if (m.src, m.dst) in self.blocked or (mix.drop and rng.random() < mix.drop):
                 self.stats["dropped"] += 1
                 continue
@@ -482,6 +381,10 @@ class Cluster:
                 if mix.long_delay and rng.random() < mix.long_delay:
                     delay += rng.randrange(3 * self.election_ticks * TICK)
                 self._push(self.now + delay, _MSG, m.dst, m)
+
+    def schedule_persist(self, node: SimNode, at: int) -> None:
+        """(async storage) Some of the node's writes become durable at ``at``."""
+        self._push(at, _PERSIST, node.id, node.incarnation)
 
     def _deliver(self, dst: int, m: Message) -> None:
         node = self.nodes[dst]
@@ -498,20 +401,13 @@ class Cluster:
             _, _, _, _, m2 = heapq.heappop(events)
             if (m2.src, dst) not in self.blocked:
                 batch.append(m2)
-        for m in batch:
-            self.trace.append((self.now, dst, "recv", m))
-            self._step(node, m)
-        self._turn(node)
 
-    def _step(self, node: SimNode, m: Any) -> None:
-        """Hand one delivered message to the node: snapshot streams to the driver, the rest to the core."""
-        if isinstance(m, SnapshotChunk):
-            self._on_chunk(node, m)
-        elif isinstance(m, SnapshotAck):
-            self._on_snapshot_ack(node, m)
-        else:
-            node.raft.step(m)
-            self._after_call(node)
+        def receive() -> None:
+            for m in batch:
+                self.trace.append((self.now, dst, "recv", m))
+                node.driver.receive([m])
+
+        self._drive(node, receive)
 
     def isolate(self, node_id: int) -> None:
         self.partition([[node_id], [i for i in self.ids if i != node_id]])
@@ -562,7 +458,7 @@ class Cluster:
     # ------------------------------------------------------------------ crashes
 
     def crash(self, node_id: int) -> None:
-        """Crash between two Readys: everything persisted survives, nothing else does."""
+        """Crash between two Readys: everything durable survives, nothing else does."""
         node = self.nodes[node_id]
         assert node.raft is not None, f"node {node_id} is already down"
         self.trace.append((self.now, node_id, "crash", None))
@@ -573,21 +469,15 @@ class Cluster:
             if read.node == node_id:
                 read.state = "lost"
                 del self.open_reads[read.rid]
-        node.raft = None
-        if node.writes:
+        if node.writer is not None and node.writer.jobs:
             self.stats["lost_writes"] += 1
-            self.trace.append((self.now, node_id, "lost writes in flight", [w.rd for w in node.writes]))
-        node.writes = deque()
-        node.inbox, node.turn_due = [], False
-        node.read_wait = []
-        node.pending = {}
-        node.leader_term, node.leader_last = 0, None
-        node.crash_on_ready = False
+            self.trace.append((self.now, node_id, "lost writes in flight", list(node.writer.jobs)))
+        node.stop()
 
     def restart(self, node_id: int) -> None:
         node = self.nodes[node_id]
         assert node.raft is None, f"node {node_id} is up"
-        node.start(self._node_rng())
+        self._start(node)
         self.trace.append((self.now, node_id, "restart", node.incarnation))
         # What the crash left behind is whole: the KV is the committed log's at the applied index
         # (a half-received snapshot, or one the core took but the driver never installed, changed nothing).
@@ -601,7 +491,7 @@ class Cluster:
             return
         mix, rng = self.mix, self.rng
         self._push(self._gap(mix.crash_every), _CRASH)
-        up = [n for n in self.nodes.values() if n.up and not n.crash_on_ready]
+        up = [n for n in self.nodes.values() if n.up and not n.crash_on_write]
         max_down = self.n - 1 if mix.max_down_majority and rng.random() < 0.3 else (self.n - 1) // 2
         if self.n - len(up) >= max_down or not up:
             return
@@ -612,7 +502,7 @@ class Cluster:
         else:
             victim = rng.choice(leaders) if leaders and rng.random() < mix.leader_bias else rng.choice(up)
         if rng.random() < mix.lost_ready:
-            victim.crash_on_ready = True  # at its next Ready, before anything is persisted
+            victim.crash_on_write = True  # at its next durable write, before any of it lands
         else:
             self.crash(victim.id)
             self._schedule_restart(victim)
@@ -655,9 +545,7 @@ class Cluster:
             if self.turn_delay:
                 self._enqueue(node, _CLIENT, read)
             else:
-                self._read_call(node, read)
-                self._after_call(node)
-                self._turn(node)
+                self._drive(node, lambda: self._read_call(node, read))
         else:
             keys = [rng.choice(self.keys) for _ in range(rng.choice((1, 1, 1, 2, 3)))]
             if self.turn_delay:
@@ -669,9 +557,8 @@ class Cluster:
         """Propose one unique put per key, in one batch, in a turn of its own. [] if not the leader."""
         node = self.nodes[node_id]
         assert node.raft is not None
-        out = self._propose_call(node, keys)
-        self._after_call(node)
-        self._turn(node)
+        out: list[Proposal] = []
+        self._drive(node, lambda: out.extend(self._propose_call(node, keys)))
         return out
 
     def read(self, node_id: int) -> Read:
@@ -679,17 +566,15 @@ class Cluster:
         node = self.nodes[node_id]
         assert node.raft is not None
         read = self._new_read(node)
-        self._read_call(node, read)
-        self._after_call(node)
-        self._turn(node)
+        self._drive(node, lambda: self._read_call(node, read))
         return read
 
     def _propose_call(self, node: SimNode, keys: list[bytes]) -> list[Proposal]:
         raft = node.raft
         node_id = node.id
         ops = [next(self._next_op) for _ in keys]
-        datas = [b"put %s v%d" % (k, op) for k, op in zip(keys, ops, strict=True)]
-        first = raft.propose(datas)
+        datas = [encode_put(k, b"v%d" % op) for k, op in zip(keys, ops, strict=True)]
+        first = node.driver.propose(datas)
         self.trace.append((self.now, node_id, "propose", (first, datas)))
         out = []
         if first is not None:
@@ -718,9 +603,35 @@ class Cluster:
 
     def _read_call(self, node: SimNode, read: Read) -> None:
         self.trace.append((self.now, node.id, "read_index", read.rid))
-        node.raft.read_index([read.rid])
+        node.driver.read_index([read.rid])
 
-    # ------------------------------------------------------------------ the driver
+    # ------------------------------------------------------------------ driving the nodes
+
+    def _drive(self, node: SimNode, events_in: Callable[[], None]) -> None:
+        """One turn of a node: hand it events, then let its driver process them (and check the node).
+
+        A node told to crash at its next write raises SimCrash from its disk or writer, mid-turn: it
+        goes down then and there. Any other exception from inside the driver or the core is a failure.
+        """
+        turns = node.turns
+        try:
+            events_in()
+            if 0.0 < self.early_send < 1.0:
+                node.driver.config.early_send = self.rng.random() < self.early_send
+            node.driver.process()
+        except SimCrash:
+            self.trace.append((self.now, node.id, "crash at a write, its Ready lost", None))
+            self.stats["lost_readies"] += 1
+            self.crash(node.id)
+            self._schedule_restart(node)
+            return
+        except AssertionError as exc:
+            if isinstance(exc, SimulationFailure):
+                raise
+            self.fail(f"node {node.id}: {type(exc).__name__} in the driver or the core: {exc}")
+        self.after_call(node)  # the turn's last Ready is on disk (or, async, is what persisted() said)
+        if node.turns != turns and not node.in_flight():  # (with writes in flight the disk is behind, by design)
+            self._check_node(node)
 
     def _enqueue(self, node: SimNode, kind: int, what: Any) -> None:
         node.inbox.append((kind, what))
@@ -730,290 +641,79 @@ class Cluster:
 
     def _inbox_turn(self, node: SimNode) -> None:
         inbox, node.inbox, node.turn_due = node.inbox, [], False
-        raft = node.raft
-        for kind, what in inbox:
-            if kind == _MSG:
-                self.trace.append((self.now, node.id, "recv", what))
-                self._step(node, what)
-                continue
-            if kind == _TICK:
-                raft.tick()
-                self._after_call(node)
-                self._tick_streams(node)
-                continue
-            if isinstance(what, Read):
-                self._read_call(node, what)
-            else:
-                self._propose_call(node, what)
-            self._after_call(node)
-        self._turn(node)
+        driver = node.driver
+
+        def events_in() -> None:
+            for kind, what in inbox:
+                if kind == _MSG:
+                    self.trace.append((self.now, node.id, "recv", what))
+                    driver.receive([what])
+                elif kind == _TICK:
+                    driver.tick()
+                elif isinstance(what, Read):
+                    self._read_call(node, what)
+                else:
+                    self._propose_call(node, what)
+
+        self._drive(node, events_in)
 
     def _tick(self, node: SimNode) -> None:
-        raft = node.raft
-        if raft is None:
+        if node.raft is None:
             return
         if self.turn_delay:
             self._enqueue(node, _TICK, None)
             return
-        raft.tick()
-        self._after_call(node)
-        self._tick_streams(node)
-        if raft.has_ready():
-            self._turn(node)
-
-    def _turn(self, node: SimNode) -> None:
-        """One driver turn: take the Ready, install, persist, send, apply, answer reads (core.py's contract)."""
-        raft = node.raft
-        had = raft.has_ready()
-        rd = raft.ready()
-        self.steps += 1
-        node.turns += 1
-        if not had:
-            if (rd.entries or rd.messages or rd.committed or rd.reads or rd.dropped_reads or rd.hard_state
-                    or rd.snapshot or rd.snapshot_requests):
-                self.fail(f"node {node.id}: has_ready() was False but ready() gave {rd}")
-            return
-        self._check_ready(node, rd)
-        # The core's snapshot requests are for the driver: it streams its state machine instead.
-        msgs = rd.messages
-        wants = rd.snapshot_requests
-        if any(isinstance(m, InstallSnapshot) for m in msgs):
-            self.fail(f"node {node.id}: an InstallSnapshot among the messages to send: {msgs}")
-        if wants and (rd.role is not Role.LEADER or any(m.term != rd.term for m in wants)):
-            self.fail(f"node {node.id}: a {rd.role.value} of term {rd.term} asks for snapshots: {wants}")
-        # Thesis 10.2.1, allowed by the contract: a leader's AppendEntries may go out before its fsync
-        # (here: all its messages, when none of them promises anything that is not on disk yet). With
-        # async storage, as the server does it: always, unless the Ready changes the hard state.
-        if self.async_writes:
-            early = bool(rd.role is Role.LEADER and msgs and rd.snapshot is None and rd.hard_state is None)
-        else:
-            early = (self.early_send and rd.role is Role.LEADER and msgs and rd.snapshot is None
-                     and self.rng.random() < self.early_send and not any(map(_promises, msgs)))
-        if early:
-            self.stats["early_sends"] += 1
-            self.trace.append((self.now, node.id, "send before persisting", msgs))
-            self._check_persisted_before_send(node, rd, msgs)
-            self._send(msgs)
-        if node.crash_on_ready:
-            self.trace.append((self.now, node.id, "crash with the Ready lost", rd))
-            self.stats["lost_readies"] += 1
-            self.crash(node.id)
-            self._schedule_restart(node)
-            return
-        rest = [] if early else msgs
-        decided = node.install_pending is not None
-        if self.async_writes:
-            self._observe_commit(node)
-            if rd.snapshot is not None or decided:
-                self._drain(node)  # a snapshot is installed once every earlier write is durable
-            elif rd.hard_state is not None or rd.entries or node.writes:
-                # Written in the background, in order; what depends on it waits (core.py's contract).
-                done_at = node.write_done_at  # (nothing of its own to write: it waits for the earlier ones)
-                if rd.hard_state is not None or rd.entries:
-                    done_at = node.write_done_at = max(done_at, self.now + self.rng.randint(*self.write_delay))
-                node.writes.append(_Write(rd, rest, done_at))
-                self.stats["async_writes"] += 1
-                self._push(done_at, _PERSIST, node.id, node.incarnation)
-                return
-        self._persist(node, rd, decided)
-        self._finish(node, rd, rest, decided)
+        self._drive(node, node.driver.tick)
 
     def _writes_done(self, node: SimNode) -> None:
-        """Background writes that are durable by now: persist them, then release what waited for them."""
-        self._complete_writes(node, self.now)
-        if node.raft is not None and node.raft.has_ready():
-            self._turn(node)
+        """Background writes that are durable by now: on disk, then what waited for them goes on."""
+        def events_in() -> None:
+            node.writer.flush(self.now)
+            node.driver.writes_done()
 
-    def _drain(self, node: SimNode) -> None:
-        """Every write in flight becomes durable now (a snapshot Ready, taken already, waits for them)."""
-        if node.writes:
-            self.stats["drains"] += 1
-        self._complete_writes(node, None, check=False)
+        self._drive(node, events_in)
 
-    def _complete_writes(self, node: SimNode, until: int | None, check: bool = True) -> None:
-        """In order: persist each write done by ``until`` (None: all of them), then finish its Ready."""
-        while node.writes and node.raft is not None and (until is None or node.writes[0].done_at <= until):
-            w = node.writes.popleft()
-            self._persist(node, w.rd, False)
-            self._finish(node, w.rd, w.msgs, False, check=check)
+    # ------------------------------------------------------------------ the checks the nodes call
 
-    def _persist(self, node: SimNode, rd: Ready, decided: bool) -> None:
-        """Steps 0 and 1 of the contract: install or drop the staged snapshot; write hard state and entries."""
+    def check_save(self, node: SimNode, hs: HardState | None, entries: list[Entry]) -> None:
+        """A durable write of hard state and entries (inline, or a background write landing)."""
         d = node.disk
-        # 0. install the snapshot the core took, or throw the staged one away
-        if rd.snapshot is not None:
-            self._install(node, rd)
-        elif decided:
-            self.trace.append((self.now, node.id, "snapshot refused", node.install_pending[0]))
-            self.stats["snap_refused"] += 1
-            d.staged, node.staged_stream = None, None
-        if rd.snapshot is not None or decided:
-            node.install_pending = None
-        # 1. persist
-        if rd.hard_state is not None:
+        if hs is not None:
             old = d.hard_state
-            hs = rd.hard_state
             if hs.term < old.term or (hs.term == old.term and old.voted_for is not None
                                       and hs.voted_for != old.voted_for):
                 self.fail(f"node {node.id}: hard state goes from {old} to {hs} (a second vote in a term?)")
-            d.hard_state = hs
-        if rd.entries:
-            first = rd.entries[0].index
+        if entries:
+            first = entries[0].index
             if first > d.last_index + 1:
                 self.fail(f"node {node.id}: Ready entries start at {first}, disk ends at {d.last_index}")
             if first <= d.applied:
                 self.fail(f"node {node.id}: Ready entries from {first} would overwrite applied {d.applied}")
             if first <= d.last_index:
                 self.stats["truncations"] += 1
-            del d.entries[first - d.snap_index - 1:]
-            d.entries.extend(rd.entries)
-        mark = rd.persist_mark
-        if self.async_writes and mark is not None:
-            node.raft.persisted(*mark)
-            self._after_call(node)
 
-    def _finish(self, node: SimNode, rd: Ready, msgs: list[Message], decided: bool, check: bool = True) -> None:
-        """Steps 2-4 of the contract, once the Ready is durable: send, apply, answer reads."""
-        self._check_persisted_before_send(node, rd, msgs)
-        self._observe_commit(node)
-        # 2. send
-        if msgs:
-            self.trace.append((self.now, node.id, "send", msgs))
-            self._send(msgs)
-        if decided:
-            ack = node.receiver.finish()  # the core decided: the last chunk's acknowledgement, "done"
-            if ack is None:
-                self.fail(f"node {node.id}: its snapshot receiver has nothing to finish")
-            self._send([ack])
-        # 3. apply
-        if rd.committed:
-            self._apply(node, rd.committed)
-            if check:  # (not while draining for a snapshot, which replaces the log anyway)
-                self._maybe_compact(node)
-        for m in rd.snapshot_requests:
-            self._start_stream(node, m)
-        # 4. reads
-        if rd.reads or rd.dropped_reads:
-            self._take_reads(node, rd)
-        if node.read_wait:
-            self._serve_reads(node)
-        if check and not node.writes:  # (with writes in flight, the disk is behind the core by design)
-            self._check_node(node)
+    def check_compact(self, node: SimNode, index: int, term: int) -> None:
+        held = node.disk.entry(index)
+        if held is None or held.term != term or index > node.disk.applied:
+            self.fail(f"node {node.id}: compacts to ({index}, {term}); the disk holds {held}, applied "
+                      f"{node.disk.applied}")
+        self.trace.append((self.now, node.id, "compacted", (index, term)))
 
-    # ------------------------------------------------------------------ snapshots
+    def check_begin_staging(self, node: SimNode) -> None:
+        r = node.receiver
+        if node.install_pending is not None:
+            self.fail(f"node {node.id}: a new stream {r.stream} from {r.src} replaces the staged state while "
+                      f"the core decides on the complete snapshot of {node.staged_stream}")
+        node.staged_stream = (r.src, r.stream)
 
-    def _maybe_compact(self, node: SimNode) -> None:
-        """Compact the log once it holds compact_every applied entries, keeping a random few of them."""
-        d = node.disk
-        if not node.compact_every or d.applied - d.snap_index < node.compact_every:
-            return
-        target = d.applied - self.rng.randint(0, node.compact_keep)
-        if target <= d.snap_index:
-            return
-        held = d.entry(target)
-        term = node.raft.compact(target)
-        self._after_call(node)
-        if term is None or held is None or term != held.term:
-            self.fail(f"node {node.id}: compact({target}) gives term {term}; the disk holds {held}")
-        # The KV covers the applied index already (written with it); now the log may start after target.
-        del d.entries[: target - d.snap_index]
-        d.snap_index, d.snap_term = target, term
-        self.stats["compactions"] += 1
-        self.trace.append((self.now, node.id, "compacted", (target, term)))
+    def check_stage(self, node: SimNode) -> None:
+        r = node.receiver
+        if node.disk.state.staged is None or node.staged_stream != (r.src, r.stream):
+            self.fail(f"node {node.id}: stages a chunk of {(r.src, r.stream)} into the staged state of "
+                      f"{node.staged_stream}")
 
-    def _start_stream(self, node: SimNode, want: InstallSnapshot) -> None:
-        """The leader's core asks for a snapshot to ``want.dst``: stream the KV as of the applied index."""
-        raft = node.raft
-        self.stats["snap_requests"] += 1
-        if raft.role is not Role.LEADER or want.term != raft.term:
-            return  # it stepped down in the same turn; its core no longer waits for an outcome
-        peer = want.dst
-        old = node.outgoing.get(peer)
-        if old is not None:
-            if old.term == raft.term:
-                self.stats["snap_requests_ignored"] += 1
-                return  # one stream per follower at a time
-            del node.outgoing[peer]  # of an older term (can't be: those go at the next tick)
-        d = node.disk
-        index = d.applied
-        if index < want.index or index < raft.log.snapshot_index:
-            self.fail(f"node {node.id}: asked for a snapshot at {want.index} (log starts after "
-                      f"{raft.log.snapshot_index}) with only {index} applied")
-        items = sorted(node.kv.items())  # the state as of now: later applies don't reach the stream
-        k = self.chunk_items
-        chunks = (_encode_items(items[i:i + k]) for i in range(0, len(items), k))
-        sender = SnapshotSender(stream=next(self._streams), term=raft.term, src=node.id, dst=peer, index=index,
-                                snap_term=raft.log.term_at(index), chunks=chunks, window=self.snapshot_window,
-                                retry_ticks=self.snapshot_retry_ticks, give_up_ticks=self.snapshot_give_up_ticks)
-        node.outgoing[peer] = sender
-        self.stats["snap_streams"] += 1
-        self.trace.append((self.now, node.id, "stream", (peer, sender.stream, index, sender.snap_term)))
-        self._send_chunks(sender, sender.pump())
-
-    def _send_chunks(self, sender: SnapshotSender, chunks: list[SnapshotChunk]) -> None:
-        if chunks:
-            self.stats["snap_chunks"] += len(chunks)
-            self._send(chunks)
-
-    def _end_stream(self, node: SimNode, peer: int, sender: SnapshotSender) -> None:
-        del node.outgoing[peer]
-        ok = sender.state == DONE
-        self.stats["snap_sent" if ok else "snap_failed"] += 1
-        self.trace.append((self.now, node.id, "stream ends", (peer, sender.stream, sender.state)))
-        node.raft.report_snapshot(peer, sender.index if ok else None)
-        self._after_call(node)
-
-    def _tick_streams(self, node: SimNode) -> None:
-        raft = node.raft
-        for peer, sender in list(node.outgoing.items()):
-            if raft.role is not Role.LEADER or sender.term != raft.term:
-                # The term it was asked for is over: the core's Progress it reported to is gone.
-                del node.outgoing[peer]
-                self.stats["snap_dropped"] += 1
-                continue
-            self._send_chunks(sender, sender.tick())
-            if sender.state == FAILED:
-                self._end_stream(node, peer, sender)
-
-    def _on_snapshot_ack(self, node: SimNode, ack: SnapshotAck) -> None:
-        sender = node.outgoing.get(ack.src)
-        if sender is None or sender.stream != ack.stream:
-            return
-        raft = node.raft
-        if raft.role is not Role.LEADER or sender.term != raft.term:
-            return  # dropped at the next tick
-        self._send_chunks(sender, sender.on_ack(ack))
-        if sender.state != "sending":
-            self._end_stream(node, ack.src, sender)
-
-    def _on_chunk(self, node: SimNode, chunk: SnapshotChunk) -> None:
-        """Follower: stage the chunk's records beside the live state; step the snapshot in once complete."""
-        raft = node.raft
-        d = node.disk
-        v = node.receiver.on_chunk(chunk, raft.term)
-        if v.begin:
-            if node.install_pending is not None:
-                self.fail(f"node {node.id}: a new stream {chunk.stream} from {chunk.src} replaces the staged "
-                          f"state while the core decides on the complete snapshot of {node.staged_stream}")
-            d.staged, node.staged_stream = {}, (chunk.src, chunk.stream)
-        if v.data is not None:
-            if d.staged is None or node.staged_stream != (chunk.src, chunk.stream):
-                self.fail(f"node {node.id}: stages {chunk} into the staged state of {node.staged_stream}")
-            for k, val in _decode_items(v.data):
-                d.staged[k] = val
-        if v.reply is not None:
-            self._send([v.reply])
-        if v.complete is not None:
-            if node.staged_stream != (chunk.src, chunk.stream):
-                self.fail(f"node {node.id}: completes {chunk}, but the staged state is of {node.staged_stream}")
-            node.install_pending = (v.complete, node.staged_stream)
-            self.trace.append((self.now, node.id, "snapshot complete", v.complete))
-            raft.step(v.complete)
-            self._after_call(node)
-
-    def _install(self, node: SimNode, rd: Ready) -> None:
+    def check_install(self, node: SimNode, meta: SnapshotMeta) -> None:
         """Step 0 of the contract: the staged state becomes the state machine, the log starts after it."""
-        meta = rd.snapshot
         d = node.disk
         pending = node.install_pending
         if pending is None or (pending[0].index, pending[0].snap_term) != (meta.index, meta.term):
@@ -1033,19 +733,7 @@ class Cluster:
         held = d.entry(meta.index)
         if not meta.reset_log and held is not None and held.term != meta.term:
             self.fail(f"node {node.id}: keeps its log after {meta}, but it stores {held} there")
-        # (Without reset_log, the entry at the index may not be on disk yet: then it, and whatever the core
-        # keeps after it, come in this Ready's entries.)
-        if meta.reset_log:
-            d.entries = []
-        else:
-            del d.entries[: max(0, meta.index - d.snap_index)]
-        d.snap_index, d.snap_term = meta.index, meta.term
-        d.kv, d.staged, node.staged_stream = d.staged, None, None
-        d.applied = meta.index
-        node.kv = dict(d.kv)
         node.seen_commit = max(node.seen_commit, meta.index)
-        self.stats["snap_installed"] += 1
-        self.stats["snap_reset_log"] += meta.reset_log
         self.trace.append((self.now, node.id, "installed", meta))
 
     def _kv_at(self, index: int) -> dict[bytes, bytes]:
@@ -1070,11 +758,11 @@ class Cluster:
                 kv[put[0]] = put[1]
         return kv
 
-    def _apply(self, node: SimNode, entries: list[Entry]) -> None:
+    def check_applied(self, node: SimNode, entries: list[Entry]) -> None:
+        """The driver applied committed entries (the state machine wrote them with the applied index)."""
         d = node.disk
-        kv = node.kv
-        expect = d.applied + 1
         committed = self.committed
+        expect = entries[0].index
         for e in entries:
             i = e.index
             if i != expect:
@@ -1088,15 +776,14 @@ class Cluster:
             if t != e.term or data != e.data:
                 self.fail(f"state machine safety: node {node.id} applies {e} at {i}, "
                           f"but ({t}, {data!r}) was committed there")
-            put = _parse_put(e.data)
-            if put is not None:
-                kv[put[0]] = put[1]
             p = node.pending.pop(i, None)
             if p is not None and p.term == e.term and p.data == e.data:
                 self._ack(p)
-        d.kv = dict(kv)  # the KV and the applied index go to disk together, once per Ready
-        d.applied = entries[-1].index
+        if d.applied != entries[-1].index:
+            self.fail(f"node {node.id}: applied {entries[-1].index}, its disk says {d.applied}")
         self.trace.append((self.now, node.id, "applied", d.applied))
+        if node.compact_every:  # how many applied entries the next compaction keeps: random, at most compact_keep
+            node.driver.config.snapshot_keep = self.rng.randint(0, node.compact_keep)
 
     def _ack(self, p: Proposal) -> None:
         p.acked = True
@@ -1106,58 +793,55 @@ class Cluster:
         if p.index > self.acked_max_index:
             self.acked_max_index = p.index
 
-    def _take_reads(self, node: SimNode, rd: Ready) -> None:
+    def _check_ready_reads(self, node: SimNode, rd: Ready) -> None:
         for rs in rd.reads:
-            read = self.reads.get(rs.request_id)
-            if read is None or read.node != node.id or read.incarnation != node.incarnation:
-                self.fail(f"node {node.id}: ReadState for a read it was never asked: {rs}")
-            if read.state != "pending":
-                self.fail(f"node {node.id}: read {read.rid} comes back twice ({read.state}, then {rs})")
+            read = self._own_read(node, rs.request_id, rs)
             if rs.index < read.required_max:
                 self.fail(f"linearizability: read {read.rid} got index {rs.index}, but a write at "
                           f"{read.required_max} was acknowledged before it was issued")
             read.state, read.index = "ready", rs.index
-            node.read_wait.append((rs, read))
-        for rid in rd.dropped_reads:
-            read = self.reads.get(rid)
-            if read is None or read.node != node.id or read.incarnation != node.incarnation:
-                self.fail(f"node {node.id}: drops read {rid} it was never asked")
-            if read.state != "pending":
-                self.fail(f"node {node.id}: read {rid} comes back twice ({read.state}, then dropped)")
-            read.state = "dropped"
-            del self.open_reads[rid]
-            self.stats["read_dropped"] += 1
 
-    def _serve_reads(self, node: SimNode) -> None:
-        applied = node.disk.applied
-        waiting = []
+    def _own_read(self, node: SimNode, rid: int, what: Any, state: str = "pending") -> Read:
+        read = self.reads.get(rid)
+        if read is None or read.node != node.id or read.incarnation != node.incarnation:
+            self.fail(f"node {node.id}: {what} for a read it was never asked")
+        if read.state != state:
+            self.fail(f"node {node.id}: read {read.rid} comes back twice ({read.state}, then {what})")
+        return read
+
+    def check_read_dropped(self, node: SimNode, rid: int) -> None:
+        read = self._own_read(node, rid, "dropped")
+        read.state = "dropped"
+        del self.open_reads[rid]
+        self.stats["read_dropped"] += 1
+
+    def check_read_served(self, node: SimNode, rid: int, index: int) -> None:
+        """The driver serves a read now: every write acknowledged before it was issued must be visible."""
+        read = self._own_read(node, rid, f"served at {index}", state="ready")
+        if index != read.index or node.disk.applied < index:
+            self.fail(f"node {node.id}: serves read {rid} at {index} (ReadIndex {read.index}) with "
+                      f"{node.disk.applied} applied")
+        seen = {}
         kv = node.kv
-        for rs, read in node.read_wait:
-            if applied < rs.index:
-                waiting.append((rs, read))
-                continue
-            seen = {}
-            for key, need in read.required.items():
-                value = kv.get(key)
-                at = self.value_index[value] if value is not None else 0
-                if at < need:
-                    self.fail(f"linearizability: read {read.rid} on node {node.id} sees {key!r} = {value!r} "
-                              f"(written at {at}), but the write at {need} was acknowledged before the read")
-                seen[key] = at
-            read.state, read.value_indexes = "served", seen
-            del self.open_reads[read.rid]
-            self.stats["served"] += 1
-        node.read_wait = waiting
+        for key, need in read.required.items():
+            value = kv.get(key)
+            at = self.value_index[value] if value is not None else 0
+            if at < need:
+                self.fail(f"linearizability: read {read.rid} on node {node.id} sees {key!r} = {value!r} "
+                          f"(written at {at}), but the write at {need} was acknowledged before the read")
+            seen[key] = at
+        read.state, read.value_indexes = "served", seen
+        del self.open_reads[read.rid]
+        self.stats["served"] += 1
 
-    # ------------------------------------------------------------------ the checks
-
-    def _after_call(self, node: SimNode) -> None:
+    def after_call(self, node: SimNode, observe: bool = True) -> None:
         """After every call into a core: election safety, leader completeness, terms."""
         raft = node.raft
         if raft is None:
             return
         self.calls += 1
-        self._observe_commit(node)
+        if observe:
+            self.observe_commit(node)
         term = raft.term
         if term < node.last_term:
             self.fail(f"node {node.id}: term goes back from {node.last_term} to {term}")
@@ -1203,11 +887,21 @@ class Cluster:
                           f"({t}, {data!r}) committed in term {seen_in}; it has {e}")
         self.leaders.append((term, node.id, snap, entries))
 
-    def _check_ready(self, node: SimNode, rd: Ready) -> None:
+    def check_ready(self, node: SimNode, rd: Ready, had: bool) -> None:
         raft = node.raft
+        self.steps += 1
+        node.turns += 1
+        if not had and (rd.entries or rd.messages or rd.committed or rd.reads or rd.dropped_reads
+                        or rd.hard_state or rd.snapshot or rd.snapshot_requests):
+            self.fail(f"node {node.id}: has_ready() was False but ready() gave {rd}")
         if rd.term != raft.term or rd.role is not raft.role or rd.commit_index != raft.commit_index:
             self.fail(f"node {node.id}: Ready says {rd.role} term {rd.term} commit {rd.commit_index}, "
                       f"the node {raft.role} term {raft.term} commit {raft.commit_index}")
+        if any(isinstance(m, InstallSnapshot) for m in rd.messages):
+            self.fail(f"node {node.id}: an InstallSnapshot among the messages to send: {rd.messages}")
+        wants = rd.snapshot_requests
+        if wants and (rd.role is not Role.LEADER or any(m.term != rd.term for m in wants)):
+            self.fail(f"node {node.id}: a {rd.role.value} of term {rd.term} asks for snapshots: {wants}")
         if rd.entries:
             # Log matching: an (index, term) pair always names the same entry after the same prefix.
             # Together with the same check on the entry before it, that makes the logs identical up to it.
@@ -1227,8 +921,10 @@ class Cluster:
                 prev_term, prev_index = e.term, e.index
             if prev_index != raft.log.last_index:
                 self.fail(f"node {node.id}: Ready entries end at {prev_index}, log at {raft.log.last_index}")
+        if rd.reads:
+            self._check_ready_reads(node, rd)
 
-    def _check_persisted_before_send(self, node: SimNode, rd: Ready, msgs: list[Message]) -> None:
+    def check_send(self, node: SimNode, msgs: list[Message | StreamMessage]) -> None:
         """Every message that promises something (a vote, an ack) is backed by the disk."""
         d = node.disk
         hs = d.hard_state
@@ -1246,8 +942,9 @@ class Cluster:
                     self.fail(f"node {node.id}: acknowledges {m.match_index} with {d.last_index} on disk")
             elif isinstance(m, HeartbeatResponse) and hs.term < m.term:
                 self.fail(f"node {node.id}: sends {m} in a term its disk does not hold ({hs})")
+        self.trace.append((self.now, node.id, "send", msgs))
 
-    def _observe_commit(self, node: SimNode) -> None:
+    def observe_commit(self, node: SimNode) -> None:
         """Record what the node's commit index covers; it must agree with everything recorded so far."""
         raft = node.raft
         c = raft.commit_index
@@ -1283,6 +980,8 @@ class Cluster:
 
     def _check_node(self, node: SimNode) -> None:
         raft = node.raft
+        if raft is None:
+            return
         log = raft.log
         d = node.disk
         commit = raft.commit_index
@@ -1320,7 +1019,7 @@ class Cluster:
                 return False
             if r.commit_index != last or r.applied_index != last or r.log.last_term != lr.log.last_term:
                 return False
-            if n.outgoing or n.writes:  # and every snapshot stream has ended (a receiver whose sender gave up stays
+            if n.outgoing or n.in_flight():  # and every stream has ended (a receiver whose sender gave up stays
                 return False  # "active", its staged state unused, until another stream begins)
         return True
 
@@ -1337,7 +1036,7 @@ class Cluster:
         self.heal()
         self.period = dict.fromkeys(self.ids, TICK)  # clocks back in step
         for n in self.nodes.values():
-            n.crash_on_ready = False
+            n.crash_on_write = False
             if not n.up:
                 self.restart(n.id)
         start = self.now

@@ -253,3 +253,18 @@ def test_checker_notices_a_leader_that_counts_itself_before_its_write_is_durable
         return rd
 
     _must_catch(monkeypatch, RaftNode, "ready", ready, _async_seeds(40), "durability")
+
+
+def test_checker_notices_a_driver_that_sends_before_it_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The production driver broken: every message of a Ready goes out before its write (votes and
+    acknowledgements too). The simulation runs that driver, so it must notice."""
+    from zraft.node.driver import Driver
+
+    original = Driver._handle_ready
+
+    def handle_ready(self: Driver, rd: object) -> None:
+        self.transport.send(rd.messages)
+        rd.messages = []
+        original(self, rd)
+
+    _must_catch(monkeypatch, Driver, "_handle_ready", handle_ready, list(range(10)), "disk")
