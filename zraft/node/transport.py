@@ -1,9 +1,10 @@
 """Peer transport over ZeroMQ: a ROUTER for inbound Raft traffic, one DEALER per peer outbound.
 
-All messages for one peer produced in one turn of the loop travel as one frame. Sends
-never block: a message that can't be queued (peer down, queue full) is dropped, which
-Raft tolerates by design; ``IMMEDIATE`` keeps messages from piling up for a peer that is
-not connected and arriving stale once it is back.
+The messages for one peer produced in one turn of the loop travel together, in frames of
+at most half the receiver's frame limit (``max_frame_bytes``, ZeroMQ's MAXMSGSIZE: a frame
+over it costs the whole connection). Sends never block: a message that can't be queued
+(peer down, queue full) is dropped, which Raft tolerates by design; ``IMMEDIATE`` keeps
+messages from piling up for a peer that is not connected and arriving stale once it is back.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from zraft.cluster.config import NodeAddress
-from zraft.raft.messages import Message, decode_batch, encode_batch
+from zraft.raft.messages import Message, decode_batch, encode_frames
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class PeerTransport:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.RCVHWM, 100_000)
         self.router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+        self.frame_budget = max_frame_bytes // 2
         self.router.bind(me.peer_endpoint)
         self.dealers: dict[int, zmq.Socket] = {}
         for p in peers:
@@ -98,11 +100,13 @@ class PeerTransport:
                     self.dropped += len(msgs)
                     continue
                 if self.faults.delay_s > 0:
-                    self._delay_seq += 1
                     due = time.monotonic() + self.faults.delay_s
-                    heapq.heappush(self._delayed, (due, self._delay_seq, dst, encode_batch(msgs)))
+                    for frame in encode_frames(msgs, self.frame_budget):
+                        self._delay_seq += 1
+                        heapq.heappush(self._delayed, (due, self._delay_seq, dst, frame))
                     continue
-            self._send_frame(dst, encode_batch(msgs))
+            for frame in encode_frames(msgs, self.frame_budget):
+                self._send_frame(dst, frame)
 
     def _send_frame(self, dst: int, frame: bytes) -> None:
         try:

@@ -225,6 +225,39 @@ def encode_batch(msgs: list[Message | StreamMessage]) -> bytes:
     return msgpack.packb([to_wire(m) for m in msgs], use_bin_type=True)
 
 
+_ARRAY = msgpack.Packer()
+
+
+def _approx_size(m: Message | StreamMessage) -> int:
+    """About how many bytes the message takes on the wire (never much less)."""
+    if isinstance(m, AppendEntries):
+        return 64 + sum(len(e.data) + 16 for e in m.entries)
+    if isinstance(m, SnapshotChunk):
+        return 64 + len(m.data)
+    return 64
+
+
+def encode_frames(msgs: list[Message | StreamMessage], budget: int) -> list[bytes]:
+    """Several messages (for one peer) as frames of :func:`decode_batch`'s format, each about
+    ``budget`` bytes or less (a single larger message gets a frame of its own): the receiver
+    drops, with the whole connection, any frame over its limit."""
+    if sum(_approx_size(m) for m in msgs) <= budget:
+        return [encode_batch(msgs)]
+    frames: list[bytes] = []
+    parts: list[bytes] = []
+    size = 0
+    for m in msgs:
+        b = msgpack.packb(to_wire(m), use_bin_type=True)
+        if parts and size + len(b) > budget:
+            frames.append(_ARRAY.pack_array_header(len(parts)) + b"".join(parts))
+            parts, size = [], 0
+        parts.append(b)
+        size += len(b)
+    if parts:
+        frames.append(_ARRAY.pack_array_header(len(parts)) + b"".join(parts))
+    return frames
+
+
 def decode_batch(frame: bytes) -> list[Message | StreamMessage]:
     """Decode a frame made by :func:`encode_batch`. Raises ValueError on garbage."""
     try:
