@@ -1,14 +1,15 @@
 """Helpers for the integration tests: real node processes on loopback, raw ZeroMQ requests.
 
-Every process a test starts goes through :func:`spawn`, which records it in
-:data:`REGISTRY` and gives it PR_SET_PDEATHSIG, so that
+Every process a test starts goes through :func:`spawn` (or, for node processes, the shared
+process manager zraft.cluster.procs.NodeProcesses, under :class:`Cluster`), which records it
+in :data:`REGISTRY` and gives it PR_SET_PDEATHSIG, so that
 
 * the fixtures can kill it (by pid) when a test ends, pass or fail;
 * the per-test leftover check (conftest.py) can prove it is gone;
 * it dies with pytest even if pytest itself is killed with SIGKILL.
 
-PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so spawn only
-from the main thread (the helpers here never spawn from a worker thread).
+PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so :func:`spawn` runs
+only on the main thread, and node processes are forked by the manager's own spawner thread.
 
 Processes that a test did not start itself but caused (the nodes of a ``zraft cluster
 up`` supervisor) are tracked with :meth:`ProcessRegistry.track_pid` and checked too.
@@ -18,22 +19,21 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import zmq
 
-from zraft.cluster.local import die_with_parent, ephemeral_low, node_env
+from zraft.cluster.local import LocalCluster
+from zraft.cluster.procs import die_with_parent, free_ports, node_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -201,35 +201,10 @@ def tail(path: Path, lines: int = 40) -> str:
 # ------------------------------------------------------------------------------------ ports
 
 
-_used_bases: set[int] = set()
-
-
 def free_base(n: int = 3) -> int:
-    """A port P such that P..P+n-1, P+100.. and P+200.. are all bindable on 127.0.0.1 now.
-
-    Picked at random below the kernel's ephemeral range (where outgoing connections get
-    their ports), never twice in one session, so tests can run back to back."""
-    hi = min(ephemeral_low(), 65536) - 210 - n
-    lo = 10000 if hi > 12000 else 1024
-    for _ in range(500):
-        base = random.randrange(lo, hi)
-        if any(abs(base - b) < 210 for b in _used_bases):
-            continue
-        ports = [base + off + i for off in (0, 100, 200) for i in range(n)]
-        socks = []
-        try:
-            for p in ports:
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        _used_bases.add(base)
-        return base
-    raise RuntimeError("no free block of ports on 127.0.0.1")
+    """A port P such that P..P+n-1, P+100.. and P+200.. are all bindable on 127.0.0.1 now (below
+    the kernel's ephemeral range, never twice in one session), for Config.txt's default ports."""
+    return free_ports(1, block=[off + i for off in (0, 100, 200) for i in range(n)])[0]
 
 
 def free_port() -> int:
@@ -326,114 +301,33 @@ def pipeline(endpoint: str, reqs: Sequence[Any], *, window: int = 32, timeout: f
 # ------------------------------------------------------------------------------------ a cluster
 
 
-@dataclass
-class Cluster:
-    """``n`` zraft nodes on 127.0.0.1, each a ``python -m zraft node`` process.
+class Cluster(LocalCluster):
+    """``n`` zraft nodes on 127.0.0.1, each a ``python -m zraft node`` process, with the helpers the
+    integration tests share.
 
-    Config.txt (in the original C++ format), every node's data and output live in
-    ``workdir``. ``env`` holds ZRAFT_* settings for the nodes (default: none, i.e. the
-    production defaults)."""
+    Config.txt (in the original C++ format: ``Ip="127.0.0.1",port="P"``, default client and HTTP
+    ports), every node's data and output live in ``workdir``. ``env`` holds ZRAFT_* settings for
+    the nodes (default: none, i.e. the production defaults). Every node process is registered for
+    the leftover checks; ``long_lived``: owned by a fixture wider than one test."""
 
-    workdir: Path
-    n: int = 3
-    env: dict[str, str] = field(default_factory=dict)
-    base: int = 0
-    long_lived: bool = False  # owned by a module-scoped fixture (see ProcessRegistry.add)
-    procs: dict[int, subprocess.Popen] = field(default_factory=dict)
+    def __init__(self, workdir: Path, n: int = 3, env: dict[str, str] | None = None, base: int = 0,
+                 long_lived: bool = False) -> None:
+        self.long_lived = long_lived
+        super().__init__(n, workdir, env, log_level=None, allow_faults=False, ports="base", base=base,
+                         on_start=self._register)
 
-    def __post_init__(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.base = self.base or free_base(self.n)
-        self.config_path = self.workdir / "Config.txt"
-        self.config_path.write_text("".join(f'Ip="127.0.0.1",port="{self.base + i}"\n' for i in range(self.n)))
-        self.data_dir = self.workdir / "data"
-        self.ids = list(range(1, self.n + 1))
+    def __repr__(self) -> str:
+        return f"Cluster({self.workdir}, n={self.n}, base={self.base})"
 
-    # --- addresses
-
-    def endpoint(self, node_id: int) -> str:
-        return f"tcp://127.0.0.1:{self.base + 100 + node_id - 1}"
-
-    @property
-    def endpoints(self) -> list[str]:
-        return [self.endpoint(i) for i in self.ids]
-
-    def log_path(self, node_id: int) -> Path:
-        return self.workdir / f"node{node_id}.out"
-
-    # --- processes
+    def _register(self, node_id: int, proc: subprocess.Popen) -> None:
+        REGISTRY.add(proc, f"node {node_id} of {self.workdir.name}", self.long_lived)
+        log = self.log_path(node_id)
+        if log not in LOG_FILES:
+            LOG_FILES.append(log)
 
     def start(self, node_id: int) -> subprocess.Popen:
-        assert node_id not in self.procs or self.procs[node_id].poll() is not None, f"node {node_id} runs"
-        proc = spawn(zraft_cmd("node", "--id", str(node_id), "--config", str(self.config_path),
-                               "--data-dir", str(self.data_dir)),
-                     what=f"node {node_id} of {self.workdir.name}", log=self.log_path(node_id),
-                     env=child_env(self.env), cwd=self.workdir, long_lived=self.long_lived)
-        self.procs[node_id] = proc
-        return proc
-
-    def start_all(self) -> None:
-        for i in self.ids:
-            self.start(i)
-
-    def alive(self, node_id: int) -> bool:
-        p = self.procs.get(node_id)
-        return p is not None and p.poll() is None
-
-    def kill(self, node_id: int, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int:
-        """Signal one node and wait for it to exit; returns its exit code."""
-        p = self.procs[node_id]
-        if p.poll() is None:
-            p.send_signal(sig)
-        return p.wait(timeout)
-
-    def kill_all(self, sig: int = signal.SIGKILL) -> None:
-        running = [p for p in self.procs.values() if p.poll() is None]
-        for p in running:
-            p.send_signal(sig)
-        for p in running:
-            p.wait(10)
-
-    def close(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-        for p in self.procs.values():
-            p.wait()
-
-    # --- status
-
-    def status(self, node_id: int, timeout: float = 1.0) -> dict[str, Any] | None:
-        rep = request(self.endpoint(node_id), {"op": "status"}, timeout=timeout)
-        return rep if isinstance(rep, dict) and rep.get("ok") is True else None
-
-    def statuses(self, ids: Iterable[int] | None = None, timeout: float = 1.0) -> dict[int, dict | None]:
-        ids = list(self.ids if ids is None else ids)
-        socks = {}
-        for i in ids:
-            s = ctx().socket(zmq.REQ)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(self.endpoint(i))
-            s.send(pack({"op": "status"}))
-            socks[i] = s
-        out: dict[int, dict | None] = dict.fromkeys(ids)
-        deadline = time.monotonic() + timeout
-        try:
-            pending = dict(socks)
-            while pending and (left := deadline - time.monotonic()) > 0:
-                poller = zmq.Poller()
-                for s in pending.values():
-                    poller.register(s, zmq.POLLIN)
-                ready = dict(poller.poll(int(left * 1000) + 1))
-                for i, s in list(pending.items()):
-                    if s in ready:
-                        rep = unpack(s.recv())
-                        out[i] = rep if isinstance(rep, dict) and rep.get("ok") is True else None
-                        del pending[i]
-        finally:
-            for s in socks.values():
-                s.close()
-        return out
+        assert not self.alive(node_id), f"node {node_id} runs"
+        return super().start(node_id)
 
     def wait_leader(self, ids: Iterable[int] | None = None, timeout: float = 20.0) -> int:
         """Wait until every node of ``ids`` (default: the running ones) answers, exactly one
@@ -442,7 +336,7 @@ class Cluster:
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
-            sts = self.statuses(ids, timeout=0.5)
+            sts = self.statuses(timeout=0.5, ids=ids)
             last = sts
             if all(sts.values()):
                 leaders = [i for i, st in sts.items() if st["role"] == "leader"]
@@ -469,11 +363,6 @@ class Cluster:
                              f"within {timeout} s; last status {last}")
 
     # --- clients
-
-    def client(self, timeout: float = 5.0, ids: Iterable[int] | None = None):
-        from zraft.client import Client
-
-        return Client([self.endpoint(i) for i in (self.ids if ids is None else ids)], timeout=timeout)
 
     def cli(self, *args: str, timeout: float = 30.0) -> CliResult:
         """``python -m zraft ARGS --config THIS/Config.txt`` (the option goes last)."""

@@ -24,7 +24,7 @@ def first_acknowledged_write(c: Cluster, alive: list[int], tag: str, t0: float,
     attempt = 0
     end = t0 + deadline_s
     while time.monotonic() < end:
-        sts = c.statuses(alive, timeout=0.2)
+        sts = c.statuses(timeout=0.2, ids=alive)
         for node_id, st in sts.items():
             if st and st["role"] == "leader":
                 attempt += 1
@@ -37,7 +37,7 @@ def first_acknowledged_write(c: Cluster, alive: list[int], tag: str, t0: float,
                     unknown.append(key)
         time.sleep(0.02)
     raise AssertionError(f"no write acknowledged within {deadline_s} s of killing the leader; "
-                         f"last statuses {c.statuses(alive)}")
+                         f"last statuses {c.statuses(ids=alive)}")
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ class Supervised:
         return self.pids()
 
     def pids(self, ids=None) -> dict[int, int]:
-        sts = self.c.statuses(self.c.ids if ids is None else ids)
+        sts = self.c.statuses(ids=ids)
         assert all(sts.values()), sts
         pids = {i: st["pid"] for i, st in sts.items()}
         for i, pid in pids.items():

@@ -1,183 +1,76 @@
-"""A local zraft cluster of real node processes, for fault injection.
+"""A local zraft cluster of real node processes on 127.0.0.1, for tests, fault injection and benchmarks.
 
-:class:`LocalCluster` writes a Config.txt with free random loopback ports, runs one
-``python -m zraft node --allow-faults`` process per node, and can kill (SIGKILL), stop
-(SIGTERM), pause (SIGSTOP), resume (SIGCONT) and restart each of them, find the leader,
-and send fault injection requests (docs/PROTOCOL.md, op ``fault``).
-
-Every node process gets PR_SET_PDEATHSIG (SIGKILL), so it dies with the runner even if
-the runner is killed with SIGKILL. That signal fires when the *thread* that forked the
-child exits, so all processes are spawned from one dedicated thread that lives as long
-as the cluster: a nemesis thread may restart nodes and then end without taking them
-along. :meth:`LocalCluster.close` (also on ``with`` exit) kills every node by pid.
+:class:`LocalCluster` writes a Config.txt with free loopback ports, runs one node process per
+line through :class:`~zraft.cluster.procs.NodeProcesses` (so every node dies with us, even if we
+are killed with SIGKILL), and can kill (SIGKILL), stop (SIGTERM), pause (SIGSTOP), resume
+(SIGCONT) and restart each of them, find the leader, and send fault injection requests
+(docs/PROTOCOL.md, op ``fault``). The Jepsen runner, ``zraft bench --spawn`` and the
+integration tests' cluster (tests/integration/cluster.py) are built on it.
+:meth:`LocalCluster.close` (also on ``with`` exit) kills every node by pid.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import queue
-import random
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from zraft.client import Client
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-STOP_GRACE_S = 5.0
-
-try:
-    _LIBC: Any = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded here, never in a forked child
-except OSError:  # not Linux: no PR_SET_PDEATHSIG, close() still cleans up
-    _LIBC = None
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent_pid: int, own_group: bool = False) -> Callable[[], None]:
-    """A ``preexec_fn``: the child is SIGKILLed when the thread that started it dies (Linux).
-
-    ``own_group``: the child leaves our process group, so a Ctrl-C in a terminal reaches only
-    us (the Jepsen runner handles it, and stops the nodes itself). Shared with the
-    integration tests' helper (tests/integration/cluster.py).
-    """
-    def run() -> None:  # in the child between fork and exec: no imports, no locks
-        if _LIBC is not None:
-            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != parent_pid:  # the parent died before prctl took effect
-                os._exit(125)
-        if own_group:
-            os.setpgid(0, 0)
-
-    return run
-
-
-class _Spawner:
-    """One long-lived thread that runs every Popen (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self._q: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="zraft-jepsen-spawner", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            fn, fut = item
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:  # handed to the caller
-                fut.set_exception(exc)
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        if threading.current_thread() is self._thread:
-            return fn()
-        fut: Future = Future()
-        self._q.put((fn, fut))
-        return fut.result()
-
-    def close(self) -> None:
-        self._q.put(None)
-        self._thread.join(5)
-
-
-# ---------------------------------------------------------------------- ports
-
-_used_ports: set[int] = set()
-_ports_lock = threading.Lock()
-
-
-def ephemeral_low() -> int:
-    """The first port of the kernel's ephemeral range (where outgoing connections get theirs)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_ports(count: int, rng: random.Random | None = None) -> list[int]:
-    """``count`` distinct ports bindable on 127.0.0.1 now, picked at random below the
-    kernel's ephemeral range (where outgoing connections take their local ports, which
-    could otherwise steal a port from a node restarted later), never twice per process."""
-    rng = rng or random.Random()
-    hi = min(ephemeral_low(), 65536) - 1
-    lo = 10000 if hi > 12000 else 1024
-    out: list[int] = []
-    with _ports_lock:
-        for _ in range(100 * count + 1000):
-            if len(out) == count:
-                return out
-            p = rng.randrange(lo, hi)
-            if p in _used_ports or p in out:
-                continue
-            s = socket.socket()
-            try:
-                s.bind(("127.0.0.1", p))
-            except OSError:
-                continue
-            finally:
-                s.close()
-            out.append(p)
-            _used_ports.add(p)
-    raise RuntimeError("no free ports on 127.0.0.1")
-
-
-# ---------------------------------------------------------------------- the cluster
-
-def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of a node: ours without ZRAFT_* settings (the cluster decides them),
-    the repo importable, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZRAFT_")}
-    old = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + old if old else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
+from zraft.cluster.procs import NodeProcesses, free_ports, node_env
 
 
 class LocalCluster:
-    """``n`` nodes on 127.0.0.1 in ``workdir`` (a new temporary directory by default,
-    removed by :meth:`close` unless ``keep``). ``env`` adds ZRAFT_* settings for the nodes."""
+    """``n`` nodes on 127.0.0.1 in ``workdir`` (a new temporary directory by default, removed by
+    :meth:`close` unless ``keep``). ``env`` adds ZRAFT_* settings for the nodes.
+
+    ``ports``: ``"explicit"`` writes every port of every node into Config.txt (random free ones);
+    ``"base"`` writes the original C++ project's format, ``Ip="127.0.0.1",port="P"`` with
+    consecutive peer ports from a free ``base`` and the default client and HTTP ports (P + 100,
+    P + 200). ``allow_faults`` starts the nodes with ``--allow-faults``; ``on_start(id, proc)``
+    hears of every process started.
+    """
 
     def __init__(self, n: int = 3, workdir: str | os.PathLike | None = None, env: dict[str, str] | None = None,
-                 keep: bool = False, log_level: str = "INFO") -> None:
+                 keep: bool = False, log_level: str | None = "INFO", *, allow_faults: bool = True,
+                 ports: str = "explicit", base: int = 0,
+                 on_start: Callable[[int, subprocess.Popen], None] | None = None) -> None:
         if n < 1:
             raise ValueError("a cluster needs at least one node")
         self.n = n
         self.ids = list(range(1, n + 1))
         self.keep = keep
         self.own_workdir = workdir is None
-        self.workdir = Path(tempfile.mkdtemp(prefix="zraft-jepsen-")) if workdir is None else Path(workdir)
+        self.workdir = Path(tempfile.mkdtemp(prefix="zraft-local-")) if workdir is None else Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.workdir / "data"
         self.env = dict(env or {})
-        self.log_level = log_level
-        ports = free_ports(3 * n)
-        self.peer_ports = dict(zip(self.ids, ports[:n], strict=True))
-        self.client_ports = dict(zip(self.ids, ports[n:2 * n], strict=True))
-        self.http_ports = dict(zip(self.ids, ports[2 * n:], strict=True))
         self.config_path = self.workdir / "Config.txt"
-        self.config_path.write_text("".join(
-            f'Ip="127.0.0.1",port="{self.peer_ports[i]}",id="{i}",client_port="{self.client_ports[i]}",'
-            f'http_port="{self.http_ports[i]}"\n' for i in self.ids))
-        self.procs: dict[int, subprocess.Popen] = {}
-        self.spawned_pids: list[int] = []  # every process ever started, for leftover checks
-        self.paused: set[int] = set()
-        self.lock = threading.RLock()
-        self._spawner = _Spawner()
-        self._closed = False
-        self.client = Client(self.endpoints, timeout=2.0)  # status and fault requests only
+        if ports == "base":
+            block = [off + i for off in (0, 100, 200) for i in range(n)]
+            self.base = base or free_ports(1, block=block)[0]
+            self.peer_ports = {i: self.base + i - 1 for i in self.ids}
+            self.client_ports = {i: p + 100 for i, p in self.peer_ports.items()}
+            self.http_ports = {i: p + 200 for i, p in self.peer_ports.items()}
+            lines = [f'Ip="127.0.0.1",port="{self.peer_ports[i]}"\n' for i in self.ids]
+        else:
+            got = free_ports(3 * n)
+            self.base = 0
+            self.peer_ports = dict(zip(self.ids, got[:n], strict=True))
+            self.client_ports = dict(zip(self.ids, got[n:2 * n], strict=True))
+            self.http_ports = dict(zip(self.ids, got[2 * n:], strict=True))
+            lines = [f'Ip="127.0.0.1",port="{self.peer_ports[i]}",id="{i}",client_port="{self.client_ports[i]}",'
+                     f'http_port="{self.http_ports[i]}"\n' for i in self.ids]
+        self.config_path.write_text("".join(lines))
+        args = (["--allow-faults"] if allow_faults else []) + (["--log-level", log_level] if log_level else [])
+        self.nodes = NodeProcesses(self.config_path, self.data_dir, self.log_path, env=node_env(self.env),
+                                   cwd=self.workdir, node_args=args, own_group=True, on_start=on_start)
+        self._admin = Client(self.endpoints, timeout=2.0)  # status and fault requests only
 
     # ------------------------------------------------------------------ addresses
 
@@ -193,87 +86,52 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ processes
 
-    def start(self, node_id: int) -> None:
+    @property
+    def procs(self) -> dict[int, subprocess.Popen]:
+        return self.nodes.procs
+
+    @property
+    def spawned_pids(self) -> list[int]:
+        return self.nodes.spawned_pids
+
+    @property
+    def paused(self) -> set[int]:
+        return self.nodes.paused
+
+    def start(self, node_id: int) -> subprocess.Popen:
         """Start (or restart) a node that is not running."""
-        with self.lock:
-            if self._closed:
-                raise RuntimeError("the cluster is closed")
-            if self.alive(node_id):
-                return
-            cmd = [sys.executable, "-m", "zraft", "node", "--id", str(node_id), "--config", str(self.config_path),
-                   "--data-dir", str(self.data_dir), "--allow-faults", "--log-level", self.log_level]
-            log = self.log_path(node_id)
-            parent = os.getpid()
-
-            def spawn() -> subprocess.Popen:
-                with open(log, "ab") as out:
-                    out.write(f"===== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n".encode())
-                    out.flush()
-                    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                            env=node_env(self.env), cwd=self.workdir,
-                                            preexec_fn=die_with_parent(parent, own_group=True))
-
-            self.procs[node_id] = self._spawner.call(spawn)
-            self.spawned_pids.append(self.procs[node_id].pid)
-            self.paused.discard(node_id)
+        return self.nodes.start(node_id)
 
     def start_all(self) -> None:
         for i in self.ids:
             self.start(i)
 
     def alive(self, node_id: int) -> bool:
-        p = self.procs.get(node_id)
-        return p is not None and p.poll() is None
+        return self.nodes.alive(node_id)
 
     def pid(self, node_id: int) -> int | None:
-        p = self.procs.get(node_id)
-        return p.pid if p is not None and p.poll() is None else None
+        return self.nodes.pid(node_id)
 
-    def kill(self, node_id: int) -> None:
-        """SIGKILL a node (paused or not) and reap it."""
-        with self.lock:
-            p = self.procs.get(node_id)
-            if p is None:
-                return
-            if p.poll() is None:
-                try:
-                    os.kill(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            p.wait()
-            self.paused.discard(node_id)
+    def kill(self, node_id: int, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int | None:
+        """Signal a node (SIGKILL by default) and wait for it to exit; its exit code."""
+        return self.nodes.kill(node_id, sig, timeout)
 
-    def stop(self, node_id: int, grace: float = STOP_GRACE_S) -> int | None:
+    def kill_all(self, sig: int = signal.SIGKILL) -> None:
+        running = [i for i in self.ids if self.alive(i)]
+        for i in running:
+            self.procs[i].send_signal(sig)
+        for i in running:
+            self.kill(i, sig)
+
+    def stop(self, node_id: int, grace: float = 5.0) -> int | None:
         """SIGTERM a node (resuming it if paused), SIGKILL after ``grace`` s; its exit code."""
-        with self.lock:
-            p = self.procs.get(node_id)
-            if p is None:
-                return None
-            if p.poll() is None:
-                try:
-                    os.kill(p.pid, signal.SIGTERM)
-                    if node_id in self.paused:
-                        os.kill(p.pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-                try:
-                    p.wait(grace)
-                except subprocess.TimeoutExpired:
-                    self.kill(node_id)
-            self.paused.discard(node_id)
-            return p.returncode
+        return self.nodes.stop(node_id, grace)
 
     def pause(self, node_id: int) -> None:
-        with self.lock:
-            if self.alive(node_id):
-                os.kill(self.procs[node_id].pid, signal.SIGSTOP)
-                self.paused.add(node_id)
+        self.nodes.pause(node_id)
 
     def resume(self, node_id: int) -> None:
-        with self.lock:
-            if self.alive(node_id):
-                os.kill(self.procs[node_id].pid, signal.SIGCONT)
-            self.paused.discard(node_id)
+        self.nodes.resume(node_id)
 
     def restart(self, node_id: int) -> None:
         self.kill(node_id)
@@ -284,15 +142,9 @@ class LocalCluster:
         return [i for i in self.ids if self.alive(i) and i not in self.paused]
 
     def close(self) -> None:
-        """Kill every node by pid, stop the spawner, remove the workdir unless ``keep``."""
-        with self.lock:
-            if self._closed:
-                return
-            self._closed = True
-            for i in self.ids:
-                self.kill(i)
-        self.client.close()
-        self._spawner.close()
+        """Kill every node by pid, remove the workdir unless ``keep`` (or it was given)."""
+        self.nodes.close()
+        self._admin.close()
         if self.own_workdir and not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -304,15 +156,24 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ requests
 
-    def status(self, node_id: int, timeout: float = 1.0) -> dict[str, Any] | None:
-        return self.client.status(self.endpoint(node_id), timeout)
+    def client(self, timeout: float = 5.0, ids: Iterable[int] | None = None) -> Client:
+        """A new client of the cluster (or of the nodes ``ids``); close it when done."""
+        return Client([self.endpoint(i) for i in (self.ids if ids is None else ids)], timeout=timeout)
 
-    def statuses(self, timeout: float = 1.0) -> dict[int, dict[str, Any] | None]:
-        return dict(zip(self.ids, self.client.statuses(timeout), strict=True))
+    def status(self, node_id: int, timeout: float = 1.0) -> dict[str, Any] | None:
+        return self._admin.status(self.endpoint(node_id), timeout)
+
+    def statuses(self, timeout: float = 1.0, ids: Iterable[int] | None = None) -> dict[int, dict[str, Any] | None]:
+        """The status of every node of ``ids`` (default: all), asked all at once; None if no answer."""
+        if ids is None:
+            return dict(zip(self.ids, self._admin.statuses(timeout), strict=True))
+        ids = list(ids)
+        with Client([self.endpoint(i) for i in ids]) as c:
+            return dict(zip(ids, c.statuses(timeout), strict=True))
 
     def request(self, node_id: int, req: dict[str, Any], timeout: float = 2.0) -> dict[str, Any] | None:
         """One raw request to one node; the reply, or None if none came in time."""
-        return self.client.request(self.endpoint(node_id), req, timeout)
+        return self._admin.request(self.endpoint(node_id), req, timeout)
 
     def fault(self, node_id: int, action: str, timeout: float = 1.0, **fields: Any) -> dict[str, Any] | None:
         """A fault injection request (``isolate``, ``heal``, ``drop``, ``delay``,

@@ -3,19 +3,17 @@
 The supervisor does not restart a node that dies: failover is there to be watched.
 `zraft cluster stop-node N` / `start-node N` (or `kill-node N` for SIGKILL) reach it
 through a control socket, ``DATA_DIR/supervisor.ipc``. Ctrl-C or SIGTERM stops every
-node with SIGTERM (SIGKILL after a grace period). Each node gets PR_SET_PDEATHSIG, so
-if the supervisor itself is killed with SIGKILL its nodes die with it.
+node with SIGTERM (SIGKILL after a grace period). The nodes are run by the shared process
+manager (zraft.cluster.procs.NodeProcesses): each gets PR_SET_PDEATHSIG, so if the
+supervisor itself is killed with SIGKILL its nodes die with it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import signal
 import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,8 @@ from rich.table import Table
 from zraft.client import Client
 from zraft.client.protocol import commit_span, log_span
 from zraft.cluster.config import ClusterConfig
+from zraft.cluster.procs import STOP_GRACE_S, NodeProcesses
 
-STOP_GRACE_S = 5.0
 REFRESH_S = 0.5
 
 
@@ -39,25 +37,16 @@ def control_endpoint(data_dir: str | os.PathLike) -> str:
     return f"ipc://{Path(data_dir).resolve() / 'supervisor.ipc'}"
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it when the supervisor dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    # Own process group: Ctrl-C in the terminal is the supervisor's to handle; it stops the nodes.
-    os.setpgid(0, 0)
-
-
 class SupervisorError(RuntimeError):
     """The supervisor cannot start (its message says why)."""
 
 
 @dataclass
-class NodeProc:
+class NodeView:
+    """What the supervisor shows of one node: its process, how it ended, its last status."""
+
     id: int
     proc: subprocess.Popen | None = None
-    started: float = 0.0
     exit_code: int | None = None
     status: dict[str, Any] | None = field(default=None)
 
@@ -71,7 +60,12 @@ class Supervisor:
         self.data_dir = data_dir.resolve()
         self.log_level = log_level
         self.console = console or Console(stderr=True)
-        self.nodes = {n.id: NodeProc(n.id) for n in cluster.nodes}
+        self.nodes = {n.id: NodeView(n.id) for n in cluster.nodes}
+        # The nodes get our environment (ZRAFT_* settings included), in process groups of their own:
+        # Ctrl-C in the terminal is ours to handle; we stop them.
+        self.procs = NodeProcesses(self.config_path, self.data_dir, lambda i: self.data_dir / str(i) / "console.log",
+                                   node_args=["--log-level", "WARNING", *(["--allow-faults"] if allow_faults else [])],
+                                   own_group=True)
         self.client = Client([n.client_endpoint for n in cluster.nodes])
         self.stopping = False
 
@@ -79,43 +73,26 @@ class Supervisor:
 
     def start_node(self, node_id: int) -> str:
         n = self.nodes[node_id]
-        if n.proc is not None and n.proc.poll() is None:
-            return f"node {node_id} is already running (pid {n.proc.pid})"
-        node_dir = self.data_dir / str(node_id)
-        node_dir.mkdir(parents=True, exist_ok=True)
-        with open(node_dir / "console.log", "ab") as out:
-            n.proc = subprocess.Popen(
-                [sys.executable, "-m", "zraft", "node", "--id", str(node_id), "--config", str(self.config_path),
-                 "--data-dir", str(self.data_dir), "--log-level", "WARNING",
-                 *(["--allow-faults"] if self.allow_faults else [])],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-        n.started, n.exit_code, n.status = time.monotonic(), None, None
+        if self.procs.alive(node_id):
+            return f"node {node_id} is already running (pid {self.procs.pid(node_id)})"
+        n.proc = self.procs.start(node_id)
+        n.exit_code, n.status = None, None
         return f"node {node_id} started (pid {n.proc.pid})"
 
     def stop_node(self, node_id: int, sig: int = signal.SIGTERM) -> str:
         n = self.nodes[node_id]
-        if n.proc is None or n.proc.poll() is not None:
+        if not self.procs.alive(node_id):
             return f"node {node_id} is not running"
-        n.proc.send_signal(sig)
+        pid = self.procs.pid(node_id)
         if sig == signal.SIGTERM:
-            try:
-                n.proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                n.proc.kill()
-        n.proc.wait()
-        return f"node {node_id} (pid {n.proc.pid}) stopped with {signal.Signals(sig).name}"
+            self.procs.stop(node_id, STOP_GRACE_S)
+        else:
+            self.procs.kill(node_id, sig)
+        n.exit_code = None  # (reported by _refresh, like any other death)
+        return f"node {node_id} (pid {pid}) stopped with {signal.Signals(sig).name}"
 
     def stop_all(self) -> None:
-        running = [n for n in self.nodes.values() if n.proc is not None and n.proc.poll() is None]
-        for n in running:
-            n.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for n in running:
-            try:
-                n.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                n.proc.kill()
-                n.proc.wait()
+        self.procs.stop_all(STOP_GRACE_S)
 
     # ------------------------------------------------------------------ control socket
 
@@ -208,6 +185,7 @@ class Supervisor:
         finally:
             self.console.print("stopping all nodes...")
             self.stop_all()
+            self.procs.close()
             control.close()
             try:
                 os.unlink(self.data_dir / "supervisor.ipc")
