@@ -656,6 +656,20 @@ def test_stream_messages_survive_the_wire() -> None:
         assert from_wire(to_wire(m)) == m
 
 
+def _receive(r: SnapshotReceiver, m: SnapshotChunk, staged: list[bytes]) -> list:
+    """The follower's driver, for one chunk: stage what it says, answer what it says."""
+    v = r.on_chunk(m, 1)
+    if v.begin:
+        staged.clear()
+    if v.data is not None:
+        staged.append(v.data)
+    out = [v.reply] if v.reply is not None else []
+    if v.complete is not None:
+        assert v.complete.index == 40
+        out.append(r.finish())
+    return out
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_a_stream_over_a_lossy_duplicating_reordering_channel_delivers_every_record_once(seed: int) -> None:
     rng = random.Random(seed)
@@ -676,19 +690,7 @@ def test_a_stream_over_a_lossy_duplicating_reordering_channel_delivers_every_rec
         rng.shuffle(due)
         out: list = []
         for m in due:
-            if isinstance(m, SnapshotChunk):
-                v = r.on_chunk(m, 1)
-                if v.begin:
-                    staged = []
-                if v.data is not None:
-                    staged.append(v.data)
-                if v.reply is not None:
-                    out.append(v.reply)
-                if v.complete is not None:
-                    assert v.complete.index == 40
-                    out.append(r.finish())
-            else:
-                out += s.on_ack(m)
+            out += _receive(r, m, staged) if isinstance(m, SnapshotChunk) else s.on_ack(m)
         if now % 3 == 0:
             out += s.tick()
         for m in out:

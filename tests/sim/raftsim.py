@@ -21,6 +21,7 @@ phase), and a message takes between 1 and ``2 * TICK`` units unless a fault dela
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import os
@@ -318,6 +319,7 @@ class Cluster:
         end = self.now + max_ticks * TICK
         next_check = self.now
         events = self._events
+        handlers = self._handlers
         while events and events[0][0] <= end:
             if events[0][0] >= next_check:
                 if done():
@@ -325,33 +327,40 @@ class Cluster:
                 next_check = events[0][0] + every
             at, _, kind, a, b = heapq.heappop(events)
             self.now = at
-            if kind == _MSG:
-                self._deliver(a, b)
-            elif kind == _TICK:
-                self._push(at + self.period[a], _TICK, a)
-                self._tick(self.nodes[a])
-            elif kind == _CLIENT:
-                self._push(at + 1 + self.rng.randrange(2 * self.client_gap), _CLIENT)
-                if self.clients_on:
-                    self._client_op()
-            elif kind == _PARTITION:
-                self._partition_event()
-            elif kind == _CRASH:
-                self._crash_event()
-            elif kind == _RESTART:
-                node = self.nodes[a]
-                if not node.up and node.incarnation == b:
-                    self.restart(a)
-            elif kind == _TURN:
-                node = self.nodes[a]
-                if node.up and node.incarnation == b:
-                    self._inbox_turn(node)
-            elif kind == _PERSIST:
-                node = self.nodes[a]
-                if node.up and node.incarnation == b:
-                    self._writes_done(node)
+            handlers[kind](a, b)
         self.now = max(self.now, end)
         return bool(done())
+
+    @functools.cached_property
+    def _handlers(self) -> dict[int, Callable[[Any, Any], None]]:
+        """The scheduler's event kinds and what each does."""
+        return {_MSG: self._deliver, _TICK: self._on_tick, _CLIENT: self._on_client,
+                _PARTITION: lambda _a, _b: self._partition_event(), _CRASH: lambda _a, _b: self._crash_event(),
+                _RESTART: self._on_restart, _TURN: self._on_turn, _PERSIST: self._on_persist}
+
+    def _on_tick(self, node_id: int, _: Any) -> None:
+        self._push(self.now + self.period[node_id], _TICK, node_id)
+        self._tick(self.nodes[node_id])
+
+    def _on_client(self, _a: Any, _b: Any) -> None:
+        self._push(self.now + 1 + self.rng.randrange(2 * self.client_gap), _CLIENT)
+        if self.clients_on:
+            self._client_op()
+
+    def _on_restart(self, node_id: int, incarnation: int) -> None:
+        node = self.nodes[node_id]
+        if not node.up and node.incarnation == incarnation:
+            self.restart(node_id)
+
+    def _on_turn(self, node_id: int, incarnation: int) -> None:
+        node = self.nodes[node_id]
+        if node.up and node.incarnation == incarnation:
+            self._inbox_turn(node)
+
+    def _on_persist(self, node_id: int, incarnation: int) -> None:
+        node = self.nodes[node_id]
+        if node.up and node.incarnation == incarnation:
+            self._writes_done(node)
 
     def run_steps(self, steps: int) -> None:
         """Run until ``steps`` more driver turns have happened."""
@@ -903,26 +912,30 @@ class Cluster:
         if wants and (rd.role is not Role.LEADER or any(m.term != rd.term for m in wants)):
             self.fail(f"node {node.id}: a {rd.role.value} of term {rd.term} asks for snapshots: {wants}")
         if rd.entries:
-            # Log matching: an (index, term) pair always names the same entry after the same prefix.
-            # Together with the same check on the entry before it, that makes the logs identical up to it.
-            registry = self.registry
-            prev_term = raft.log.term_at(rd.entries[0].index - 1)
-            prev_index = rd.entries[0].index - 1
-            for e in rd.entries:
-                if e.index != prev_index + 1 or e.term < prev_term:
-                    self.fail(f"node {node.id}: Ready entries are not a log: {rd.entries}")
-                key = (e.index, e.term)
-                known = registry.get(key)
-                if known is None:
-                    registry[key] = (e.data, prev_term)
-                elif known[0] != e.data or known[1] != prev_term:
-                    self.fail(f"log matching: node {node.id} holds {e} after term {prev_term}; elsewhere "
-                              f"({e.index}, {e.term}) holds {known[0]!r} after term {known[1]}")
-                prev_term, prev_index = e.term, e.index
-            if prev_index != raft.log.last_index:
-                self.fail(f"node {node.id}: Ready entries end at {prev_index}, log at {raft.log.last_index}")
+            self._check_log_matching(node, rd.entries)
         if rd.reads:
             self._check_ready_reads(node, rd)
+
+    def _check_log_matching(self, node: SimNode, entries: list[Entry]) -> None:
+        """An (index, term) pair always names the same entry after the same term. Together with the
+        same check on the entry before it, that makes the logs identical up to it."""
+        raft = node.raft
+        registry = self.registry
+        prev_term = raft.log.term_at(entries[0].index - 1)
+        prev_index = entries[0].index - 1
+        for e in entries:
+            if e.index != prev_index + 1 or e.term < prev_term:
+                self.fail(f"node {node.id}: Ready entries are not a log: {entries}")
+            key = (e.index, e.term)
+            known = registry.get(key)
+            if known is None:
+                registry[key] = (e.data, prev_term)
+            elif known[0] != e.data or known[1] != prev_term:
+                self.fail(f"log matching: node {node.id} holds {e} after term {prev_term}; elsewhere "
+                          f"({e.index}, {e.term}) holds {known[0]!r} after term {known[1]}")
+            prev_term, prev_index = e.term, e.index
+        if prev_index != raft.log.last_index:
+            self.fail(f"node {node.id}: Ready entries end at {prev_index}, log at {raft.log.last_index}")
 
     def check_send(self, node: SimNode, msgs: list[Message | StreamMessage]) -> None:
         """Every message that promises something (a vote, an ack) is backed by the disk."""
@@ -1078,26 +1091,8 @@ class Cluster:
         if len(self.committed) < last:
             self.fail(f"the checker saw {len(self.committed)} committed, the leader commits {last}")
         expected = self._kv_at(last)
-        ref_log = ref.raft.log
         for n in self.nodes.values():
-            log, d = n.raft.log, n.disk
-            if log.last_index != last or d.entries != log.entries or d.snap_index != log.snapshot_index:
-                self.fail(f"node {n.id}'s log ends at {log.last_index} (disk: {d.last_index}), the leader's "
-                          f"at {last}")
-            # Logs may start at different points (each node compacts on its own): where they overlap they
-            # agree with the leader's and with what was committed, and each one starts after a committed entry.
-            lo = max(log.snapshot_index, ref_log.snapshot_index)
-            if log.entries[lo - log.snapshot_index:] != ref_log.entries[lo - ref_log.snapshot_index:]:
-                self.fail(f"node {n.id}'s log differs from the leader's after {lo} at the end")
-            if log.snapshot_index and self.committed[log.snapshot_index - 1][0] != log.snapshot_term:
-                self.fail(f"node {n.id}'s log starts after ({log.snapshot_index}, {log.snapshot_term}), "
-                          f"which was not committed")
-            for e in log.entries:
-                t, data, _ = self.committed[e.index - 1]
-                if (t, data) != (e.term, e.data):
-                    self.fail(f"node {n.id} ends with {e} in its log, but ({t}, {data!r}) was committed there")
-            if n.kv != expected or n.disk.kv != expected:
-                self.fail(f"node {n.id}'s KV {n.kv} differs from the committed log's {expected}")
+            self._check_final_node(n, ref, expected)
         for p in self.proposals:
             if p.acked:
                 t, data, _ = self.committed[p.index - 1]
@@ -1106,6 +1101,26 @@ class Cluster:
         for read in self.reads.values():
             if read.state in ("pending", "ready"):
                 self.fail(f"read {read.rid} on node {read.node} was neither served nor dropped")
+
+    def _check_final_node(self, n: SimNode, ref: SimNode, expected: dict[bytes, bytes]) -> None:
+        log, d, ref_log = n.raft.log, n.disk, ref.raft.log
+        last = ref_log.last_index
+        if log.last_index != last or d.entries != log.entries or d.snap_index != log.snapshot_index:
+            self.fail(f"node {n.id}'s log ends at {log.last_index} (disk: {d.last_index}), the leader's at {last}")
+        # Logs may start at different points (each node compacts on its own): where they overlap they
+        # agree with the leader's and with what was committed, and each one starts after a committed entry.
+        lo = max(log.snapshot_index, ref_log.snapshot_index)
+        if log.entries[lo - log.snapshot_index:] != ref_log.entries[lo - ref_log.snapshot_index:]:
+            self.fail(f"node {n.id}'s log differs from the leader's after {lo} at the end")
+        if log.snapshot_index and self.committed[log.snapshot_index - 1][0] != log.snapshot_term:
+            self.fail(f"node {n.id}'s log starts after ({log.snapshot_index}, {log.snapshot_term}), "
+                      f"which was not committed")
+        for e in log.entries:
+            t, data, _ = self.committed[e.index - 1]
+            if (t, data) != (e.term, e.data):
+                self.fail(f"node {n.id} ends with {e} in its log, but ({t}, {data!r}) was committed there")
+        if n.kv != expected:
+            self.fail(f"node {n.id}'s KV {n.kv} differs from the committed log's {expected}")
 
 
 # ---------------------------------------------------------------------- random runs

@@ -31,6 +31,7 @@ import random
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -182,61 +183,87 @@ class Client:
         self.seq = 0
 
     def _call(self, req: dict[str, Any], write: bool) -> dict[str, Any]:
-        deadline = time.monotonic() + self.timeout
-        session = write and self.exactly_once
-        if session:
+        call = _Call(req, write, session=write and self.exactly_once, deadline=time.monotonic() + self.timeout)
+        if call.session:
             self.seq += 1
-            req = {**req, "client_id": self.client_id, "seq": self.seq}
-        frame = msgpack.packb(req, use_bin_type=True)
+            call.encode(self.client_id, self.seq)
+        else:
+            call.encode()
         # With a session, an attempt that gets no answer is retried, so don't wait the whole deadline on one.
-        attempt_timeout = max(1.0, self.timeout / 4) if session else self.timeout
-        backoff = 0.02
-        last_error = "no node answered"
-        ambiguous = False  # an attempt of this write may have been applied
+        attempt_timeout = max(1.0, self.timeout / 4) if call.session else self.timeout
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = call.deadline - time.monotonic()
             if remaining < MIN_ATTEMPT_S:
-                if ambiguous:
-                    raise OutcomeUnknown(protocol.TIMEOUT, f"gave up after {self.timeout} s: {last_error}; the "
-                                                           "write may or may not have been applied")
-                raise ZraftError(protocol.UNAVAILABLE, f"gave up after {self.timeout} s: {last_error}")
+                raise call.given_up(self.timeout)
             endpoint = self._targets()
-            sent, rep = self._exchange(endpoint, frame, min(remaining, attempt_timeout))
+            sent, rep = self._exchange(endpoint, call.frame, min(remaining, attempt_timeout))
             if rep is None:
                 self.leader = None
-                last_error = f"{endpoint} did not answer"
-                if sent and write:
-                    ambiguous = True
-                    if not session:
-                        raise OutcomeUnknown(protocol.TIMEOUT, f"no reply from {endpoint}: the write may or may "
-                                                               "not have been applied")
-                continue
-            if rep.get("ok") is True:
+                call.no_reply(endpoint, sent)
+            elif rep.get("ok") is True:
                 self.leader = endpoint
                 return rep
-            code, message = rep.get("error", "?"), rep.get("message", "")
-            last_error = f"{code} from {endpoint}: {message}"
-            if code == protocol.SESSION_EXPIRED and session and not ambiguous:
-                # Certainly not applied: the cluster forgot our session. Start a new one and resend.
-                self._new_session()
-                self.seq += 1
-                req = {**req, "client_id": self.client_id, "seq": self.seq}
-                frame = msgpack.packb(req, use_bin_type=True)
-            elif code == protocol.NOT_LEADER:
-                hint = rep.get("leader")
-                self.leader = hint if hint and hint != endpoint else None
-                if self.leader is None:  # no known leader (an election is on): wait a little
-                    time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
-                    backoff = min(backoff * 2, 0.5)
-            elif code == protocol.UNAVAILABLE:
-                self.leader = None
-                time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
-                backoff = min(backoff * 2, 0.5)
-            elif code == protocol.TIMEOUT and write:
-                ambiguous = True
-                if not session:
-                    raise OutcomeUnknown(code, message)
-            elif code == protocol.SESSION_EXPIRED:
-                raise OutcomeUnknown(code, f"{message}; an earlier attempt of this write may have been applied")
-            elif code != protocol.TIMEOUT:
-                raise ZraftError(code, message)
+            else:
+                self._refused(call, endpoint, rep)
+
+    def _refused(self, call: _Call, endpoint: str, rep: dict[str, Any]) -> None:
+        """An error reply: retry (after a pause, elsewhere, in a new session) or raise."""
+        code, message = rep.get("error", "?"), rep.get("message", "")
+        call.last_error = f"{code} from {endpoint}: {message}"
+        if code == protocol.SESSION_EXPIRED and call.session and not call.ambiguous:
+            # Certainly not applied: the cluster forgot our session. Start a new one and resend.
+            self._new_session()
+            self.seq += 1
+            call.encode(self.client_id, self.seq)
+        elif code == protocol.NOT_LEADER:
+            hint = rep.get("leader")
+            self.leader = hint if hint and hint != endpoint else None
+            if self.leader is None:  # no known leader (an election is on): wait a little
+                call.pause()
+        elif code == protocol.UNAVAILABLE:
+            self.leader = None
+            call.pause()
+        elif code == protocol.TIMEOUT and call.write:
+            call.ambiguous = True
+            if not call.session:
+                raise OutcomeUnknown(code, message)
+        elif code == protocol.SESSION_EXPIRED:
+            raise OutcomeUnknown(code, f"{message}; an earlier attempt of this write may have been applied")
+        elif code != protocol.TIMEOUT:
+            raise ZraftError(code, message)
+
+
+@dataclass
+class _Call:
+    """One request's attempts until an answer or the deadline, and what is known of its outcome."""
+
+    req: dict[str, Any]
+    write: bool
+    session: bool
+    deadline: float
+    frame: bytes = b""
+    backoff: float = 0.02
+    last_error: str = "no node answered"
+    ambiguous: bool = False  # an attempt of this write may have been applied
+
+    def encode(self, client_id: int | None = None, seq: int | None = None) -> None:
+        req = self.req if client_id is None else {**self.req, "client_id": client_id, "seq": seq}
+        self.frame = msgpack.packb(req, use_bin_type=True)
+
+    def pause(self) -> None:
+        time.sleep(min(self.backoff, max(0.0, self.deadline - time.monotonic())))
+        self.backoff = min(self.backoff * 2, 0.5)
+
+    def no_reply(self, endpoint: str, sent: bool) -> None:
+        self.last_error = f"{endpoint} did not answer"
+        if sent and self.write:
+            self.ambiguous = True
+            if not self.session:
+                raise OutcomeUnknown(protocol.TIMEOUT, f"no reply from {endpoint}: the write may or may "
+                                                       "not have been applied")
+
+    def given_up(self, timeout: float) -> ZraftError:
+        if self.ambiguous:
+            return OutcomeUnknown(protocol.TIMEOUT, f"gave up after {timeout} s: {self.last_error}; the "
+                                                    "write may or may not have been applied")
+        return ZraftError(protocol.UNAVAILABLE, f"gave up after {timeout} s: {self.last_error}")

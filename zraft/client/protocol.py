@@ -78,15 +78,23 @@ def parse_request(raw: bytes, limits: Limits) -> Request:
     op = req.get("op")
     if not isinstance(op, str) or op not in OPS:
         raise RequestError(BAD_REQUEST, f"unknown op {op!r}; expected one of {sorted(OPS)}")
-    if op in ("status", "compact"):
-        return Request(op)
-    if op == "snapshot":
-        stream = req.get("stream")
-        if stream is not None and (type(stream) is not int or stream <= 0):
-            raise RequestError(BAD_REQUEST, "stream must be a positive integer, or nil to start a snapshot")
-        return Request(op, stream=stream)
-    if op == "fault":
-        return Request(op, fault=_parse_fault(req))
+    return _PARSERS[op](req, limits)
+
+
+def _parse_admin(req: dict, _limits: Limits) -> Request:
+    return Request(req["op"])
+
+
+def _parse_snapshot(req: dict, _limits: Limits) -> Request:
+    stream = req.get("stream")
+    if stream is not None and (type(stream) is not int or stream <= 0):
+        raise RequestError(BAD_REQUEST, "stream must be a positive integer, or nil to start a snapshot")
+    return Request("snapshot", stream=stream)
+
+
+def _parse_key_op(req: dict, limits: Limits) -> Request:
+    """get, put, delete and cas: a key, and for writes a session, a value, an expected value."""
+    op = req["op"]
     key = _as_bytes(req, "key", limits.max_key_bytes)
     if op == "get":
         return Request(op, key)
@@ -138,6 +146,14 @@ def _parse_fault(req: dict) -> dict[str, Any]:
             raise RequestError(BAD_REQUEST, "count must be a non-negative integer")
         out["count"] = count
     return out
+
+
+_PARSERS = {
+    "status": _parse_admin, "compact": _parse_admin, "snapshot": _parse_snapshot,
+    "fault": lambda req, _limits: Request("fault", fault=_parse_fault(req)),
+    "get": _parse_key_op, "put": _parse_key_op, "delete": _parse_key_op, "cas": _parse_key_op,
+}
+assert set(_PARSERS) == OPS, "every op has its parser"
 
 
 def ok(**fields: Any) -> bytes:

@@ -200,53 +200,61 @@ def parse_config(text: str, source: str = "<string>") -> ClusterConfig:
         def err(message: str, _lineno: int = lineno, _line: str = raw.rstrip()) -> ConfigError:
             return ConfigError(message, source=source, lineno=_lineno, line=_line)
 
-        pairs = _parse_pairs(line, err)
-        for required in ("ip", "port"):
-            if required not in pairs:
-                raise err(f"missing {required}")
-        ip = pairs["ip"].strip()
-        if not ip or any(c.isspace() for c in ip):
-            raise err(f"ip must be a non-empty address without spaces, got {pairs['ip']!r}")
-
-        port = _check_port("port", _parse_int("port", pairs["port"], err), err)
-        ports = {"port": port}
-        for field, offset in (("client_port", 100), ("http_port", 200)):
-            if field in pairs:
-                ports[field] = _check_port(field, _parse_int(field, pairs[field], err), err)
-            else:
-                ports[field] = _check_port(field, port + offset, err,
-                                           f" (default: port + {offset}; set {field} explicitly)")
-
-        if "id" in pairs:
-            node_id = _parse_int("id", pairs["id"], err)
-            if node_id <= 0:
-                raise err(f"id must be a positive integer, got {node_id}")
-            how = ""
-        else:
-            node_id = len(nodes) + 1
-            how = " (the default: the number of this node line)"
-        if node_id in id_lines:
-            raise err(f"duplicate id {node_id}{how}: already used on line {id_lines[node_id]}")
-        id_lines[node_id] = lineno
-
-        seen_here: dict[tuple[str, int], str] = {}
-        for field in _PORT_FIELDS:
-            key = (ip, ports[field])
-            if key in seen_here:
-                raise err(f"{field} and {seen_here[key]} are the same endpoint {ip}:{ports[field]}")
-            seen_here[key] = field
-            if key in endpoints:
-                other_line, other_field, other_id = endpoints[key]
-                raise err(f"duplicate endpoint {ip}:{ports[field]} ({field}): already the "
-                          f"{other_field} of node {other_id} on line {other_line}")
-        for field in _PORT_FIELDS:
-            endpoints[(ip, ports[field])] = (lineno, field, node_id)
-
-        nodes.append(NodeAddress(id=node_id, ip=ip, port=port, client_port=ports["client_port"],
-                                 http_port=ports["http_port"]))
+        node = _parse_node_line(line, len(nodes) + 1, id_lines, err)
+        id_lines[node.id] = lineno
+        _claim_endpoints(node, lineno, endpoints, err)
+        nodes.append(node)
     if not nodes:
         raise ConfigError("no nodes defined (the file is empty or has only comments)", source=source)
     return ClusterConfig(nodes=tuple(nodes), source=source)
+
+
+def _parse_node_line(line: str, default_id: int, id_lines: dict[int, int], err) -> NodeAddress:
+    """One node line's address; ``default_id`` is the count of node lines so far, this one included."""
+    pairs = _parse_pairs(line, err)
+    for required in ("ip", "port"):
+        if required not in pairs:
+            raise err(f"missing {required}")
+    ip = pairs["ip"].strip()
+    if not ip or any(c.isspace() for c in ip):
+        raise err(f"ip must be a non-empty address without spaces, got {pairs['ip']!r}")
+    port = _check_port("port", _parse_int("port", pairs["port"], err), err)
+    ports = {"port": port}
+    for field, offset in (("client_port", 100), ("http_port", 200)):
+        if field in pairs:
+            ports[field] = _check_port(field, _parse_int(field, pairs[field], err), err)
+        else:
+            ports[field] = _check_port(field, port + offset, err,
+                                       f" (default: port + {offset}; set {field} explicitly)")
+    if "id" in pairs:
+        node_id = _parse_int("id", pairs["id"], err)
+        if node_id <= 0:
+            raise err(f"id must be a positive integer, got {node_id}")
+        how = ""
+    else:
+        node_id = default_id
+        how = " (the default: the number of this node line)"
+    if node_id in id_lines:
+        raise err(f"duplicate id {node_id}{how}: already used on line {id_lines[node_id]}")
+    return NodeAddress(id=node_id, ip=ip, port=port, client_port=ports["client_port"], http_port=ports["http_port"])
+
+
+def _claim_endpoints(node: NodeAddress, lineno: int, endpoints: dict[tuple[str, int], tuple[int, str, int]],
+                     err) -> None:
+    """Each of the node's three endpoints must be its own and nobody else's."""
+    seen_here: dict[tuple[str, int], str] = {}
+    for field in _PORT_FIELDS:
+        port = getattr(node, field)
+        key = (node.ip, port)
+        if key in seen_here:
+            raise err(f"{field} and {seen_here[key]} are the same endpoint {node.ip}:{port}")
+        seen_here[key] = field
+        if key in endpoints:
+            other_line, other_field, other_id = endpoints[key]
+            raise err(f"duplicate endpoint {node.ip}:{port} ({field}): already the "
+                      f"{other_field} of node {other_id} on line {other_line}")
+    for field in _PORT_FIELDS:
+        endpoints[(node.ip, getattr(node, field))] = (lineno, field, node.id)
 
 
 def load_config(path: str | os.PathLike) -> ClusterConfig:

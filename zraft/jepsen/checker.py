@@ -247,7 +247,7 @@ def check_key(key: Any, ops: Iterable[Op], time_budget_s: float = DEFAULT_TIME_B
 
 # ---------------------------------------------------------------------- WGL
 
-def wgl(ops: list[Op], prev_same: list[int], initial: Any = None, deadline: float = math.inf,
+def wgl(ops: list[Op], prev_same: list[int], initial: Any = None, deadline: float = math.inf,  # noqa: C901
         max_steps: int = DEFAULT_MAX_STEPS) -> tuple[bool | None, int]:
     """Wing & Gong / Lowe depth-first search over ``ops`` (from :func:`_prepare`).
     Returns (True, False, or None if out of budget; steps)."""
@@ -374,7 +374,7 @@ def wgl(ops: list[Op], prev_same: list[int], initial: Any = None, deadline: floa
 
 # ---------------------------------------------------------------------- just-in-time linearization
 
-def jit(ops: list[Op], prev_same: list[int], initial: Any = None, deadline: float = math.inf,
+def jit(ops: list[Op], prev_same: list[int], initial: Any = None, deadline: float = math.inf,  # noqa: C901
         max_steps: int = DEFAULT_MAX_STEPS) -> tuple[bool | None, int, tuple]:
     """Just-in-time linearization (Lowe 2017) over ``ops`` (from :func:`_prepare`): sweep
     the calls and returns in time order, keeping every configuration reachable so far:

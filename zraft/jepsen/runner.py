@@ -323,54 +323,67 @@ class Nemesis(threading.Thread):
 
     def inject(self) -> list[Callable[[], None]]:
         """Inject one fault (or two at once, in mixed); returns the ways to undo them."""
-        rng = self.rng
-        ids = self.cluster.ids
         s = self.scenario
         if s == "mixed":
-            s = rng.choice(["kill", "pause", "partition", "leader", "network", "replies", "double"])
-        if s == "kill":
-            r = rng.random()
-            if r < 0.6:
-                return [self.kill(rng.choice(ids))]
-            if r < 0.75:
-                return [self.stop_node(rng.choice(ids))]
-            # a crash of a majority, or of every node: what was acknowledged must survive it
-            k = len(ids) if rng.random() < 0.5 else len(ids) // 2 + 1
-            return [self.kill_many(rng.sample(ids, k))]
-        if s == "pause":
-            if rng.random() < 0.75:
-                return [self.pause(rng.choice(ids))]
-            return [self.pause(n) for n in rng.sample(ids, len(ids) // 2 + 1)]  # a majority: all stall
-        if s == "partition":
-            return [self.partition_random()]
-        if s == "leader":
-            target = self.find_leader()
-            label = "the leader"
-            if target is None:
-                target, label = rng.choice(ids), "no leader found: a random node"
-            what = rng.choice(["kill", "pause", "isolate", "bridge"])
-            if what == "kill":
-                return [self.kill(target, label)]
-            if what == "pause":
-                return [self.pause(target, label)]
-            if what == "isolate":
-                return [self.isolate(target, label)]
-            # cut the leader off from all but one node, which still talks to everyone
-            others = [i for i in ids if i != target]
-            b = rng.choice(others)
-            rest = [i for i in others if i != b]
-            if not rest:
-                return [self.isolate(target)]
-            return [self.partition([target], rest, "bridge", f"{label}; only node {b} talks to both sides")]
-        if s == "network":
-            return [self.network(drop=rng.choice([0.0, 0.1, 0.3, 0.5]), delay=rng.choice([0.0, 20.0, 50.0, 150.0]))]
-        if s == "replies":
-            return [self.drop_replies(self.find_leader() or rng.choice(ids), rng.randint(2, 10))]
-        # two at once: a partition and a process fault on one random node
+            s = self.rng.choice(["kill", "pause", "partition", "leader", "network", "replies", "double"])
+        return self._INJECT[s](self)
+
+    def _inject_kill(self) -> list[Callable[[], None]]:
+        rng, ids = self.rng, self.cluster.ids
+        r = rng.random()
+        if r < 0.6:
+            return [self.kill(rng.choice(ids))]
+        if r < 0.75:
+            return [self.stop_node(rng.choice(ids))]
+        # a crash of a majority, or of every node: what was acknowledged must survive it
+        k = len(ids) if rng.random() < 0.5 else len(ids) // 2 + 1
+        return [self.kill_many(rng.sample(ids, k))]
+
+    def _inject_pause(self) -> list[Callable[[], None]]:
+        rng, ids = self.rng, self.cluster.ids
+        if rng.random() < 0.75:
+            return [self.pause(rng.choice(ids))]
+        return [self.pause(n) for n in rng.sample(ids, len(ids) // 2 + 1)]  # a majority: all stall
+
+    def _inject_leader(self) -> list[Callable[[], None]]:
+        rng, ids = self.rng, self.cluster.ids
+        target = self.find_leader()
+        label = "the leader"
+        if target is None:
+            target, label = rng.choice(ids), "no leader found: a random node"
+        what = rng.choice(["kill", "pause", "isolate", "bridge"])
+        if what == "kill":
+            return [self.kill(target, label)]
+        if what == "pause":
+            return [self.pause(target, label)]
+        if what == "isolate":
+            return [self.isolate(target, label)]
+        # cut the leader off from all but one node, which still talks to everyone
+        others = [i for i in ids if i != target]
+        b = rng.choice(others)
+        rest = [i for i in others if i != b]
+        if not rest:
+            return [self.isolate(target)]
+        return [self.partition([target], rest, "bridge", f"{label}; only node {b} talks to both sides")]
+
+    def _inject_double(self) -> list[Callable[[], None]]:
+        """Two at once: a partition and a process fault on one random node."""
         undo = [self.partition_random()]
-        node = rng.choice(ids)
-        undo.append(self.kill(node) if rng.random() < 0.5 else self.pause(node))
+        node = self.rng.choice(self.cluster.ids)
+        undo.append(self.kill(node) if self.rng.random() < 0.5 else self.pause(node))
         return undo
+
+    _INJECT: dict[str, Callable[[Nemesis], list[Callable[[], None]]]] = {
+        "kill": _inject_kill,
+        "pause": _inject_pause,
+        "partition": lambda self: [self.partition_random()],
+        "leader": _inject_leader,
+        "network": lambda self: [self.network(drop=self.rng.choice([0.0, 0.1, 0.3, 0.5]),
+                                              delay=self.rng.choice([0.0, 20.0, 50.0, 150.0]))],
+        "replies": lambda self: [self.drop_replies(self.find_leader() or self.rng.choice(self.cluster.ids),
+                                                   self.rng.randint(2, 10))],
+        "double": _inject_double,
+    }
 
     # ------------------------------------------------------------------ faults
 
@@ -661,51 +674,17 @@ def run(scenario: str = "mixed", duration: float = 60.0, clients: int = 5, nodes
         for w in workers:
             w.start()
         nemesis.start()
-        end = t0 + duration
-        next_progress = t0 + progress_every
-        while (now := time.monotonic()) < end:
-            time.sleep(min(0.2, end - now))
-            if time.monotonic() >= next_progress:
-                next_progress += progress_every
-                c = rec.tally()
-                log(f"[{time.monotonic() - t0:6.1f}s] ops: {c[OK]} ok, {c[FAIL]} failed, {c[UNKNOWN]} unknown; "
-                    f"faults so far: {len(nemesis.faults)}")
+        _operate(rec, nemesis, t0 + duration, progress_every, log)
         stop.set()
         t_end = time.monotonic()
-        nemesis.join(30)
-        for w in workers:
-            w.join(2 * client_timeout + 5)
-            if w.is_alive():
-                errors.append(f"client {w.cid} did not stop")
-            if w.error is not None:
-                errors.append(f"client {w.cid} crashed: {w.error!r}")
-        if nemesis.is_alive():
-            errors.append("the nemesis did not stop")
+        errors += _stop(workers, nemesis, client_timeout)
         log(f"[{time.monotonic() - t0:6.1f}s] healing")
         nemesis.heal_all()
         errors += nemesis.errors
-        t_heal = time.monotonic()
-        try:
-            st = cluster.wait_converged(30)
-            lead = next(s for s in st.values() if s and s["role"] == "leader")
-            converged = True
-            convergence = (f"converged in {time.monotonic() - t_heal:.1f} s: leader {lead['id']}, term {lead['term']},"
-                           f" commit index {lead['commit_index']} on every node")
-        except TimeoutError as exc:
-            convergence = f"did NOT converge: {exc}"
-        convergence += "; " + _snapshot_counts(cluster.data_dir)
+        converged, convergence = _converge(cluster)
         log(f"[{time.monotonic() - t0:6.1f}s] {convergence}")
-        with Client(cluster.endpoints, timeout=5.0) as reader:
-            for key in key_names:
-                for _attempt in range(5):
-                    op = run_op(reader, GET, key, process=-2)
-                    if op.status == OK:
-                        break
-                rec.add(op)
-                if op.status == OK:
-                    final[key] = op.result
-                else:
-                    errors.append(f"the final read of {fmt(key)} failed: {op.error}")
+        final, read_errors = _final_reads(cluster, key_names, rec)
+        errors += read_errors
     except Exception as exc:
         errors.append(f"runner: {type(exc).__name__}: {exc}")
         stop.set()
@@ -719,6 +698,66 @@ def run(scenario: str = "mixed", duration: float = 60.0, clients: int = 5, nodes
                     check(rec.ops, time_budget_s=check_budget_s), t0, t_end, final, converged, convergence, errors,
                     str(cluster.workdir) if keep else "", sessions, list(cluster.spawned_pids))
     return result
+
+
+def _operate(rec: Recorder, nemesis: Nemesis, end: float, progress_every: float, log: Callable[[str], None]) -> None:
+    """The faulted part of a run: wait until ``end``, saying how it goes every ``progress_every`` s."""
+    t0 = nemesis.t0
+    next_progress = t0 + progress_every
+    while (now := time.monotonic()) < end:
+        time.sleep(min(0.2, end - now))
+        if time.monotonic() >= next_progress:
+            next_progress += progress_every
+            c = rec.tally()
+            log(f"[{time.monotonic() - t0:6.1f}s] ops: {c[OK]} ok, {c[FAIL]} failed, {c[UNKNOWN]} unknown; "
+                f"faults so far: {len(nemesis.faults)}")
+
+
+def _stop(workers: list[Worker], nemesis: Nemesis, client_timeout: float) -> list[str]:
+    """Wait for the clients and the nemesis to stop (``stop`` is set); what went wrong with them."""
+    errors = []
+    nemesis.join(30)
+    for w in workers:
+        w.join(2 * client_timeout + 5)
+        if w.is_alive():
+            errors.append(f"client {w.cid} did not stop")
+        if w.error is not None:
+            errors.append(f"client {w.cid} crashed: {w.error!r}")
+    if nemesis.is_alive():
+        errors.append("the nemesis did not stop")
+    return errors
+
+
+def _converge(cluster: LocalCluster) -> tuple[bool, str]:
+    """Wait for the healed cluster to agree on everything; (converged, what happened)."""
+    t_heal = time.monotonic()
+    try:
+        st = cluster.wait_converged(30)
+        lead = next(s for s in st.values() if s and s["role"] == "leader")
+        converged = True
+        convergence = (f"converged in {time.monotonic() - t_heal:.1f} s: leader {lead['id']}, term {lead['term']},"
+                       f" commit index {lead['commit_index']} on every node")
+    except TimeoutError as exc:
+        converged, convergence = False, f"did NOT converge: {exc}"
+    return converged, convergence + "; " + _snapshot_counts(cluster.data_dir)
+
+
+def _final_reads(cluster: LocalCluster, key_names: list[bytes], rec: Recorder) -> tuple[dict[Any, Any], list[str]]:
+    """Read every key once more after healing (part of the history too); (values, failures)."""
+    final: dict[Any, Any] = {}
+    errors = []
+    with Client(cluster.endpoints, timeout=5.0) as reader:
+        for key in key_names:
+            for _attempt in range(5):
+                op = run_op(reader, GET, key, process=-2)
+                if op.status == OK:
+                    break
+            rec.add(op)
+            if op.status == OK:
+                final[key] = op.result
+            else:
+                errors.append(f"the final read of {fmt(key)} failed: {op.error}")
+    return final, errors
 
 
 def _snapshot_counts(data_dir: Path) -> str:

@@ -99,9 +99,11 @@ class NodeServer(DriverEvents):
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+    def run(self, handle_signals: bool = True) -> None:
+        """Serve until SIGTERM or SIGINT (``handle_signals``, in the main thread) or ``stopping`` is set."""
+        if handle_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
         if self.writer is not None:
             # The writer needs the GIL back after each fsync; don't let it wait a whole 5 ms slice.
             sys.setswitchinterval(0.0005)

@@ -105,19 +105,14 @@ class KVStateMachine:
                 continue
             cmd = msgpack.unpackb(e.data, raw=False)
             session = cmd[-1]
-            if session is not None:
-                client_id, seq = session
-                rec = self.sessions.get(client_id)
-                if rec is not None and seq <= rec.seq:
-                    results.append(rec.result if seq == rec.seq else _session_error(
-                        f"sequence number {seq} of client {client_id} is older than its last, {rec.seq}"))
-                    continue
-                if rec is None and seq > 1:
-                    results.append(_session_error(f"client {client_id}'s session expired; start a new one"))
-                    continue
+            answered = self._duplicate(session) if session is not None else None
+            if answered is not None:
+                results.append(answered)
+                continue
             result = _apply_one(cmd, current, updates, e.index)
             results.append(result)
             if session is not None:
+                client_id, seq = session
                 self.sessions[client_id] = session_updates[client_id] = SessionRecord(seq, result, e.index)
                 # After each entry, not once per batch: what is forgotten must not depend on how
                 # the entries were batched, or replicas (and a replay after restart) diverge.
@@ -126,6 +121,17 @@ class KVStateMachine:
         self.applied_index, self.applied_term = entries[-1].index, entries[-1].term
         self.backend.write(updates, self.applied_index, session_updates, self.applied_term)
         return results
+
+    def _duplicate(self, session: list[int]) -> Any:
+        """The answer to a write its session has seen already (or can no longer tell); None for a new one."""
+        client_id, seq = session
+        rec = self.sessions.get(client_id)
+        if rec is not None and seq <= rec.seq:
+            return rec.result if seq == rec.seq else _session_error(
+                f"sequence number {seq} of client {client_id} is older than its last, {rec.seq}")
+        if rec is None and seq > 1:
+            return _session_error(f"client {client_id}'s session expired; start a new one")
+        return None
 
     def _evict_sessions(self, session_updates: dict[int, SessionRecord | None]) -> None:
         """Forget the least recently used sessions, down to 90% of the bound (amortized)."""

@@ -293,32 +293,14 @@ class RaftNode:
         self._stable_to(index)
 
     def step(self, m: Message) -> None:
-        """Handle one message from a peer."""
+        """Handle one message from a peer: the term checks once (etcd's Step), then the role's handler."""
         if m.term > self.term:
-            if isinstance(m, RequestVote):
-                if self._in_lease():
-                    return  # a leader we heard from recently is alive: don't let this node disrupt it
-                if not m.pre_vote:
-                    # Adopt the term but keep the election timer running: only granting the vote (below)
-                    # restarts it (Figure 2). Otherwise a node with a stale log that keeps campaigning
-                    # holds off, forever, the up-to-date nodes that could win.
-                    elapsed = self.election_elapsed
-                    self._become_follower(m.term, None)
-                    self.election_elapsed = elapsed
-            elif isinstance(m, RequestVoteResponse) and m.pre_vote and m.granted:
-                pass  # a granted pre-vote carries the term we would campaign in, not a newer one
-            else:
-                leader = m.src if isinstance(m, _FROM_LEADER) else None
-                self._become_follower(m.term, leader)
+            if self._in_lease() and isinstance(m, RequestVote):
+                return  # a leader we heard from recently is alive: don't let this node disrupt it
+            self._newer_term(m)
         elif m.term < self.term:
-            if isinstance(m, _FROM_LEADER) and (self.config.check_quorum or self.config.pre_vote):
-                # A stale leader (or one cut off while we moved on): tell it our term so it steps
-                # down. Without this, pre-vote could leave a node with a higher term stuck forever.
-                self._send(AppendEntriesResponse(self.term, self.id, m.src, success=False))
-            elif isinstance(m, RequestVote) and m.pre_vote:
-                self._send(RequestVoteResponse(self.term, self.id, m.src, granted=False, pre_vote=True))
+            self._older_term(m)
             return
-
         if isinstance(m, RequestVote):
             self._handle_vote_request(m)
         elif self.role is Role.LEADER:
@@ -327,6 +309,29 @@ class RaftNode:
             self._step_follower(m)
         else:
             self._step_candidate(m)
+
+    def _newer_term(self, m: Message) -> None:
+        """A message of a newer term than ours: follow it (pre-votes excepted)."""
+        if isinstance(m, RequestVote):
+            if not m.pre_vote:
+                # Adopt the term but keep the election timer running: only granting the vote restarts
+                # it (Figure 2). Otherwise a node with a stale log that keeps campaigning holds off,
+                # forever, the up-to-date nodes that could win.
+                elapsed = self.election_elapsed
+                self._become_follower(m.term, None)
+                self.election_elapsed = elapsed
+        elif not (isinstance(m, RequestVoteResponse) and m.pre_vote and m.granted):
+            # (A granted pre-vote carries the term we would campaign in, not a newer one.)
+            self._become_follower(m.term, m.src if isinstance(m, _FROM_LEADER) else None)
+
+    def _older_term(self, m: Message) -> None:
+        """A message of an older term is dropped; some are answered so the sender learns the term."""
+        if isinstance(m, _FROM_LEADER) and (self.config.check_quorum or self.config.pre_vote):
+            # A stale leader (or one cut off while we moved on): tell it our term so it steps
+            # down. Without this, pre-vote could leave a node with a higher term stuck forever.
+            self._send(AppendEntriesResponse(self.term, self.id, m.src, success=False))
+        elif isinstance(m, RequestVote) and m.pre_vote:
+            self._send(RequestVoteResponse(self.term, self.id, m.src, granted=False, pre_vote=True))
 
     def has_ready(self) -> bool:
         log = self.log
