@@ -172,36 +172,35 @@ class NodeProcesses:
     def kill(self, node_id: int, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int | None:
         """Signal a node (SIGKILL by default, paused or not) and reap it; its exit code (None: never ran)."""
         with self.lock:
-            p = self.procs.get(node_id)
-            if p is None:
-                return None
-            if p.poll() is None:
-                try:
-                    os.kill(p.pid, sig)
-                except ProcessLookupError:
-                    pass
-            self.paused.discard(node_id)
-            return p.wait(timeout)
+            p = self._signal(node_id, sig)
+            return None if p is None else p.wait(timeout)
 
     def stop(self, node_id: int, grace: float = STOP_GRACE_S) -> int | None:
         """SIGTERM a node (resuming it if paused), SIGKILL after ``grace`` s; its exit code."""
         with self.lock:
-            p = self.procs.get(node_id)
+            p = self._signal(node_id, signal.SIGTERM)
             if p is None:
                 return None
-            if p.poll() is None:
-                try:
-                    os.kill(p.pid, signal.SIGTERM)
-                    if node_id in self.paused:
-                        os.kill(p.pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-                try:
-                    p.wait(grace)
-                except subprocess.TimeoutExpired:
-                    self.kill(node_id)
-            self.paused.discard(node_id)
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.kill(node_id)
             return p.returncode
+
+    def _signal(self, node_id: int, sig: int) -> subprocess.Popen | None:
+        """Send ``sig`` to a running node (and SIGCONT if it was paused, so it can act on it)."""
+        p = self.procs.get(node_id)
+        if p is None:
+            return None
+        if p.poll() is None:
+            try:
+                os.kill(p.pid, sig)
+                if node_id in self.paused and sig != signal.SIGKILL:
+                    os.kill(p.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self.paused.discard(node_id)
+        return p
 
     def stop_all(self, grace: float = STOP_GRACE_S) -> None:
         """SIGTERM every running node at once; SIGKILL those still there after ``grace`` s."""

@@ -52,6 +52,7 @@ from zraft.node.interfaces import LogState
 from zraft.node.statemachine import (
     REC_DATA,
     REC_SESSION,
+    AppliedMark,
     SessionRecord,
     chunked,
     decode_chunk,
@@ -217,7 +218,7 @@ class LevelDBSnapshotView:
         self._snap.close()
 
 
-class LevelDBStateStore:
+class LevelDBStateStore(AppliedMark):
     """The state machine's data and sessions (of the live generation), its applied index, staging and GC."""
 
     def __init__(self, db: plyvel.DB) -> None:
@@ -233,14 +234,6 @@ class LevelDBStateStore:
         self._garbage = [g for g in found if g != self.gen]
         self.staged_gen: int | None = None  # the generation a snapshot stream is staged into
         self._next_gen = max([self.gen, *found]) + 1
-
-    @property
-    def applied_index(self) -> int:
-        return self._applied
-
-    @property
-    def applied_term(self) -> int:
-        return self._applied_term
 
     def get(self, key: bytes) -> bytes | None:
         return self.db.get(self._data + key)

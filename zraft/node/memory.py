@@ -15,6 +15,7 @@ from zraft.node.interfaces import LogState
 from zraft.node.statemachine import (
     REC_DATA,
     REC_SESSION,
+    AppliedMark,
     SessionRecord,
     chunked,
     decode_chunk,
@@ -95,7 +96,7 @@ class MemorySnapshotView:
         self._records = []
 
 
-class MemoryStateStore:
+class MemoryStateStore(AppliedMark):
     """The state machine's data, sessions and applied index, and a staging area for a received snapshot."""
 
     def __init__(self, items: Iterable[tuple[bytes, bytes]] = (), applied_index: int = 0,
@@ -105,14 +106,6 @@ class MemoryStateStore:
         self._applied_term = applied_term
         self.sessions: dict[int, SessionRecord] = {}
         self.staged: tuple[dict[bytes, bytes], dict[int, SessionRecord]] | None = None
-
-    @property
-    def applied_index(self) -> int:
-        return self._applied
-
-    @property
-    def applied_term(self) -> int:
-        return self._applied_term
 
     def get(self, key: bytes) -> bytes | None:
         return self.data.get(key)

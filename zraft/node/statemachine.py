@@ -164,6 +164,21 @@ def _apply_one(cmd: list, current, updates: dict[bytes, bytes | None], index: in
     raise ValueError(f"unknown command {op!r} at index {index}")
 
 
+class AppliedMark:
+    """The applied index, and the term of that entry, that a state store keeps with its data."""
+
+    _applied: int
+    _applied_term: int
+
+    @property
+    def applied_index(self) -> int:
+        return self._applied
+
+    @property
+    def applied_term(self) -> int:
+        return self._applied_term
+
+
 # ---------------------------------------------------------------------- records and chunks
 
 REC_DATA, REC_SESSION = 0, 1  # record kinds in a snapshot chunk
