@@ -650,10 +650,11 @@ def test_receiver_abandon_forgets_the_stream() -> None:
     assert not r.active and r.on_chunk(chunk(1), 4).reply.ok is False
 
 
-def test_stream_messages_survive_the_wire() -> None:
-    for m in (chunk(3, b"\x00\xff", last=True), SnapshotAck(4, 2, 1, 77, -1, False, True),
-              InstallSnapshot(4, 1, 2, 50, 3)):
+def test_stream_messages_survive_the_wire_and_install_snapshot_never_comes_off_it() -> None:
+    for m in (chunk(3, b"\x00\xff", last=True), SnapshotAck(4, 2, 1, 77, -1, False, True)):
         assert from_wire(to_wire(m)) == m
+    with pytest.raises(ValueError, match="unknown raft message type 7"):
+        from_wire(to_wire(InstallSnapshot(4, 1, 2, 50, 3)))
 
 
 def _receive(r: SnapshotReceiver, m: SnapshotChunk, staged: list[bytes]) -> list:

@@ -190,6 +190,16 @@ _TYPES: dict[int, type] = {
 _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in _TYPES.values()}
 _ENTRIES_POS = _FIELDS[AppendEntries].index("entries")
 
+# What may come off the wire, and what each field must be. InstallSnapshot never travels: a
+# follower's driver makes it, once a whole snapshot stream is in (see the class).
+MAX_WIRE_INT = (1 << 63) - 1  # terms, indexes, ids, sequence numbers: never negative, never this large
+_KIND = {"int": "u", "bool": "b", "bytes": "y", "list[Entry]": "e"}
+_WIRE: dict[int, tuple[type, tuple[tuple[str, str], ...]]] = {
+    t: (cls, tuple((f.name, "a" if (cls, f.name) == (SnapshotAck, "seq") else _KIND[f.type]) for f in fields(cls)))
+    for t, cls in _TYPES.items() if cls is not InstallSnapshot
+}  # ("a": an acknowledged chunk number, -1 for none yet)
+ENTRY_TYPES = frozenset(int(t) for t in EntryType)
+
 
 def to_wire(msg: Message | StreamMessage) -> list:
     """The message as a msgpack-ready list: [type, field values in declaration order].
@@ -206,18 +216,63 @@ def to_wire(msg: Message | StreamMessage) -> list:
     return [msg.TYPE, *values]
 
 
-def from_wire(obj: list) -> Message | StreamMessage:
-    """Inverse of :func:`to_wire`. Raises ValueError on anything malformed."""
-    try:
-        cls = _TYPES[obj[0]]
-        msg = cls(*obj[1:])
-        if isinstance(msg, AppendEntries):
-            flat = msg.entries
-            base = msg.prev_index + 1
-            msg.entries = [Entry(flat[i], base + i // 3, flat[i + 2], flat[i + 1]) for i in range(0, len(flat), 3)]
-    except (KeyError, IndexError, TypeError) as exc:
-        raise ValueError(f"malformed raft message: {exc}") from exc
+def from_wire(obj: object) -> Message | StreamMessage:
+    """Inverse of :func:`to_wire`, for what comes off the network: a message of a known type whose
+    every field has its type and range (ints in 0..2**63-1, sender and receiver ids positive and
+    different) and that is consistent in itself (an entry's term is at most the message's, and
+    terms never decrease along the entries). Raises ValueError, saying why, on anything else."""
+    if type(obj) is not list or not obj:
+        raise ValueError("a raft message is a non-empty list")
+    spec = _WIRE.get(obj[0]) if type(obj[0]) is int else None
+    if spec is None:
+        raise ValueError(f"unknown raft message type {obj[0]!r}")
+    cls, names = spec
+    if len(obj) != len(names) + 1:
+        raise ValueError(f"{cls.__name__} has {len(names)} fields, not {len(obj) - 1}")
+    for value, (name, kind) in zip(obj[1:], names, strict=True):
+        _check_field(cls, name, kind, value)
+    msg = cls(*obj[1:])
+    if not (msg.src >= 1 and msg.dst >= 1 and msg.src != msg.dst):
+        raise ValueError(f"{cls.__name__} from {msg.src} to {msg.dst}: ids are positive and differ")
+    if isinstance(msg, AppendEntries):
+        msg.entries = _entries_from_wire(msg)
+    elif isinstance(msg, SnapshotChunk) and msg.snap_term > msg.term:
+        raise ValueError(f"a snapshot of term {msg.snap_term} sent in term {msg.term}")
+    elif isinstance(msg, RequestVote) and msg.last_log_term > msg.term:
+        raise ValueError(f"a candidate of term {msg.term} with a last log term {msg.last_log_term}")
     return msg
+
+
+def _check_field(cls: type, name: str, kind: str, value: object) -> None:
+    if kind == "u" or kind == "a":
+        if type(value) is not int or not (-1 if kind == "a" else 0) <= value <= MAX_WIRE_INT:
+            raise ValueError(f"{cls.__name__}.{name} must be an integer in 0..2**63-1, not {value!r:.40}")
+    elif kind == "b":
+        if type(value) is not bool:
+            raise ValueError(f"{cls.__name__}.{name} must be true or false, not {value!r:.40}")
+    elif kind == "y":
+        if type(value) is not bytes:
+            raise ValueError(f"{cls.__name__}.{name} must be bin, not {type(value).__name__}")
+    elif type(value) is not list or len(value) % 3:
+        raise ValueError(f"{cls.__name__}.{name} must be a flat list of [term, type, data] triples")
+
+
+def _entries_from_wire(m: AppendEntries) -> list[Entry]:
+    flat: list = m.entries
+    if m.prev_term > m.term or m.prev_index + len(flat) // 3 > MAX_WIRE_INT:
+        raise ValueError(f"AppendEntries of term {m.term} after ({m.prev_index}, {m.prev_term})")
+    out = []
+    index, last_term = m.prev_index, m.prev_term
+    for i in range(0, len(flat), 3):
+        term, kind, data = flat[i], flat[i + 1], flat[i + 2]
+        if type(term) is not int or not last_term <= term <= m.term:
+            raise ValueError(f"an entry of term {term!r:.40} after term {last_term}, sent in term {m.term}")
+        if type(kind) is not int or kind not in ENTRY_TYPES or type(data) is not bytes:
+            raise ValueError(f"an entry of type {kind!r:.40} with data of {type(data).__name__}")
+        index += 1
+        last_term = term
+        out.append(Entry(term, index, data, kind))
+    return out
 
 
 def encode_batch(msgs: list[Message | StreamMessage]) -> bytes:
