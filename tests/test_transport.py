@@ -81,3 +81,46 @@ def test_frames_decode_to_the_messages_in_order_whatever_the_budget() -> None:
         else:
             assert len(frames) > 1 and all(len(f) <= max(budget, 400) for f in frames)
         assert all(isinstance(msgpack.unpackb(f), list) for f in frames)
+
+
+def _raw_dealer(identity: bytes, to: PeerTransport) -> zmq.Socket:
+    d = zmq.Context.instance().socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.setsockopt(zmq.IDENTITY, identity)
+    d.connect(to.me.peer_endpoint)
+    return d
+
+
+def _eventually(t: PeerTransport, reason: str, count: int = 1, timeout: float = 5.0) -> None:
+    """Receive until ``count`` frames have been rejected for ``reason`` (nothing may get through)."""
+    deadline = time.monotonic() + timeout
+    while t.rejected[reason] < count:
+        assert time.monotonic() < deadline, f"no frame was rejected as {reason}: {dict(t.rejected)}"
+        if t.router.poll(50):
+            assert t.receive() == []
+
+
+def test_frames_are_taken_only_from_a_peer_about_itself_to_this_node(pair) -> None:
+    """The messages of a frame must come from the node whose identity the frame arrived under, and be
+    addressed here; a stranger, a forged sender, a wrong address or garbage drops the whole frame."""
+    ta, tb = pair
+    good = encode_batch([Heartbeat(1, 1, 2)])
+    stranger = _raw_dealer(b"intruder", tb)
+    stranger.send(good)  # from an identity that is no peer's
+    _eventually(tb, "stranger")
+    as_three = _raw_dealer(b"3", tb)  # node 3 is no peer of tb's either
+    as_three.send(good)
+    _eventually(tb, "stranger", 2)
+    # From the real peer's connection: a message claiming another sender, one for another node, garbage.
+    ta.dealers[2].send(encode_batch([Heartbeat(1, 1, 2), Heartbeat(1, 3, 2)]))
+    _eventually(tb, "forged")
+    ta.dealers[2].send(encode_batch([Heartbeat(1, 1, 3)]))
+    _eventually(tb, "misaddressed")
+    ta.dealers[2].send(b"\xc1 not msgpack")
+    _eventually(tb, "malformed")
+    ta.dealers[2].send(msgpack.packb([[5, 2**64 - 1, 1, 2, 0, 0]]))  # a term past 2**63-1
+    _eventually(tb, "malformed", 2)
+    ta.send([Heartbeat(1, 1, 2)])  # and the peer is heard as before
+    assert _receive(tb, 1) == [Heartbeat(1, 1, 2)]
+    stranger.close()
+    as_three.close()

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import zmq
@@ -22,6 +23,8 @@ from zraft.cluster.config import NodeAddress
 from zraft.raft.messages import Message, decode_batch, encode_frames
 
 log = logging.getLogger(__name__)
+
+REJECT_LOG_EVERY_S = 5.0  # at most one warning this often about dropped peer frames (they are all counted)
 
 
 @dataclass
@@ -84,6 +87,9 @@ class PeerTransport:
             self.dealers[p.id] = d
         self.dropped = 0
         self.faults = Faults()
+        self._peer_ids = {str(p.id).encode(): p.id for p in peers}  # DEALER identity -> node id
+        self.rejected: Counter[str] = Counter()  # peer frames dropped unread, by reason
+        self._last_reject_log = -math.inf
         self._delayed: list[tuple[float, int, int, bytes]] = []  # heap of (due, seq, peer, frame)
         self._delay_seq = 0
 
@@ -122,22 +128,52 @@ class PeerTransport:
         return self._delayed[0][0] if self._delayed else None
 
     def receive(self, limit: int = 1000) -> list[Message]:
-        """Every message waiting now (from at most ``limit`` frames), without blocking."""
+        """Every message waiting now (from at most ``limit`` frames), without blocking.
+
+        Untrusted until checked: a frame is taken only if it decodes into well-formed messages
+        (zraft.raft.messages.from_wire) that all come from the peer whose identity the frame
+        arrived under and are all addressed to this node. Anything else is dropped whole,
+        counted in ``rejected`` by reason, and logged (rate-limited): never an exception.
+        """
         out: list[Message] = []
         for _ in range(limit):
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            try:
-                msgs = decode_batch(frames[-1])
-            except ValueError as exc:
-                log.warning("dropping a malformed peer frame from %r: %s", frames[0], exc)
+            msgs = self._check_frame(frames)
+            if not msgs or (self.faults.active() and self.faults.cuts(msgs[0].src)):
                 continue
-            if self.faults.active() and msgs and self.faults.cuts(msgs[0].src):
-                continue
-            out.extend(m for m in msgs if m.dst == self.me.id and m.src in self.dealers)
+            out.extend(msgs)
         return out
+
+    def _check_frame(self, frames: list[bytes]) -> list[Message]:
+        """The frame's messages if it may be taken (see :meth:`receive`); else [] (counted, logged)."""
+        if len(frames) != 2:
+            return self._reject("frames", frames[0], f"{len(frames) - 1} parts, not 1")
+        identity, payload = frames
+        src = self._peer_ids.get(identity)
+        if src is None:
+            return self._reject("stranger", identity, "not the identity of a peer")
+        try:
+            msgs = decode_batch(payload)
+        except ValueError as exc:
+            return self._reject("malformed", identity, str(exc))
+        for m in msgs:
+            if m.src != src:
+                return self._reject("forged", identity, f"a message claiming to be from node {m.src}")
+            if m.dst != self.me.id:
+                return self._reject("misaddressed", identity, f"a message for node {m.dst}")
+        return msgs
+
+    def _reject(self, reason: str, identity: bytes, why: str) -> list[Message]:
+        self.rejected[reason] += 1
+        now = time.monotonic()
+        if now - self._last_reject_log >= REJECT_LOG_EVERY_S:
+            self._last_reject_log = now
+            log.warning("node %d: dropped a peer frame from %r: %s (%s); dropped so far: %s", self.me.id,
+                        identity[:40], reason, why[:200], dict(self.rejected))
+        return []
 
     def close(self) -> None:
         self.router.close()
