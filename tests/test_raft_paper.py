@@ -768,3 +768,18 @@ def test_read_index_waiting_for_first_commit_is_dropped_when_the_leader_steps_do
     tick(r, 2 * ET)
     assert r.role is Role.FOLLOWER
     assert drain(r).dropped_reads == ["x"]
+
+
+def test_followers_refuse_an_append_that_would_replace_a_committed_entry() -> None:
+    """No leader can send one (Leader Completeness): it is forged, or this log is damaged. It is
+    dropped and counted; the committed entries stay (it used to stop the node with an assertion)."""
+    r = new_node(2, log=(1, 1, 1), term=1)
+    r.step(AppendEntries(1, 1, 2, 3, 1, [], commit=3))  # entries 1..3 are committed
+    drain(r)
+    assert r.commit_index == 3
+    r.step(AppendEntries(2, 1, 2, 1, 1, ents(2, 2, start=2), commit=3))  # would replace 2 and 3
+    rd = drain(r)
+    assert r.contradictions == 1 and not rd.entries and not only(rd, AppendEntriesResponse)
+    assert [e.term for e in r.log.entries] == [1, 1, 1] and r.commit_index == 3
+    r.step(AppendEntries(2, 1, 2, 3, 1, ents(2, start=4), commit=4))  # an honest one goes on as usual
+    assert drain(r).entries == ents(2, start=4) and r.commit_index == 4

@@ -189,6 +189,8 @@ class RaftNode:
         self._reads_dropped: list[Any] = []
         self._snapshot: SnapshotMeta | None = None
         self._snapshot_requests: list[InstallSnapshot] = []
+        # AppendEntries refused because they would replace committed entries (forged, or a damaged log).
+        self.contradictions = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -495,6 +497,11 @@ class RaftNode:
     def _handle_append(self, m: AppendEntries) -> None:
         log = self.log
         if log.matches(m.prev_index, m.prev_term):
+            if self._contradicts_committed(m):
+                # No leader of this term can send that (Leader Completeness): a forged message, or
+                # this node's log was damaged. Refuse it rather than lose what is committed.
+                self.contradictions += 1
+                return
             last_new = log.merge(m.prev_index, m.entries)
             log.commit_to(min(m.commit, last_new))
             self._send(AppendEntriesResponse(self.term, self.id, m.src, success=True, match_index=last_new))
@@ -507,6 +514,16 @@ class RaftNode:
             conflict_index = log.first_index_of_term(m.prev_index)
         self._send(AppendEntriesResponse(self.term, self.id, m.src, success=False, reject_index=m.prev_index,
                                          conflict_term=conflict_term, conflict_index=conflict_index))
+
+    def _contradicts_committed(self, m: AppendEntries) -> bool:
+        """Would the message replace an entry this node knows is committed?"""
+        log = self.log
+        for e in m.entries:
+            if e.index > log.committed:
+                return False
+            if e.index > log.snapshot_index and log.term_at(e.index) != e.term:
+                return True
+        return False
 
     def _handle_snapshot(self, m: InstallSnapshot) -> None:
         log = self.log
