@@ -28,13 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 from zraft.node.driver import Driver, DriverConfig, DriverEvents
 from zraft.node.memory import MemoryLogStore, MemoryStateStore, MemoryStorage
-from zraft.node.statemachine import KVStateMachine
+from zraft.node.statemachine import KVStateMachine, check_command
 from zraft.raft.core import HardState, RaftConfig, RaftNode, Ready, SnapshotMeta
 from zraft.raft.log import RaftLog
 from zraft.raft.messages import Entry, InstallSnapshot, Message, StreamMessage
 
 if TYPE_CHECKING:
     from raftsim import Cluster as Checker
+
+
+def _check_command(data: bytes) -> str | None:
+    return check_command(data, max_key_bytes=4096, max_value_bytes=1 << 20)  # the production defaults
 
 
 class SimCrash(Exception):
@@ -337,7 +341,8 @@ class SimNode:
         self.writer = SimWriter(self) if async_writes else None
         self.driver = Driver(raft, d, KVStateMachine(d.state), SimNet(self), SimEvents(self),
                              config=driver_config, writer=self.writer, rng=random.Random(rng.getrandbits(64)),
-                             clock=lambda: float(self.checker.now), stats=self.checker.stats)
+                             clock=lambda: float(self.checker.now), stats=self.checker.stats,
+                             check_command=_check_command)
 
     def stop(self) -> None:
         """The process is gone: everything but the disk (async writes in flight too)."""

@@ -45,7 +45,16 @@ from typing import Any
 from zraft.node.interfaces import LogWriter, SnapshotView, StateMachine, Storage, Transport
 from zraft.raft.core import RaftConfig, RaftNode, Ready, Role
 from zraft.raft.log import RaftLog
-from zraft.raft.messages import Entry, InstallSnapshot, Message, SnapshotAck, SnapshotChunk, StreamMessage
+from zraft.raft.messages import (
+    AppendEntries,
+    Entry,
+    EntryType,
+    InstallSnapshot,
+    Message,
+    SnapshotAck,
+    SnapshotChunk,
+    StreamMessage,
+)
 from zraft.raft.snapshot import DONE, FAILED, SENDING, SnapshotReceiver, SnapshotSender
 
 log = logging.getLogger(__name__)
@@ -101,7 +110,8 @@ class Driver:
     def __init__(self, raft: RaftNode, storage: Storage, sm: StateMachine, transport: Transport,
                  events: DriverEvents | None = None, config: DriverConfig | None = None,
                  writer: LogWriter | None = None, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic, stats: dict[str, int] | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, stats: dict[str, int] | None = None,
+                 check_command: Callable[[bytes], str | None] | None = None) -> None:
         if raft.config.async_storage != (writer is not None):
             raise ValueError("async storage needs a log writer, and a log writer needs async storage")
         self.raft = raft
@@ -125,11 +135,14 @@ class Driver:
         self.outgoing: dict[int, _Outgoing] = {}  # peer -> the snapshot stream to it
         self.receiver = SnapshotReceiver(self.id)
         self._receive_idle = 0  # ticks since the last chunk of the stream being received
+        # Why a normal entry's data is not a command the state machine would make (None: it is one).
+        self.check_command = check_command
+        self._last_reject_log = -1e18
 
     # ------------------------------------------------------------------ events in
 
     def receive(self, messages: list[Message | StreamMessage]) -> None:
-        """Peer messages, already decoded and addressed to this node."""
+        """Peer messages, decoded, checked and addressed to this node (zraft.node.transport)."""
         raft = self.raft
         for m in messages:
             if isinstance(m, SnapshotChunk):
@@ -139,10 +152,30 @@ class Driver:
             elif isinstance(m, InstallSnapshot):
                 # Only this driver's receiver makes one, once a whole stream is staged: from the wire it
                 # would make the core take a state that storage never got.
-                self.stats["dropped_install_snapshots"] += 1
-                log.warning("node %d: dropped an InstallSnapshot from node %s off the wire", self.id, m.src)
+                self._reject("install_snapshot_from_wire", m, "an InstallSnapshot off the wire")
+            elif isinstance(m, AppendEntries) and self.check_command is not None and not self._commands_ok(m):
+                continue
             else:
                 raft.step(m)
+
+    def _commands_ok(self, m: AppendEntries) -> bool:
+        """Entries from the network are checked as client requests are: a bad one drops the message."""
+        check = self.check_command
+        for e in m.entries:
+            if e.type == EntryType.NORMAL and e.data:
+                why = check(e.data)
+                if why is not None:
+                    self._reject("bad_entry", m, f"entry {e.index}: {why}")
+                    return False
+        return True
+
+    def _reject(self, reason: str, m: object, why: str) -> None:
+        self.stats["rejected_" + reason] = self.stats.get("rejected_" + reason, 0) + 1
+        now = self.clock()
+        if now - self._last_reject_log >= 5.0:  # every one is counted; one warning at most every 5 s
+            self._last_reject_log = now
+            log.warning("node %d: dropped %s from node %s: %s", self.id, type(m).__name__, getattr(m, "src", "?"),
+                        why[:200])
 
     def tick(self) -> None:
         self.raft.tick()
@@ -364,6 +397,13 @@ class Driver:
     # ------------------------------------------------------------------ snapshot streams we receive
 
     def _on_chunk(self, chunk: SnapshotChunk) -> None:
+        raft = self.raft
+        if chunk.term != raft.term or chunk.src != raft.leader:
+            # Only the leader this node follows, in its term, may replace its state. (The stream's
+            # sender retries; by then this node has heard of the new term or leader, if there is one.)
+            self._reject("chunk_not_from_leader", chunk,
+                         f"a chunk of term {chunk.term}; this node is in term {raft.term}, leader {raft.leader}")
+            return
         self._receive_idle = 0
         state = self.storage.state
         v = self.receiver.on_chunk(chunk, self.raft.term)
@@ -385,4 +425,5 @@ class Driver:
 
 
 _STATS = ("compactions", "snap_requests", "snap_requests_ignored", "snap_streams", "snap_sent", "snap_failed",
-          "snap_dropped", "snap_installed", "snap_reset_log", "snap_refused", "drains", "dropped_install_snapshots")
+          "snap_dropped", "snap_installed", "snap_reset_log", "snap_refused", "drains",
+          "rejected_install_snapshot_from_wire", "rejected_bad_entry", "rejected_chunk_not_from_leader")

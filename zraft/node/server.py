@@ -15,6 +15,7 @@ injection, status and backups. One turn of the loop (docs/ARCHITECTURE.md):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -37,7 +38,7 @@ from zraft.node.driver import Driver, DriverEvents, new_raft_node
 from zraft.node.interfaces import SnapshotView, Storage
 from zraft.node.leveldb import LevelDBStorage
 from zraft.node.requests import Envelope, PendingRequests
-from zraft.node.statemachine import KVStateMachine, encode_cas, encode_delete, encode_put
+from zraft.node.statemachine import KVStateMachine, check_command, encode_cas, encode_delete, encode_put
 from zraft.node.transport import PeerTransport
 from zraft.node.writer import StorageWriter
 from zraft.raft.core import Role
@@ -77,7 +78,9 @@ class NodeServer(DriverEvents):
         peers = [n for n in cluster.nodes if n.id != node_id]
         self.transport = PeerTransport(self.ctx, self.me, peers, max_frame_bytes=s.peer_frame_bytes)
         self.driver = Driver(raft, storage, self.sm, self.transport, events=self, config=s.driver_config(),
-                             writer=self.writer, rng=random.Random())
+                             writer=self.writer, rng=random.Random(),
+                             check_command=functools.partial(check_command, max_key_bytes=s.max_key_bytes,
+                                                             max_value_bytes=s.max_value_bytes))
         self.raft = raft
         self.clients = self.ctx.socket(zmq.ROUTER)
         self.clients.setsockopt(zmq.LINGER, 0)

@@ -57,6 +57,34 @@ def encode_cas(key: bytes, expect: bytes | None, value: bytes, session: Session 
 
 
 DEFAULT_MAX_SESSIONS = 10_000
+_MAX_ID = (1 << 63) - 1
+
+
+def check_command(data: bytes, max_key_bytes: int, max_value_bytes: int) -> str | None:
+    """Why a command (a normal entry's data) is not one this state machine would have made from a valid
+    request, or None if it is one. Entries from the network are checked with it, as requests are."""
+    try:
+        cmd = msgpack.unpackb(data, raw=False)
+    except Exception:  # msgpack raises several unrelated exception types
+        return "not a msgpack value"
+    shape = _SHAPES.get(cmd[0]) if type(cmd) is list and cmd and type(cmd[0]) is int else None
+    if shape is None or len(cmd) != len(shape):
+        return f"not a command: {repr(cmd)[:60]}"
+    for value, kind in zip(cmd[1:], shape[1:], strict=True):
+        if kind == "k" and not (type(value) is bytes and len(value) <= max_key_bytes):
+            return "a key that is not bin within the key limit"
+        if kind == "v" and not (type(value) is bytes and len(value) <= max_value_bytes):
+            return "a value that is not bin within the value limit"
+        if kind == "e" and not (value is None or (type(value) is bytes and len(value) <= max_value_bytes)):
+            return "an expected value that is not bin (or nil) within the value limit"
+        if kind == "s" and not (value is None or (type(value) is list and len(value) == 2 and all(
+                type(x) is int and 0 < x <= _MAX_ID for x in value))):
+            return "a session that is not nil or [client_id, seq]"
+    return None
+
+
+# Command layouts: op, then k(ey), v(alue), e(xpected value or nil), s(ession or nil).
+_SHAPES = {PUT: "okvs", DELETE: "oks", CAS: "okevs"}
 
 
 @dataclass(slots=True)
