@@ -44,6 +44,9 @@ AllowFaultsOpt = typer.Option(False, "--allow-faults", envvar="ZRAFT_ALLOW_FAULT
                               help="Accept fault injection requests (`zraft fault ...`). Off by default: "
                                    "never on a production node.")
 TimeoutOpt = typer.Option(5.0, "--timeout", "-t", help="Give up after this many seconds.")
+KeysOpt = typer.Option(None, "--keys", envvar="ZRAFT_KEYS",
+                       help="A keys directory (`zraft keys init`): authenticate and encrypt everything with its "
+                            "CURVE keys. Default: none (the ports are open to anyone who can reach them).")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -65,6 +68,26 @@ def _settings() -> Settings:
         raise _fail(str(exc)) from None
 
 
+def _ring(config: Path, keys: Path | None, node_id: int | None = None):
+    """The KeyRing of a node (``node_id``) or of a client, from ``--keys``; None without keys."""
+    if keys is None:
+        return None
+    from zraft.cluster.keys import KeyRing, KeysError
+
+    try:
+        return KeyRing.load(keys, _load(config), node_id)
+    except KeysError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _client(config: Path, endpoints: list[str] | None, keys: Path | None, timeout: float = 5.0,
+            only: list[str] | None = None):
+    """A client of the cluster (or of the ``only`` endpoints), with the keys of ``--keys``."""
+    from zraft.client import Client
+
+    return Client(only or _endpoints(config, endpoints), timeout=timeout, keys=_ring(config, keys))
+
+
 def _endpoints(config: Path, endpoints: list[str] | None) -> list[str]:
     if endpoints:
         return [e if e.startswith("tcp://") else f"tcp://{e}" for e in endpoints]
@@ -81,6 +104,7 @@ def node(
     data_dir: Path = DataDirOpt,
     log_level: str = LogLevelOpt,
     allow_faults: bool = AllowFaultsOpt,
+    keys: Path | None = KeysOpt,
 ) -> None:
     """Run one node in the foreground (what `cluster up` spawns; also how a node runs on its own host)."""
     import zmq
@@ -94,8 +118,9 @@ def node(
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     settings = _settings()
+    ring = _ring(config, keys, id)
     try:
-        run_node(cluster, id, data_dir, settings, log_level, allow_faults)
+        run_node(cluster, id, data_dir, settings, log_level, allow_faults, ring)
     except (OSError, zmq.ZMQError, StorageError) as exc:  # a port in use, a data dir in use or unreadable
         raise _fail(f"node {id} could not start: {exc}") from None
 
@@ -105,14 +130,15 @@ def node(
 
 @cluster_app.command("up")
 def cluster_up(config: Path = ConfigOpt, data_dir: Path = DataDirOpt, log_level: str = LogLevelOpt,
-               allow_faults: bool = AllowFaultsOpt) -> None:
+               allow_faults: bool = AllowFaultsOpt, keys: Path | None = KeysOpt) -> None:
     """Start one process per node in Config.txt and show their state until Ctrl-C (which stops them all)."""
     from zraft.cluster.supervisor import Supervisor, SupervisorError
 
     cluster = _load(config)
     _settings()  # fail before spawning anything
     try:
-        Supervisor(config, cluster, data_dir, log_level, allow_faults=allow_faults).run()
+        Supervisor(config, cluster, data_dir, log_level, allow_faults=allow_faults, keys=keys,
+                   ring=_ring(config, keys)).run()
     except SupervisorError as exc:
         raise _fail(str(exc)) from None
 
@@ -123,12 +149,12 @@ def cluster_status(
     endpoints: list[str] | None = EndpointsOpt,
     as_json: bool = typer.Option(False, "--json", help="One JSON list, for scripts."),
     timeout: float = typer.Option(1.0, "--timeout", "-t", help="How long to wait for each node."),
+    keys: Path | None = KeysOpt,
 ) -> None:
     """Every node's id, role, term, leader, commit and applied index, and whether it answers."""
-    from zraft.client import Client
-
     eps = _endpoints(config, endpoints)
-    statuses = Client(eps).statuses(timeout)
+    with _client(config, endpoints, keys) as c:
+        statuses = c.statuses(timeout)
     rows = [{"endpoint": ep, "answers": st is not None, **(st or {})} for ep, st in zip(eps, statuses, strict=False)]
     for r in rows:
         r.pop("ok", None)
@@ -181,11 +207,11 @@ def kill_node(node_id: int = typer.Argument(..., help="Node id."), data_dir: Pat
 # ---------------------------------------------------------------------- client
 
 
-def _run_client(config: Path, endpoints: list[str] | None, timeout: float, fn):
-    from zraft.client import Client, OutcomeUnknown, ZraftError
+def _run_client(config: Path, endpoints: list[str] | None, timeout: float, fn, keys: Path | None = None):
+    from zraft.client import OutcomeUnknown, ZraftError
 
     try:
-        with Client(_endpoints(config, endpoints), timeout=timeout) as c:
+        with _client(config, endpoints, keys, timeout) as c:
             return fn(c)
     except OutcomeUnknown as exc:
         raise _fail(f"{exc.message} (outcome unknown; check with `zraft client get`)", 3) from None
@@ -200,17 +226,17 @@ def _out(value: bytes) -> None:
 
 @client_app.command("put")
 def client_put(key: str, value: str, config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
-               timeout: float = TimeoutOpt) -> None:
+               timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
     """Set KEY to VALUE. Prints OK once the write is committed on a majority and applied."""
-    _run_client(config, endpoints, timeout, lambda c: c.put(key, value))
+    _run_client(config, endpoints, timeout, lambda c: c.put(key, value), keys)
     print("OK")
 
 
 @client_app.command("get")
 def client_get(key: str, config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
-               timeout: float = TimeoutOpt) -> None:
+               timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
     """Print KEY's value (a linearizable read). Exit code 1 if there is no such key."""
-    value = _run_client(config, endpoints, timeout, lambda c: c.get(key))
+    value = _run_client(config, endpoints, timeout, lambda c: c.get(key), keys)
     if value is None:
         raise _fail(f"no such key: {key}")
     _out(value)
@@ -218,9 +244,9 @@ def client_get(key: str, config: Path = ConfigOpt, endpoints: list[str] | None =
 
 @client_app.command("delete")
 def client_delete(key: str, config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
-                  timeout: float = TimeoutOpt) -> None:
+                  timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
     """Delete KEY. Prints 1 if it existed, 0 if not (etcdctl's convention)."""
-    deleted = _run_client(config, endpoints, timeout, lambda c: c.delete(key))
+    deleted = _run_client(config, endpoints, timeout, lambda c: c.delete(key), keys)
     print(1 if deleted else 0)
 
 
@@ -229,10 +255,10 @@ def client_cas(key: str, expect: str = typer.Argument(..., help="The value KEY m
                value: str = typer.Argument(...),
                absent: bool = typer.Option(False, "--absent", help="Expect KEY to be absent (EXPECT is ignored)."),
                config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
-               timeout: float = TimeoutOpt) -> None:
+               timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
     """Compare-and-swap: set KEY to VALUE only if it holds EXPECT. Exit code 1 if it did not swap."""
     swapped, current = _run_client(config, endpoints, timeout,
-                                   lambda c: c.cas(key, None if absent else expect, value))
+                                   lambda c: c.cas(key, None if absent else expect, value), keys)
     if not swapped:
         shown = "absent" if current is None else current.decode(errors="replace")
         raise _fail(f"not swapped: {key} is {shown}")
@@ -240,18 +266,18 @@ def client_cas(key: str, expect: str = typer.Argument(..., help="The value KEY m
 
 
 @client_app.command("status")
-def client_status(config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt) -> None:
+def client_status(config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
+                  keys: Path | None = KeysOpt) -> None:
     """Same as `zraft cluster status --json`."""
-    cluster_status(config, endpoints, as_json=True, timeout=1.0)
+    cluster_status(config, endpoints, as_json=True, timeout=1.0, keys=keys)
 
 
 # ---------------------------------------------------------------------- snapshot
 
 
-def _leader_endpoint(eps: list[str]) -> str:
-    from zraft.client import Client
-
-    statuses = Client(eps).statuses(1.0)
+def _leader_endpoint(eps: list[str], config: Path, keys: Path | None) -> str:
+    with _client(config, None, keys, only=eps) as c:
+        statuses = c.statuses(1.0)
     for ep, st in zip(eps, statuses, strict=False):
         if st and st.get("role") == "leader":
             return ep
@@ -273,18 +299,19 @@ def snapshot_save(
     endpoint: str | None = typer.Option(None, "--endpoint", "-e",
                                         help="Take it from this node (tcp://IP:PORT). Default: the leader."),
     timeout: float = TimeoutOpt,
+    keys: Path | None = KeysOpt,
 ) -> None:
     """Write a point-in-time copy of the cluster's data to FILE, with a SHA-256 checksum (like etcdctl)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
     from zraft.tools.backup import BackupError, save
 
-    ep = _endpoints(config, [endpoint])[0] if endpoint else _leader_endpoint(_endpoints(config, None))
+    ep = _endpoints(config, [endpoint])[0] if endpoint else _leader_endpoint(_endpoints(config, None), config, keys)
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True) as bar:
             task = bar.add_task(f"reading from {ep}")
             info = save(ep, file, timeout=timeout, progress=lambda r, b: bar.update(
-                task, description=f"reading from {ep}: {r:,} records, {_human(b)}"))
+                task, description=f"reading from {ep}: {r:,} records, {_human(b)}"), keys=_ring(config, keys))
     except (BackupError, OSError) as exc:
         raise _fail(f"snapshot save failed: {exc}") from None
     print(f"saved {file}: index {info.index}, term {info.term}, {info.records:,} records, {_human(info.bytes)} "
@@ -342,10 +369,8 @@ def snapshot_info(file: Path = typer.Argument(..., help="A backup file.")) -> No
 
 @snapshot_app.command("compact")
 def snapshot_compact(nodes: list[int] | None = typer.Argument(None, help="Node ids (default: all)."),
-                     config: Path = ConfigOpt) -> None:
+                     config: Path = ConfigOpt, keys: Path | None = KeysOpt) -> None:
     """Compact the log of the given nodes now, up to what they have applied (they also do it on their own)."""
-    from zraft.client import Client
-
     cluster = _load(config)
     failed = False
     for i in nodes or cluster.ids:
@@ -353,7 +378,8 @@ def snapshot_compact(nodes: list[int] | None = typer.Argument(None, help="Node i
             ep = cluster.node(i).client_endpoint
         except ConfigError as exc:
             raise _fail(str(exc)) from None
-        rep = Client([ep]).request(ep, {"op": "compact"}, timeout=5.0)
+        with _client(config, None, keys, only=[ep]) as c:
+            rep = c.request(ep, {"op": "compact"}, timeout=5.0)
         if rep is None or not rep.get("ok"):
             failed = True
             err.print(f"node {i}: [red]{'no answer' if rep is None else rep.get('message')}[/]")
@@ -366,16 +392,14 @@ def snapshot_compact(nodes: list[int] | None = typer.Argument(None, help="Node i
 # ---------------------------------------------------------------------- fault
 
 
-def _fault(config: Path, node_ids: list[int], req: dict) -> None:
-    from zraft.client import Client
-
+def _fault(config: Path, node_ids: list[int], req: dict, keys: Path | None) -> None:
     cluster = _load(config)
     ids = node_ids or cluster.ids
     try:
         eps = {i: cluster.node(i).client_endpoint for i in ids}
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    client = Client(eps.values())
+    client = _client(config, None, keys, only=list(eps.values()))
     failed = False
     for node_id, ep in eps.items():
         rep = client.request(ep, {"op": "fault", **req}, timeout=2.0)
@@ -398,48 +422,75 @@ NodesArg = typer.Argument(None, help="Node ids (default: every node in Config.tx
 def fault_isolate(node_id: int = typer.Argument(..., help="The node to cut off."),
                   peers: list[int] | None = typer.Option(None, "--from", help="Cut it off from this peer only; "
                                                             "repeat for several. Default: from all peers."),
-                  config: Path = ConfigOpt) -> None:
+                  config: Path = ConfigOpt, keys: Path | None = KeysOpt) -> None:
     """Partition node N from some or all of its peers, both directions."""
-    _fault(config, [node_id], {"action": "isolate", "peers": peers or None})
+    _fault(config, [node_id], {"action": "isolate", "peers": peers or None}, keys)
 
 
 @fault_app.command("heal")
-def fault_heal(nodes: list[int] | None = NodesArg, config: Path = ConfigOpt) -> None:
+def fault_heal(nodes: list[int] | None = NodesArg, config: Path = ConfigOpt, keys: Path | None = KeysOpt) -> None:
     """Undo every isolation on the given nodes."""
-    _fault(config, nodes or [], {"action": "heal", "peers": None})
+    _fault(config, nodes or [], {"action": "heal", "peers": None}, keys)
 
 
 @fault_app.command("drop")
 def fault_drop(node_id: int, rate: float = typer.Argument(..., help="Fraction 0..1 of peer frames to drop, "
-                                                          "each direction."), config: Path = ConfigOpt) -> None:
+                                                          "each direction."), config: Path = ConfigOpt,
+               keys: Path | None = KeysOpt) -> None:
     """Drop a fraction of node N's peer messages."""
-    _fault(config, [node_id], {"action": "drop", "rate": rate})
+    _fault(config, [node_id], {"action": "drop", "rate": rate}, keys)
 
 
 @fault_app.command("delay")
 def fault_delay(node_id: int, delay_ms: float = typer.Argument(..., help="Milliseconds."),
-                config: Path = ConfigOpt) -> None:
+                config: Path = ConfigOpt, keys: Path | None = KeysOpt) -> None:
     """Delay every message node N sends to its peers."""
-    _fault(config, [node_id], {"action": "delay", "delay_ms": delay_ms})
+    _fault(config, [node_id], {"action": "delay", "delay_ms": delay_ms}, keys)
 
 
 @fault_app.command("drop-replies")
 def fault_drop_replies(node_id: int, count: int = typer.Argument(..., help="How many."),
-                       config: Path = ConfigOpt) -> None:
+                       config: Path = ConfigOpt, keys: Path | None = KeysOpt) -> None:
     """Apply the next COUNT writes on node N but lose their replies (to test client retries)."""
-    _fault(config, [node_id], {"action": "drop_replies", "count": count})
+    _fault(config, [node_id], {"action": "drop_replies", "count": count}, keys)
 
 
 @fault_app.command("clear")
-def fault_clear(nodes: list[int] | None = NodesArg, config: Path = ConfigOpt) -> None:
+def fault_clear(nodes: list[int] | None = NodesArg, config: Path = ConfigOpt, keys: Path | None = KeysOpt) -> None:
     """Remove every injected fault from the given nodes."""
-    _fault(config, nodes or [], {"action": "clear"})
+    _fault(config, nodes or [], {"action": "clear"}, keys)
 
 
 @fault_app.command("show")
-def fault_show(nodes: list[int] | None = NodesArg, config: Path = ConfigOpt) -> None:
+def fault_show(nodes: list[int] | None = NodesArg, config: Path = ConfigOpt, keys: Path | None = KeysOpt) -> None:
     """Show the faults in force on each node."""
-    _fault(config, nodes or [], {"action": "show"})
+    _fault(config, nodes or [], {"action": "show"}, keys)
+
+
+# ---------------------------------------------------------------------- keys
+
+
+keys_app = typer.Typer(help="CURVE keys: authentication and encryption for nodes, clients and the HTTP API.",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init(directory: Path = typer.Argument(..., help="Where to write the keys (made if missing)."),
+              config: Path = ConfigOpt) -> None:
+    """Write a keypair for every node of Config.txt, one for clients, and the HTTP token (never overwrites).
+
+    Then start every node and run every command with --keys DIR (or ZRAFT_KEYS=DIR). Each host needs
+    only its own secret key (nodeN.key_secret; client.key_secret for clients) and the public keys.
+    """
+    from zraft.cluster.keys import KeysError, init_keys
+
+    try:
+        written = init_keys(directory, _load(config))
+    except (KeysError, OSError) as exc:
+        raise _fail(f"keys init failed: {exc}") from None
+    for p in written:
+        print(p)
 
 
 # ---------------------------------------------------------------------- bench
@@ -461,6 +512,9 @@ def bench(
     spawn: int = typer.Option(0, "--spawn", min=0, help="Bring up a cluster of this many nodes in a temporary "
                                                          "dir for the run (and tear it down after), instead of "
                                                          "using the running one of --config."),
+    keys_dir: Path | None = typer.Option(None, "--keys-dir", envvar="ZRAFT_KEYS",
+                                         help="The cluster's keys directory (what --keys is for every other "
+                                              "command; here --keys is the key space)."),
 ) -> None:
     """Measure throughput and latency against a running cluster (closed-loop client processes)."""
     from zraft.tools import bench as zb
@@ -473,24 +527,26 @@ def bench(
             c.start_all()
             c.wait_for_leader(30)
             _bench(zb, c.endpoints, clients, duration, warmup, phases, keys, value_size, key_size, preload_keys,
-                   as_json)
+                   as_json, None)
         return
     _bench(zb, _endpoints(config, endpoints), clients, duration, warmup, phases, keys, value_size, key_size,
-           preload_keys, as_json)
+           preload_keys, as_json, _ring(config, keys_dir))
 
 
 def _bench(zb, endpoints: list[str], clients: int, duration: float, warmup: float, phases: str, keys: int,
-           value_size: int, key_size: int, preload_keys: bool, as_json: bool) -> None:
+           value_size: int, key_size: int, preload_keys: bool, as_json: bool, ring) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     wanted = [p.strip() for p in phases.split(",") if p.strip()]
     unknown = [p for p in wanted if p not in zb.PHASES]
     if unknown or not wanted:
         raise _fail(f"unknown phase(s) {unknown}; choose from {', '.join(zb.PHASES)}")
+    curve = None if ring is None else (ring.own_public, ring.own_secret,
+                                       {ep: ring.server_key(ep) for ep in endpoints})
     spec = zb.BenchSpec(tuple(endpoints), clients=clients, duration=duration, warmup=warmup,
-                        keys=keys, key_size=key_size, value_size=value_size)
+                        keys=keys, key_size=key_size, value_size=value_size, curve=curve)
     try:
-        leader = zb.find_leader(spec.endpoints)
+        leader = zb.find_leader(spec.endpoints, keys=ring)
     except RuntimeError as exc:
         raise _fail(str(exc)) from None
     results = []

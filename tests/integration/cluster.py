@@ -311,9 +311,9 @@ class Cluster(LocalCluster):
     the leftover checks; ``long_lived``: owned by a fixture wider than one test."""
 
     def __init__(self, workdir: Path, n: int = 3, env: dict[str, str] | None = None, base: int = 0,
-                 long_lived: bool = False) -> None:
+                 long_lived: bool = False, keys: bool = False) -> None:
         self.long_lived = long_lived
-        super().__init__(n, workdir, env, log_level=None, allow_faults=False, ports="base", base=base,
+        super().__init__(n, workdir, env, log_level=None, allow_faults=False, ports="base", base=base, keys=keys,
                          on_start=self._register)
 
     def __repr__(self) -> str:

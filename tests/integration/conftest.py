@@ -48,8 +48,9 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     killed (SIGKILL, by pid) when the test ends, however it ends."""
     clusters: list[Cluster] = []
 
-    def make(n: int = 3, env: dict[str, str] | None = None, start: bool = True, name: str | None = None) -> Cluster:
-        c = Cluster(tmp_path / (name or f"cluster{len(clusters)}"), n=n, env=dict(env or {}))
+    def make(n: int = 3, env: dict[str, str] | None = None, start: bool = True, name: str | None = None,
+             keys: bool = False) -> Cluster:
+        c = Cluster(tmp_path / (name or f"cluster{len(clusters)}"), n=n, env=dict(env or {}), keys=keys)
         clusters.append(c)
         if start:
             c.start_all()

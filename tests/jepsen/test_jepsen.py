@@ -39,6 +39,8 @@ FAST = {"ZRAFT_TICK_MS": "20", "ZRAFT_SNAPSHOT_THRESHOLD": "300", "ZRAFT_SNAPSHO
 # The kill scenario runs with the Raft log written from the background thread (async storage,
 # off by default): kill -9 with writes in flight is what that mode must survive.
 ASYNC_STORAGE_SCENARIOS = {"kill"}
+# The mixed scenario runs with keys on (CURVE on every socket, as a production cluster would).
+KEYED_SCENARIOS = {"mixed"}
 
 
 def _seed() -> int:
@@ -66,7 +68,7 @@ def test_scenario_is_linearizable(scenario: str, tmp_path: Path) -> None:
 
     env = {**FAST, "ZRAFT_ASYNC_STORAGE": "1"} if scenario in ASYNC_STORAGE_SCENARIOS else FAST
     res = run(scenario, duration=DURATION, clients=5, nodes=3, seed=seed, keys=5, env=env,
-              workdir=str(tmp_path / "cluster"), log=log)
+              workdir=str(tmp_path / "cluster"), log=log, with_keys=scenario in KEYED_SCENARIOS)
     summary = res.summary()
     print(summary)
     if not res.ok:

@@ -18,6 +18,7 @@ node only through its client port, so the node's loop is the same with or withou
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import logging
 import queue
@@ -29,6 +30,7 @@ from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 from zraft.client import Client, OutcomeUnknown, ZraftError, protocol
 from zraft.cluster.config import ClusterConfig, NodeAddress
+from zraft.cluster.keys import HTTP_TOKEN_FILE, KeyRing, KeysError
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,14 @@ _ERROR_STATUS = {
 class HttpGateway:
     """The HTTP server of one node, serving in background threads until ``close()``."""
 
-    def __init__(self, cluster: ClusterConfig, me: NodeAddress, timeout_s: float, max_body_bytes: int) -> None:
+    def __init__(self, cluster: ClusterConfig, me: NodeAddress, timeout_s: float, max_body_bytes: int,
+                 keys: KeyRing | None = None) -> None:
         endpoints = [me.client_endpoint] + [n.client_endpoint for n in cluster.nodes if n.id != me.id]
         self.me = me
+        self.keys = keys  # with keys: the gateway is a client with this node's key; requests need the token
+        self.token = keys.http_token if keys is not None else None
+        if keys is not None and not self.token:
+            raise KeysError(f"no {HTTP_TOKEN_FILE} in {keys.directory}: the HTTP API needs one with keys on")
         self.timeout_s = timeout_s
         self.max_body_bytes = max_body_bytes
         self._endpoints = endpoints
@@ -73,7 +80,7 @@ class HttpGateway:
         with self._lock:
             if self._pool.empty() and self._made < POOL_SIZE:
                 self._made += 1
-                return Client(self._endpoints, timeout=self.timeout_s)
+                return Client(self._endpoints, timeout=self.timeout_s, keys=self.keys)
         return self._pool.get()
 
     def release(self, client: Client) -> None:
@@ -97,8 +104,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ routes
 
+    def _authorized(self, path: str) -> bool:
+        """With keys, every route but /health needs ``Authorization: Bearer <DIR/http.token>``."""
+        token = self.gateway.token
+        if token is None or path == "/health":
+            return True
+        given = self.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return True
+        self.close_connection = True  # a body sent with it stays unread: never take it for a request
+        self._error(HTTPStatus.UNAUTHORIZED, "unauthorized", "this API needs Authorization: Bearer <token> "
+                                                            "(the token is in the keys directory, http.token)")
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 - the standard library's naming
         path, _ = self._target()
+        if not self._authorized(path):
+            return
         if path.startswith(KV_PREFIX):
             target = self._kv_target()
             if target is not None:
@@ -116,6 +138,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._not_found(path)
 
     def do_PUT(self) -> None:  # noqa: N802
+        if not self._authorized(self._target()[0]):
+            return
         target = self._kv_target()
         if target is None:
             return
@@ -136,6 +160,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.do_PUT()
 
     def do_DELETE(self) -> None:  # noqa: N802
+        if not self._authorized(self._target()[0]):
+            return
         target = self._kv_target()
         if target is not None:
             key = target[0]

@@ -32,12 +32,15 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
 
 from zraft.client import protocol
+
+if TYPE_CHECKING:
+    from zraft.cluster.keys import KeyRing
 
 CONNECT_TIMEOUT_S = 0.3
 # No attempt starts with less time than this left: a request sent with no real chance of a reply
@@ -68,8 +71,13 @@ def _bytes(v: bytes | str) -> bytes:
 
 
 class Client:
-    def __init__(self, endpoints: Iterable[str], timeout: float = 5.0, exactly_once: bool = True) -> None:
+    """A client of the cluster at ``endpoints``. ``keys``: a zraft.cluster.keys.KeyRing for a cluster
+    run with keys (CURVE: authenticated and encrypted; each node's public key checks its endpoint)."""
+
+    def __init__(self, endpoints: Iterable[str], timeout: float = 5.0, exactly_once: bool = True,
+                 keys: KeyRing | None = None) -> None:
         self.endpoints = list(endpoints)
+        self.keys = keys
         if not self.endpoints:
             raise ValueError("no endpoints")
         self.timeout = timeout
@@ -125,6 +133,8 @@ class Client:
         for ep in self.endpoints:
             s = self.ctx.socket(zmq.REQ)
             s.setsockopt(zmq.LINGER, 0)
+            if self.keys is not None:
+                self.keys.connect_to(s, self.keys.server_key(ep))
             s.connect(ep)
             s.send(frame)
             socks.append(s)
@@ -163,6 +173,8 @@ class Client:
                 sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a node we are not connected to
                 sock.setsockopt(zmq.REQ_RELAXED, 1)  # a request without a reply does not block the next
                 sock.setsockopt(zmq.REQ_CORRELATE, 1)  # ... and its late reply is dropped, not taken for ours
+                if self.keys is not None:
+                    self.keys.connect_to(sock, self.keys.server_key(endpoint))
                 sock.connect(endpoint)
             if not sock.poll(_ms(min(timeout, CONNECT_TIMEOUT_S)), zmq.POLLOUT):
                 return False, None

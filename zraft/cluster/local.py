@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from zraft.client import Client
+from zraft.cluster.config import load_config
+from zraft.cluster.keys import KeyRing, init_keys
 from zraft.cluster.procs import NodeProcesses, free_ports, node_env
 
 
@@ -29,6 +31,8 @@ class LocalCluster:
     """``n`` nodes on 127.0.0.1 in ``workdir`` (a new temporary directory by default, removed by
     :meth:`close` unless ``keep``). ``env`` adds ZRAFT_* settings for the nodes.
 
+    ``keys``: make keys (``zraft keys init`` into WORKDIR/keys) and run the nodes and every client with
+    them (CURVE, the HTTP token); ``ring`` is then the clients' KeyRing.
     ``ports``: ``"explicit"`` writes every port of every node into Config.txt (random free ones);
     ``"base"`` writes the original C++ project's format, ``Ip="127.0.0.1",port="P"`` with
     consecutive peer ports from a free ``base`` and the default client and HTTP ports (P + 100,
@@ -38,7 +42,7 @@ class LocalCluster:
 
     def __init__(self, n: int = 3, workdir: str | os.PathLike | None = None, env: dict[str, str] | None = None,
                  keep: bool = False, log_level: str | None = "INFO", *, allow_faults: bool = True,
-                 ports: str = "explicit", base: int = 0,
+                 ports: str = "explicit", base: int = 0, keys: bool = False,
                  on_start: Callable[[int, subprocess.Popen], None] | None = None) -> None:
         if n < 1:
             raise ValueError("a cluster needs at least one node")
@@ -67,10 +71,18 @@ class LocalCluster:
             lines = [f'Ip="127.0.0.1",port="{self.peer_ports[i]}",id="{i}",client_port="{self.client_ports[i]}",'
                      f'http_port="{self.http_ports[i]}"\n' for i in self.ids]
         self.config_path.write_text("".join(lines))
+        self.keys_dir: Path | None = None
+        self.ring: KeyRing | None = None
+        if keys:
+            self.keys_dir = self.workdir / "keys"
+            cluster = load_config(self.config_path)
+            init_keys(self.keys_dir, cluster)
+            self.ring = KeyRing.load(self.keys_dir, cluster)
+            self.env["ZRAFT_KEYS"] = str(self.keys_dir)
         args = (["--allow-faults"] if allow_faults else []) + (["--log-level", log_level] if log_level else [])
         self.nodes = NodeProcesses(self.config_path, self.data_dir, self.log_path, env=node_env(self.env),
                                    cwd=self.workdir, node_args=args, own_group=True, on_start=on_start)
-        self._admin = Client(self.endpoints, timeout=2.0)  # status and fault requests only
+        self._admin = Client(self.endpoints, timeout=2.0, keys=self.ring)  # status and fault requests only
 
     # ------------------------------------------------------------------ addresses
 
@@ -158,7 +170,8 @@ class LocalCluster:
 
     def client(self, timeout: float = 5.0, ids: Iterable[int] | None = None) -> Client:
         """A new client of the cluster (or of the nodes ``ids``); close it when done."""
-        return Client([self.endpoint(i) for i in (self.ids if ids is None else ids)], timeout=timeout)
+        return Client([self.endpoint(i) for i in (self.ids if ids is None else ids)], timeout=timeout,
+                      keys=self.ring)
 
     def status(self, node_id: int, timeout: float = 1.0) -> dict[str, Any] | None:
         return self._admin.status(self.endpoint(node_id), timeout)
@@ -168,7 +181,7 @@ class LocalCluster:
         if ids is None:
             return dict(zip(self.ids, self._admin.statuses(timeout), strict=True))
         ids = list(ids)
-        with Client([self.endpoint(i) for i in ids]) as c:
+        with Client([self.endpoint(i) for i in ids], keys=self.ring) as c:
             return dict(zip(ids, c.statuses(timeout), strict=True))
 
     def request(self, node_id: int, req: dict[str, Any], timeout: float = 2.0) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ from rich.table import Table
 from zraft.client import Client
 from zraft.client.protocol import commit_span, log_span
 from zraft.cluster.config import ClusterConfig
+from zraft.cluster.keys import KeyRing
 from zraft.cluster.procs import STOP_GRACE_S, NodeProcesses
 
 REFRESH_S = 0.5
@@ -53,7 +54,8 @@ class NodeView:
 
 class Supervisor:
     def __init__(self, config_path: Path, cluster: ClusterConfig, data_dir: Path, log_level: str,
-                 console: Console | None = None, allow_faults: bool = False) -> None:
+                 console: Console | None = None, allow_faults: bool = False, keys: Path | None = None,
+                 ring: KeyRing | None = None) -> None:
         self.allow_faults = allow_faults
         self.config_path = config_path.resolve()
         self.cluster = cluster
@@ -64,9 +66,10 @@ class Supervisor:
         # The nodes get our environment (ZRAFT_* settings included), in process groups of their own:
         # Ctrl-C in the terminal is ours to handle; we stop them.
         self.procs = NodeProcesses(self.config_path, self.data_dir, lambda i: self.data_dir / str(i) / "console.log",
-                                   node_args=["--log-level", "WARNING", *(["--allow-faults"] if allow_faults else [])],
+                                   node_args=["--log-level", "WARNING", *(["--allow-faults"] if allow_faults else []),
+                                              *(["--keys", str(Path(keys).resolve())] if keys else [])],
                                    own_group=True)
-        self.client = Client([n.client_endpoint for n in cluster.nodes])
+        self.client = Client([n.client_endpoint for n in cluster.nodes], keys=ring)
         self.stopping = False
 
     # ------------------------------------------------------------------ node processes

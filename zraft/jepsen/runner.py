@@ -221,21 +221,23 @@ def run_op(client: Client, kind: str, key: bytes, value: bytes | None = None, ex
               error=error)
 
 
-def make_client(endpoints: list[str], timeout: float, exactly_once: bool | None = None) -> Client:
-    """A client; ``exactly_once`` None means the library's default."""
+def make_client(endpoints: list[str], timeout: float, exactly_once: bool | None = None, keys: Any = None) -> Client:
+    """A client; ``exactly_once`` None means the library's default; ``keys``: the cluster's KeyRing, if any."""
+    extra = {"keys": keys} if keys is not None else {}
     if exactly_once is None or "exactly_once" not in inspect.signature(Client).parameters:
-        return Client(endpoints, timeout=timeout)
-    return Client(endpoints, timeout=timeout, exactly_once=exactly_once)
+        return Client(endpoints, timeout=timeout, **extra)
+    return Client(endpoints, timeout=timeout, exactly_once=exactly_once, **extra)
 
 
 class Worker(threading.Thread):
     """One client: random ops on random keys until told to stop."""
 
     def __init__(self, cid: int, endpoints: list[str], keys: list[bytes], rec: Recorder, stop: threading.Event,
-                 seed: int, timeout: float, seen: dict[bytes, bytes | None], exactly_once: bool | None = None) -> None:
+                 seed: int, timeout: float, seen: dict[bytes, bytes | None], exactly_once: bool | None = None,
+                 ring: Any = None) -> None:
         super().__init__(name=f"jepsen-client-{cid}", daemon=True)
         self.cid = cid
-        self.client = make_client(endpoints, timeout, exactly_once)
+        self.client = make_client(endpoints, timeout, exactly_once, ring)
         self.keys = keys
         self.rec = rec
         self.stop = stop
@@ -636,11 +638,11 @@ class Nemesis(threading.Thread):
 def run(scenario: str = "mixed", duration: float = 60.0, clients: int = 5, nodes: int = 3, seed: int | None = None,
         keys: int = 5, keep: bool = False, workdir: str | None = None, env: dict[str, str] | None = None,
         client_timeout: float = 2.0, log: Callable[[str], None] | None = None, progress_every: float = 5.0,
-        check_budget_s: float = 60.0, sessions: str = "mixed") -> Result:
+        check_budget_s: float = 60.0, sessions: str = "mixed", with_keys: bool = False) -> Result:
     """One run: start a cluster, ``duration`` s of faulted operation, heal, final reads, check.
 
     ``sessions``: whether the clients' writes use exactly-once sessions: "on", "off", or
-    "mixed" (every other client)."""
+    "mixed" (every other client). ``with_keys``: the cluster and every client use CURVE keys."""
     if sessions not in ("on", "off", "mixed"):
         raise ValueError(f"sessions must be on, off or mixed, not {sessions!r}")
     if scenario not in SCENARIOS:
@@ -651,10 +653,10 @@ def run(scenario: str = "mixed", duration: float = 60.0, clients: int = 5, nodes
     rng = random.Random(seed)
     key_names = [f"k{i}".encode() for i in range(keys)]
     log(f"zraft jepsen: scenario {scenario}, {nodes} nodes, {clients} clients (sessions {sessions}), "
-        f"{duration:g} s, seed {seed}")
+        f"{duration:g} s, seed {seed}" + (", with keys (CURVE)" if with_keys else ""))
     rec = Recorder()
     errors: list[str] = []
-    cluster = LocalCluster(nodes, workdir=workdir, env=env, keep=keep)
+    cluster = LocalCluster(nodes, workdir=workdir, env=env, keep=keep, keys=with_keys)
     stop = threading.Event()
     workers: list[Worker] = []
     nemesis: Nemesis | None = None
@@ -667,7 +669,7 @@ def run(scenario: str = "mixed", duration: float = 60.0, clients: int = 5, nodes
         log(f"cluster up in {cluster.workdir}: leader {leader[0]}, term {leader[1]}")
         seen: dict[bytes, bytes | None] = {}
         workers = [Worker(c, cluster.endpoints, key_names, rec, stop, rng.randrange(1 << 31), client_timeout, seen,
-                          sessions == "on" or (sessions == "mixed" and c % 2 == 0))
+                          sessions == "on" or (sessions == "mixed" and c % 2 == 0), cluster.ring)
                    for c in range(clients)]
         t0 = time.monotonic()
         nemesis = Nemesis(cluster, scenario, random.Random(rng.randrange(1 << 31)), t0, stop, log)
@@ -746,7 +748,7 @@ def _final_reads(cluster: LocalCluster, key_names: list[bytes], rec: Recorder) -
     """Read every key once more after healing (part of the history too); (values, failures)."""
     final: dict[Any, Any] = {}
     errors = []
-    with Client(cluster.endpoints, timeout=5.0) as reader:
+    with cluster.client(timeout=5.0) as reader:
         for key in key_names:
             for _attempt in range(5):
                 op = run_op(reader, GET, key, process=-2)
@@ -788,6 +790,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", choices=("on", "off", "mixed"), default="mixed",
                    help="exactly-once sessions for the clients' writes: all, none, or every other client "
                         "(default mixed)")
+    p.add_argument("--with-keys", action="store_true",
+                   help="run the cluster and every client with CURVE keys (zraft keys init), as in production")
     p.add_argument("--tick-ms", type=int, default=None, help="ZRAFT_TICK_MS of the nodes (default: theirs)")
     p.add_argument("--node-env", action="append", default=[], metavar="ZRAFT_NAME=VALUE",
                    help="a setting for the nodes, e.g. ZRAFT_SNAPSHOT_THRESHOLD=300 (repeatable)")
@@ -811,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         env[name] = value
     try:
         res = run(a.scenario, a.duration, a.clients, a.nodes, a.seed, keys=a.keys, keep=a.keep, workdir=a.workdir,
-                  env=env, client_timeout=a.client_timeout, sessions=a.sessions)
+                  env=env, client_timeout=a.client_timeout, sessions=a.sessions, with_keys=a.with_keys)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

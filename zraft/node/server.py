@@ -34,6 +34,7 @@ from zraft.api.http import HttpGateway
 from zraft.client import protocol
 from zraft.client.protocol import Limits, Request, RequestError
 from zraft.cluster.config import ClusterConfig, Settings
+from zraft.cluster.keys import CLIENT_DOMAIN, KeyRing
 from zraft.node.driver import Driver, DriverEvents, new_raft_node
 from zraft.node.interfaces import SnapshotView, Storage
 from zraft.node.leveldb import LevelDBStorage
@@ -64,8 +65,9 @@ class NodeServer(DriverEvents):
     production, see :func:`run_node`); the server closes it on shutdown."""
 
     def __init__(self, cluster: ClusterConfig, node_id: int, storage: Storage, settings: Settings | None = None,
-                 allow_faults: bool = False) -> None:
+                 allow_faults: bool = False, keys: KeyRing | None = None) -> None:
         self.cluster = cluster
+        self.keys = keys
         self.me = cluster.node(node_id)
         self.settings = s = settings or Settings()
         self.limits = Limits(s.max_key_bytes, s.max_value_bytes, s.max_request_bytes)
@@ -75,8 +77,10 @@ class NodeServer(DriverEvents):
         # Log writes in a background thread (async storage), or inline in the loop.
         self.writer = StorageWriter(storage.log) if s.async_storage else None
         self.ctx = zmq.Context()
+        # With keys: CURVE on both ports, and a ZAP handler that lets in only the keys it knows (zraft.cluster.keys).
+        self.auth = keys.authenticator(self.ctx) if keys is not None else None
         peers = [n for n in cluster.nodes if n.id != node_id]
-        self.transport = PeerTransport(self.ctx, self.me, peers, max_frame_bytes=s.peer_frame_bytes)
+        self.transport = PeerTransport(self.ctx, self.me, peers, max_frame_bytes=s.peer_frame_bytes, keys=keys)
         self.driver = Driver(raft, storage, self.sm, self.transport, events=self, config=s.driver_config(),
                              writer=self.writer, rng=random.Random(),
                              check_command=functools.partial(check_command, max_key_bytes=s.max_key_bytes,
@@ -85,9 +89,11 @@ class NodeServer(DriverEvents):
         self.clients = self.ctx.socket(zmq.ROUTER)
         self.clients.setsockopt(zmq.LINGER, 0)
         self.clients.setsockopt(zmq.MAXMSGSIZE, 32 * s.max_request_bytes)
+        if keys is not None:
+            keys.serve(self.clients, CLIENT_DOMAIN)
         self.clients.bind(self.me.client_endpoint)
         # The HTTP API (zraft.api.http): its own threads, a client of this node's client port.
-        self.http = (HttpGateway(cluster, self.me, s.request_timeout_s + 1.0, s.max_value_bytes)
+        self.http = (HttpGateway(cluster, self.me, s.request_timeout_s + 1.0, s.max_value_bytes, keys=keys)
                      if s.http_api else None)
         self.pending = PendingRequests()
         self.allow_faults = allow_faults
@@ -99,6 +105,13 @@ class NodeServer(DriverEvents):
                  node_id, raft.term, raft.log.first_index, raft.log.last_index, self.sm.applied_index,
                  self.me.client_endpoint, self.me.http_endpoint if self.http is not None else "(off)",
                  "in a background thread" if self.writer is not None else "inline")
+        if keys is None:
+            log.warning("node %d: no keys (--keys / ZRAFT_KEYS): its peer port %s and client port %s are open to "
+                        "anyone who can reach them, unencrypted", node_id, self.me.peer_endpoint,
+                        self.me.client_endpoint)
+        else:
+            log.info("node %d: keys from %s: peers and clients authenticated (CURVE), traffic encrypted", node_id,
+                     keys.directory)
 
     # ------------------------------------------------------------------ the loop
 
@@ -324,6 +337,8 @@ class NodeServer(DriverEvents):
             self.writer.close()  # what is queued still reaches the disk
         self.transport.close()
         self.clients.close()
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
         self.storage.close()
         log.info("node %d stopped", self.me.id)
@@ -354,12 +369,12 @@ def setup_logging(data_dir: Path, level: str) -> None:
 
 
 def run_node(cluster: ClusterConfig, node_id: int, data_dir: str | os.PathLike, settings: Settings,
-             log_level: str = "INFO", allow_faults: bool = False) -> None:
+             log_level: str = "INFO", allow_faults: bool = False, keys: KeyRing | None = None) -> None:
     node_dir = Path(data_dir) / str(node_id)
     setup_logging(node_dir, log_level)
     storage = LevelDBStorage(node_dir / "db")
     try:
-        server = NodeServer(cluster, node_id, storage, settings, allow_faults)
+        server = NodeServer(cluster, node_id, storage, settings, allow_faults, keys)
     except BaseException:
         storage.close()
         raise

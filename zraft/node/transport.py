@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from zraft.cluster.config import NodeAddress
+from zraft.cluster.keys import PEER_DOMAIN, KeyRing
 from zraft.raft.messages import Message, decode_batch, encode_frames
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,17 @@ class Faults:
 
 
 class PeerTransport:
-    def __init__(self, ctx: zmq.Context, me: NodeAddress, peers: list[NodeAddress], max_frame_bytes: int) -> None:
+    def __init__(self, ctx: zmq.Context, me: NodeAddress, peers: list[NodeAddress], max_frame_bytes: int,
+                 keys: KeyRing | None = None) -> None:
         self.me = me
+        self.keys = keys
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.RCVHWM, 100_000)
         self.router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         self.frame_budget = max_frame_bytes // 2
+        if keys is not None:  # CURVE: only the nodes' keys get in (zraft.cluster.keys), each known by its user id
+            keys.serve(self.router, PEER_DOMAIN)
         self.router.bind(me.peer_endpoint)
         self.dealers: dict[int, zmq.Socket] = {}
         for p in peers:
@@ -83,6 +88,8 @@ class PeerTransport:
             d.setsockopt(zmq.SNDHWM, 10_000)
             d.setsockopt(zmq.RECONNECT_IVL, 50)
             d.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+            if keys is not None:
+                keys.connect_to(d, keys.node_public[p.id])
             d.connect(p.peer_endpoint)
             self.dealers[p.id] = d
         self.dropped = 0
@@ -138,7 +145,7 @@ class PeerTransport:
         out: list[Message] = []
         for _ in range(limit):
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=self.keys is None)
             except zmq.Again:
                 break
             msgs = self._check_frame(frames)
@@ -149,12 +156,17 @@ class PeerTransport:
 
     def _check_frame(self, frames: list[bytes]) -> list[Message]:
         """The frame's messages if it may be taken (see :meth:`receive`); else [] (counted, logged)."""
+        if self.keys is not None:  # (frames as zmq.Frame: their user id says whose key the connection has)
+            user = frames[-1].get("User-Id")
+            frames = [f.bytes for f in frames]
         if len(frames) != 2:
             return self._reject("frames", frames[0], f"{len(frames) - 1} parts, not 1")
         identity, payload = frames
         src = self._peer_ids.get(identity)
         if src is None:
             return self._reject("stranger", identity, "not the identity of a peer")
+        if self.keys is not None and user != f"node:{src}":
+            return self._reject("impostor", identity, f"node {src}'s identity on a connection of {user}")
         try:
             msgs = decode_batch(payload)
         except ValueError as exc:

@@ -67,15 +67,17 @@ def _request(sock: zmq.Socket, req: dict[str, Any], timeout: float) -> dict[str,
 
 
 def save(endpoint: str, path: str | os.PathLike, timeout: float = 10.0,
-         progress: Callable[[int, int], None] | None = None) -> BackupInfo:
+         progress: Callable[[int, int], None] | None = None, keys: Any = None) -> BackupInfo:
     """Stream the state machine of the node at ``endpoint`` into the file ``path``.
 
-    ``progress(records, bytes)`` is called after every chunk.
+    ``progress(records, bytes)`` is called after every chunk. ``keys``: a KeyRing (zraft.cluster.keys).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     sock = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.connect_to(sock, keys.server_key(endpoint))
     sock.connect(endpoint)
     digest = hashlib.sha256()
     records = written = 0

@@ -30,6 +30,14 @@ class BenchSpec:
     key_size: int = 16
     value_size: int = 128
     request_timeout: float = 5.0
+    # With keys: (client public key, client secret key, {endpoint: the node's public key}), all z85.
+    curve: tuple[bytes, bytes, dict[str, bytes]] | None = None
+
+    def secure(self, sock: Any, endpoint: str) -> None:
+        """Make ``sock`` a CURVE client of the node at ``endpoint`` (no-op without keys)."""
+        if self.curve is not None:
+            public, secret, servers = self.curve
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, servers[endpoint]
 
 
 @dataclass
@@ -60,10 +68,10 @@ def percentile(sorted_vals: list[float], p: float) -> float | None:
     return sorted_vals[k]
 
 
-def find_leader(endpoints: tuple[str, ...], timeout: float = 10.0) -> str:
+def find_leader(endpoints: tuple[str, ...], timeout: float = 10.0, keys: Any = None) -> str:
     from zraft.client import Client
 
-    client = Client(endpoints, exactly_once=False)
+    client = Client(endpoints, exactly_once=False, keys=keys)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for ep, st in zip(endpoints, client.statuses(timeout=1.0), strict=True):
@@ -88,6 +96,7 @@ def _worker(wid: int, spec: BenchSpec, phase: str, leader: str, start_at: float,
     def connect() -> zmq.Socket:
         s = ctx.socket(zmq.REQ)
         s.setsockopt(zmq.LINGER, 0)
+        spec.secure(s, addr)
         s.connect(addr)
         return s
 
@@ -182,6 +191,7 @@ def preload(spec: BenchSpec, leader: str) -> None:
     poller = zmq.Poller()
     for s in socks:
         s.setsockopt(zmq.LINGER, 0)
+        spec.secure(s, leader)
         s.connect(leader)
         poller.register(s, zmq.POLLIN)
     todo = list(range(spec.keys))

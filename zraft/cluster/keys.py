@@ -1,0 +1,170 @@
+"""Authentication and encryption: CurveZMQ keypairs for nodes and clients, and the HTTP token.
+
+``zraft keys init DIR`` writes, with ZeroMQ's certificate files (zmq.auth):
+
+    DIR/node<ID>.key, DIR/node<ID>.key_secret   one keypair per node of Config.txt
+    DIR/client.key, DIR/client.key_secret       the clients' keypair (more may be added: client*.key)
+    DIR/http.token                              the bearer token of the HTTP API
+
+A node started with ``--keys DIR`` (or ``ZRAFT_KEYS=DIR``) serves its peer port and its client
+port over CURVE (everything encrypted) and lets in only the keys it knows: on the peer port the
+nodes' public keys, on the client port the clients' and the nodes' (a node's HTTP gateway is a
+client of the cluster). Every authenticated connection carries its user id (ZAP): ``node:<id>``
+or ``client``; a peer's message is taken only from the connection of the node it claims to
+come from. A node needs its own secret key and every public key; a client needs a client secret
+key and the nodes' public keys; so a host holds only the secrets it uses.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+import zmq.auth
+import zmq.utils.z85
+from zmq.auth.thread import ThreadAuthenticator
+
+from zraft.cluster.config import ClusterConfig
+
+HTTP_TOKEN_FILE = "http.token"
+PEER_DOMAIN = "zraft-peer"
+CLIENT_DOMAIN = "zraft-client"
+
+
+class KeysError(ValueError):
+    """A keys directory that cannot be used as it is (the message says which file and why)."""
+
+
+def node_key_name(node_id: int) -> str:
+    return f"node{node_id}"
+
+
+def init_keys(directory: str | os.PathLike, cluster: ClusterConfig) -> list[Path]:
+    """Write a keypair for every node of ``cluster`` and one for clients, and the HTTP token, into
+    ``directory`` (made if needed, mode 0700). Refuses to overwrite any of them. The files written."""
+    d = Path(directory)
+    names = [node_key_name(i) for i in cluster.ids] + ["client"]
+    targets = [d / f"{n}.key" for n in names] + [d / f"{n}.key_secret" for n in names] + [d / HTTP_TOKEN_FILE]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing:
+        raise KeysError(f"refusing to overwrite existing keys: {', '.join(existing)}")
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    written = []
+    for n in names:
+        public, secret = zmq.auth.create_certificates(str(d), n)
+        os.chmod(secret, 0o600)
+        written += [Path(public), Path(secret)]
+    token = d / HTTP_TOKEN_FILE
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    written.append(token)
+    return written
+
+
+@dataclass
+class KeyRing:
+    """The keys one party (a node, or a client) uses: its own keypair and the public keys it knows."""
+
+    directory: Path
+    own_public: bytes  # z85
+    own_secret: bytes  # z85
+    node_public: dict[int, bytes]  # node id -> z85 public key
+    client_public: set[bytes]  # z85 public keys of clients
+    endpoint_nodes: dict[str, int] = field(default_factory=dict)  # client endpoint -> node id
+    http_token: str | None = None
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, cluster: ClusterConfig, node_id: int | None = None) -> KeyRing:
+        """Node ``node_id``'s keys, or (None) a client's, from ``directory``; KeysError says what is missing."""
+        d = Path(directory)
+        if not d.is_dir():
+            raise KeysError(f"keys directory {d} does not exist (make one with: zraft keys init {d})")
+        node_public = {i: _public(d / f"{node_key_name(i)}.key") for i in cluster.ids}
+        clients = {_public(p) for p in sorted(d.glob("client*.key"))}
+        if not clients:
+            raise KeysError(f"no client key (client*.key) in {d}")
+        own = d / f"{node_key_name(node_id) if node_id is not None else 'client'}.key_secret"
+        public, secret = _keypair(own)
+        token = d / HTTP_TOKEN_FILE
+        http_token = token.read_text().strip() if token.exists() else None
+        return cls(d, public, secret, node_public, clients, {n.client_endpoint: n.id for n in cluster.nodes},
+                   http_token)
+
+    # --- sockets
+
+    def serve(self, sock: zmq.Socket, domain: str) -> None:
+        """Make ``sock`` (before bind) a CURVE server of ``domain``, with this party's keypair."""
+        sock.curve_server = True
+        sock.curve_publickey = self.own_public
+        sock.curve_secretkey = self.own_secret
+        sock.zap_domain = domain.encode()
+
+    def connect_to(self, sock: zmq.Socket, server_public: bytes) -> None:
+        """Make ``sock`` (before connect) a CURVE client of the server with that public key."""
+        sock.curve_publickey = self.own_public
+        sock.curve_secretkey = self.own_secret
+        sock.curve_serverkey = server_public
+
+    def server_key(self, endpoint: str) -> bytes:
+        """The public key of the node serving ``endpoint`` (a client endpoint of Config.txt)."""
+        node_id = self.endpoint_nodes.get(endpoint)
+        if node_id is None:
+            raise KeysError(f"no node of the cluster serves {endpoint}: no key to check it with")
+        return self.node_public[node_id]
+
+    def authenticator(self, ctx: zmq.Context) -> ThreadAuthenticator:
+        """A started ZAP handler for ``ctx``: the peer port lets in nodes, the client port clients and nodes."""
+        auth = _Authenticator(self, ctx)
+        auth.start()
+        auth.configure_curve_callback(PEER_DOMAIN, _Allowed(self.node_public.values()))
+        auth.configure_curve_callback(CLIENT_DOMAIN, _Allowed([*self.client_public, *self.node_public.values()]))
+        return auth
+
+
+class _Allowed:
+    """A ZAP credentials provider: the keys allowed in a domain."""
+
+    def __init__(self, keys: Iterable[bytes]) -> None:
+        self.keys = set(keys)
+
+    def callback(self, _domain: str, key: bytes) -> bool:
+        return key in self.keys
+
+
+class _Authenticator(ThreadAuthenticator):
+    """ZAP in a thread, naming each authenticated connection ``node:<id>`` or ``client`` (its User-Id)."""
+
+    def __init__(self, ring: KeyRing, ctx: zmq.Context) -> None:
+        super().__init__(ctx)
+        self._users = {zmq.utils.z85.decode(k): f"node:{i}" for i, k in ring.node_public.items()}
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self._users.get(client_public_key, "client")
+
+
+def _public(path: Path) -> bytes:
+    if not path.exists():
+        raise KeysError(f"missing public key {path} (zraft keys init writes one per node of Config.txt)")
+    try:
+        public, _ = zmq.auth.load_certificate(str(path))
+    except (ValueError, OSError) as exc:
+        raise KeysError(f"{path} is not a key file: {exc}") from None
+    return public
+
+
+def _keypair(path: Path) -> tuple[bytes, bytes]:
+    if not path.exists():
+        raise KeysError(f"missing secret key {path}: this host cannot act as its owner")
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (ValueError, OSError) as exc:
+        raise KeysError(f"{path} is not a key file: {exc}") from None
+    if secret is None:
+        raise KeysError(f"{path} holds no secret key")
+    return public, secret
