@@ -231,3 +231,20 @@ def test_compact_past_the_end_installs_a_snapshot() -> None:
     assert (log.committed, log.applied) == (10, 10)
     log.append(ents(5, start=11))
     assert log.take_unstable() == ents(5, start=11)
+
+
+def test_the_log_knows_how_many_bytes_of_data_it_holds() -> None:
+    from zraft.raft.messages import Entry as E
+
+    log = RaftLog([E(1, 1, b"aa"), E(1, 2, b"bbb")])
+    assert log.bytes == 5
+    log.append([E(2, 3, b"cccc")])
+    assert log.bytes == 9
+    log.merge(1, [E(3, 2, b"z")])  # replaces 2 and 3
+    assert log.bytes == 3 and [e.data for e in log.entries] == [b"aa", b"z"]
+    log.commit_to(2)
+    log.take_committed()
+    log.compact(1, 1)
+    assert log.bytes == 1
+    log.restore(9, 3)
+    assert log.bytes == 0

@@ -128,3 +128,25 @@ def test_inflight_bytes_bound_the_leaders_window() -> None:
     more = [m for m in r.ready().messages if m.TYPE == 3 and m.dst == 2]
     assert more and more[0].entries[0].index == appends[-1].entries[-1].index + 1
     assert isinstance(more[0].entries[0], Entry)
+
+
+def test_the_leader_counts_the_bytes_it_has_not_committed_yet() -> None:
+    r = RaftNode(RaftConfig(id=1, voters=(1, 2, 3), election_ticks=2, pre_vote=False))
+    while r.role.value != "leader":
+        r.tick()
+        for m in r.ready().messages:
+            if m.TYPE == 1:
+                from zraft.raft.messages import RequestVoteResponse
+                r.step(RequestVoteResponse(m.term, m.dst, 1, granted=True))
+    r.ready()
+    assert r.uncommitted_bytes == 0  # (the no-op carries nothing)
+    r.propose([b"x" * 100, b"y" * 50])
+    r.ready()
+    assert r.uncommitted_bytes == 150
+    r.step(AppendEntriesResponse(r.term, 2, 1, success=True, match_index=r.log.last_index - 1))
+    assert r.uncommitted_bytes == 50 and r.commit_index == r.log.last_index - 1
+    r.step(AppendEntriesResponse(r.term, 2, 1, success=True, match_index=r.log.last_index))
+    assert r.uncommitted_bytes == 0
+    r.propose([b"z" * 10])
+    r.step(AppendEntriesResponse(r.term + 1, 2, 1, success=False))  # a newer term: no longer leader
+    assert r.role.value == "follower" and r.uncommitted_bytes == 0

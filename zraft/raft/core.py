@@ -191,6 +191,10 @@ class RaftNode:
         self._snapshot_requests: list[InstallSnapshot] = []
         # AppendEntries refused because they would replace committed entries (forged, or a damaged log).
         self.contradictions = 0
+        # Bytes of commands this leader proposed in its term that are not committed yet (etcd's
+        # uncommittedSize): what the driver bounds, so a flood of proposals waits or is refused
+        # instead of growing the log faster than a quorum takes it.
+        self.uncommitted_bytes = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -235,6 +239,7 @@ class RaftNode:
             return None
         first = self.log.last_index + 1
         self.log.append([Entry(self.term, first + i, c) for i, c in enumerate(commands)])
+        self.uncommitted_bytes += sum(len(c) for c in commands)
         self._broadcast_append()
         return first
 
@@ -400,6 +405,7 @@ class RaftNode:
             self._drop_reads()
         self.role = Role.FOLLOWER
         self.leader = leader
+        self.uncommitted_bytes = 0
         self.tracker.clear()
         self._reset_timers()
 
@@ -679,7 +685,10 @@ class RaftNode:
         """Commit the highest index a quorum holds, if it is of the current term (5.4.2)."""
         n = self.tracker.committed()
         if n > self.log.committed and self.log.term_at(n) == self.term:
-            self.log.commit_to(n)
+            raft_log = self.log
+            done = sum(len(e.data) for e in raft_log.slice(raft_log.committed + 1, n + 1) if e.term == self.term)
+            self.uncommitted_bytes = max(0, self.uncommitted_bytes - done)
+            raft_log.commit_to(n)
             if self._reads_before_commit:
                 waiting, self._reads_before_commit = self._reads_before_commit, []
                 self._start_read_round(waiting)

@@ -16,7 +16,7 @@ class CompactedError(LookupError):
 
 
 class RaftLog:
-    __slots__ = ("snapshot_index", "snapshot_term", "entries", "unstable_from", "committed", "applied")
+    __slots__ = ("snapshot_index", "snapshot_term", "entries", "unstable_from", "committed", "applied", "bytes")
 
     def __init__(self, entries: list[Entry] | None = None, snapshot_index: int = 0, snapshot_term: int = 0,
                  applied: int = 0) -> None:
@@ -29,6 +29,7 @@ class RaftLog:
             if cur.index != prev.index + 1 or cur.term < prev.term:
                 raise ValueError(f"log is not contiguous or terms decrease at index {cur.index}")
         self.unstable_from = self.last_index + 1  # everything given to us is already persisted
+        self.bytes = sum(len(e.data) for e in self.entries)  # the entries' data held in memory
         # Applied entries are committed, and nothing before the snapshot can be uncommitted.
         self.applied = max(applied, snapshot_index)
         self.committed = self.applied
@@ -99,6 +100,7 @@ class RaftLog:
     def append(self, entries: list[Entry]) -> None:
         """Append entries that directly follow the last one (the leader's own proposals)."""
         self.entries.extend(entries)
+        self.bytes += sum(len(e.data) for e in entries)
 
     def merge(self, prev_index: int, entries: list[Entry]) -> int:
         """Follower side of AppendEntries after the consistency check at prev_index passed.
@@ -116,9 +118,12 @@ class RaftLog:
             if held is not None:
                 if e.index <= self.committed:
                     raise AssertionError(f"conflict at committed index {e.index}: a bug, or a corrupted log")
-                del self.entries[e.index - self.snapshot_index - 1 :]
+                cut = e.index - self.snapshot_index - 1
+                self.bytes -= sum(len(x.data) for x in self.entries[cut:])
+                del self.entries[cut:]
                 self.unstable_from = min(self.unstable_from, e.index)
             self.entries.extend(entries[i:])
+            self.bytes += sum(len(x.data) for x in entries[i:])
             break
         return last_new
 
@@ -157,6 +162,7 @@ class RaftLog:
             self.compact(index, term)
         else:
             self.entries = []
+            self.bytes = 0
             self.snapshot_index, self.snapshot_term = index, term
             self.unstable_from = index + 1
         self.committed = self.applied = index
@@ -166,6 +172,7 @@ class RaftLog:
         if index <= self.snapshot_index:
             return
         drop = index - self.snapshot_index
+        self.bytes -= sum(len(e.data) for e in self.entries[:drop])
         self.entries = self.entries[drop:] if index <= self.last_index else []
         self.snapshot_index, self.snapshot_term = index, term
         self.unstable_from = max(self.unstable_from, index + 1)
