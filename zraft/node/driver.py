@@ -66,6 +66,7 @@ class DriverConfig:
 
     snapshot_threshold: int = 10_000  # compact once the log holds this many applied entries (0: never)
     snapshot_keep: int = 5_000  # applied entries kept after a compaction, for followers a little behind
+    snapshot_log_bytes: int = 64 << 20  # ... or once the entries' data in the log passes this (0: no bound)
     snapshot_chunk_bytes: int = 256 << 10
     snapshot_window: int = 4  # chunks in flight per snapshot stream
     snapshot_retry_ticks: int = 10  # resend unacknowledged chunks after this many ticks without progress
@@ -304,12 +305,22 @@ class Driver:
     # ------------------------------------------------------------------ compaction
 
     def _maybe_compact(self, force: bool = False) -> int:
-        """Drop the log up to (nearly) the applied index once it is long enough; returns its new start."""
+        """Drop the log up to (nearly) the applied index once it is long enough, by entries or by bytes
+        (a log of large values would otherwise fill the memory long before the entry count does);
+        returns the index the log begins after."""
         c = self.config
         first, applied = self.raft.log.snapshot_index, self.sm.applied_index
-        if not force and (not c.snapshot_threshold or applied - first < c.snapshot_threshold):
+        by_count = c.snapshot_threshold and applied - first >= c.snapshot_threshold
+        by_bytes = c.snapshot_log_bytes and self.raft.log.bytes >= c.snapshot_log_bytes and applied > first
+        if not (force or by_count or by_bytes):
             return first
-        target = applied if force else applied - min(c.snapshot_keep, c.snapshot_threshold - 1)
+        if force:
+            target = applied
+        else:
+            keep = min(c.snapshot_keep, c.snapshot_threshold - 1) if c.snapshot_threshold else c.snapshot_keep
+            target = applied - keep
+            if c.snapshot_log_bytes:  # and what is kept holds a quarter of the byte bound at most
+                target = max(target, self._kept_within(applied, c.snapshot_log_bytes // 4))
         term = self.raft.compact(target)
         if term is None:
             return first
@@ -318,6 +329,18 @@ class Driver:
         log.info("node %d: log compacted up to %d (term %d); it now holds %d entries", self.id, target, term,
                  self.raft.log.last_index - target)
         return target
+
+    def _kept_within(self, applied: int, budget: int) -> int:
+        """The index to compact to so that the applied entries after it hold ``budget`` bytes at most."""
+        raft_log = self.raft.log
+        i, kept = applied, 0
+        while i > raft_log.snapshot_index:
+            size = len(raft_log.entries[i - raft_log.snapshot_index - 1].data)
+            if kept + size > budget:
+                break
+            kept += size
+            i -= 1
+        return i
 
     # ------------------------------------------------------------------ snapshot streams we send
 
