@@ -134,8 +134,10 @@ class PeerTransport:
             self._send_frame(dst, frame)
         return self._delayed[0][0] if self._delayed else None
 
-    def receive(self, limit: int = 1000) -> list[Message]:
-        """Every message waiting now (from at most ``limit`` frames), without blocking.
+    def receive(self, limit: int = 1000, max_bytes: int = 8 << 20) -> list[Message]:
+        """Every message waiting now (from at most ``limit`` frames, or about ``max_bytes``: the rest
+        waits for the next turn, which keeps a turn short under a stream of large appends), without
+        blocking.
 
         Untrusted until checked: a frame is taken only if it decodes into well-formed messages
         (zraft.raft.messages.from_wire) that all come from the peer whose identity the frame
@@ -143,11 +145,15 @@ class PeerTransport:
         counted in ``rejected`` by reason, and logged (rate-limited): never an exception.
         """
         out: list[Message] = []
+        taken = 0
         for _ in range(limit):
+            if taken >= max_bytes:
+                break
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=self.keys is None)
             except zmq.Again:
                 break
+            taken += len(frames[-1])
             msgs = self._check_frame(frames)
             if not msgs or (self.faults.active() and self.faults.cuts(msgs[0].src)):
                 continue
