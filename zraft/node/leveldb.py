@@ -77,6 +77,7 @@ _U64 = struct.Struct(">Q")
 _U64X2 = struct.Struct(">QQ")
 _MAX_GEN = 0xFFFFFFFF
 _TYPE_BYTES = [bytes([t]) for t in range(256)]
+WRITE_BUFFER_BYTES = 64 << 20
 
 
 class StorageError(RuntimeError):
@@ -382,7 +383,7 @@ class LevelDBStorage:
     def __init__(self, path: str | os.PathLike) -> None:
         os.makedirs(path, exist_ok=True)
         self.path = str(path)
-        self.db = plyvel.DB(self.path, create_if_missing=True)
+        self.db = plyvel.DB(self.path, create_if_missing=True, write_buffer_size=WRITE_BUFFER_BYTES)
         try:
             self._check_format()
         except BaseException:
