@@ -235,6 +235,8 @@ class Client:
         elif code == protocol.UNAVAILABLE:
             self.leader = None
             call.pause()
+        elif code == protocol.BUSY:  # the leader is overloaded: the same node, a little later
+            call.pause()
         elif code == protocol.TIMEOUT and call.write:
             call.ambiguous = True
             if not call.session:

@@ -17,6 +17,7 @@ BAD_REQUEST = "bad_request"
 TOO_LARGE = "too_large"
 TIMEOUT = "timeout"
 UNAVAILABLE = "unavailable"
+BUSY = "busy"  # too much in flight on this node: did not take effect, retry later
 
 WRITE_OPS = frozenset({"put", "delete", "cas"})
 OPS = WRITE_OPS | {"get", "status", "fault", "compact", "snapshot"}

@@ -303,9 +303,15 @@ class Settings:
     max_msg_bytes: int = 1 << 20  # entry bytes per AppendEntries (soft: one entry always goes)
     snapshot_threshold: int = 10_000  # compact the log once it holds this many applied entries
     snapshot_keep: int = 5_000  # applied entries kept after a compaction, for followers a little behind
+    snapshot_log_bytes: int = 64 << 20  # ... or once the log's entries hold this many bytes of data
     snapshot_chunk_bytes: int = 256 << 10  # size of one InstallSnapshot chunk
     snapshot_window: int = 4  # chunks in flight per snapshot stream
     max_inflight_bytes: int = 64 << 20  # ... and in entry bytes, per follower
+    # Admission control: past these a request is answered `busy` at once (it did not take effect), so
+    # that a flood of requests never keeps the leader from its heartbeats.
+    max_uncommitted_bytes: int = 64 << 20  # commands the leader holds proposed and not yet committed
+    max_pending_requests: int = 20_000  # client requests waiting for their commit or read
+    max_turn_bytes: int = 1 << 20  # request bytes one turn takes from the client socket (peers: twice that)
     # Raft log writes in a background thread while the loop goes on (zraft.node.writer). Off by default:
     # on a 2-core host the thread hand-offs cost more than the overlap gains (docs/BENCHMARKS.md).
     async_storage: bool = False
@@ -332,6 +338,12 @@ class Settings:
         """The largest peer frame a node takes (ZeroMQ's MAXMSGSIZE); senders cut frames well below it."""
         return 4 * self.max_msg_bytes + (1 << 20)
 
+    @property
+    def client_frame_bytes(self) -> int:
+        """The largest client frame a node reads (MAXMSGSIZE): a bit over the request limit, so a
+        request that is somewhat too large gets `too_large`, and a huge one costs no memory."""
+        return 2 * self.max_request_bytes + (64 << 10)
+
     def raft_config(self, node_id: int, voters: tuple[int, ...]) -> RaftConfig:
         from zraft.raft.core import RaftConfig
 
@@ -344,6 +356,7 @@ class Settings:
 
         e = self.election_ticks
         return DriverConfig(snapshot_threshold=self.snapshot_threshold, snapshot_keep=self.snapshot_keep,
+                            snapshot_log_bytes=self.snapshot_log_bytes,
                             snapshot_chunk_bytes=self.snapshot_chunk_bytes, snapshot_window=self.snapshot_window,
                             snapshot_retry_ticks=max(2, e), snapshot_give_up_ticks=10 * e, receive_idle_ticks=30 * e)
 

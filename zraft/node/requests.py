@@ -25,6 +25,7 @@ class PendingRequests:
     def __init__(self) -> None:
         self.writes: dict[int, dict[int, Envelope]] = {}  # index -> term -> the client waiting
         self.reads: dict[int, PendingRead] = {}
+        self.n_writes = 0
         self._next_read = 0
         # (deadline, index, term) for a write, (deadline, -1, read id) for a read; deadlines never go back.
         self._deadlines: deque[tuple[float, int, int]] = deque()
@@ -34,6 +35,11 @@ class PendingRequests:
         for i, envelope in enumerate(envelopes):
             self.writes.setdefault(first_index + i, {})[term] = envelope
             self._deadlines.append((deadline, first_index + i, term))
+        self.n_writes += len(envelopes)
+
+    def __len__(self) -> int:
+        """How many requests wait."""
+        return self.n_writes + len(self.reads)
 
     def add_read(self, envelope: Envelope, key: bytes, deadline: float) -> int:
         rid = self._next_read
@@ -48,6 +54,7 @@ class PendingRequests:
         waiting = self.writes.pop(index, None)
         if not waiting:
             return []
+        self.n_writes -= len(waiting)
         return [(envelope, t == term) for t, envelope in waiting.items()]
 
     def take_read(self, rid: int) -> PendingRead | None:
@@ -68,6 +75,7 @@ class PendingRequests:
             envelope = waiting.pop(ident, None) if waiting else None
             if envelope is not None:
                 out.append((envelope, True))
+                self.n_writes -= 1
                 if not waiting:
                     del self.writes[index]
         return out
@@ -77,5 +85,6 @@ class PendingRequests:
         writes = [e for by_term in self.writes.values() for e in by_term.values()]
         reads = [r.envelope for r in self.reads.values()]
         self.writes, self.reads = {}, {}
+        self.n_writes = 0
         self._deadlines.clear()
         return writes, reads

@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,16 @@ from zraft.raft.messages import Entry
 log = logging.getLogger(__name__)
 
 BACKUP_IDLE_S = 60.0  # a backup stream nobody asked for the next chunk of this long is closed
+
+
+@dataclass(slots=True)
+class _Turn:
+    """What one turn of the loop took from the client socket."""
+
+    bytes: int = 0
+    write_bytes: int = 0
+    writes: list[tuple[Envelope, bytes]] = field(default_factory=list)
+    reads: list[tuple[Envelope, bytes]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -88,7 +98,10 @@ class NodeServer(DriverEvents):
         self.raft = raft
         self.clients = self.ctx.socket(zmq.ROUTER)
         self.clients.setsockopt(zmq.LINGER, 0)
-        self.clients.setsockopt(zmq.MAXMSGSIZE, 32 * s.max_request_bytes)
+        # Bounded memory per client connection: a frame a bit over the request limit at most, a few queued.
+        self.clients.setsockopt(zmq.MAXMSGSIZE, s.client_frame_bytes)
+        self.clients.setsockopt(zmq.RCVHWM, 64)
+        self.clients.setsockopt(zmq.SNDHWM, 1000)
         if keys is not None:
             keys.serve(self.clients, CLIENT_DOMAIN)
         self.clients.bind(self.me.client_endpoint)
@@ -98,6 +111,9 @@ class NodeServer(DriverEvents):
         self.pending = PendingRequests()
         self.allow_faults = allow_faults
         self.drop_write_replies = 0  # fault injection: lose the next N replies to applied writes
+        self.busy_replies = 0
+        self.slow_turns = 0
+        self._slow_logged = -math.inf
         self.stopping = False
         self.backups: dict[int, BackupStream] = {}
         self._ids = random.Random()  # backup stream ids
@@ -141,7 +157,7 @@ class NodeServer(DriverEvents):
                 if self.writer is not None and self.writer.fd in ready:
                     driver.writes_done()
                 if self.transport.router in ready:
-                    driver.receive(self.transport.receive())
+                    driver.receive(self.transport.receive(max_bytes=2 * self.settings.max_turn_bytes))
                 if self.clients in ready:
                     self._serve_clients()
                 now = time.monotonic()
@@ -152,8 +168,21 @@ class NodeServer(DriverEvents):
                     next_tick = max(next_tick + tick, now)
                 driver.process()
                 self._expire(now)
+                self._note_slow_turn(now)
         finally:
             self._shutdown()
+
+    def _note_slow_turn(self, started: float) -> None:
+        """A turn that takes half an election timeout risks one: say so (at most every 10 s)."""
+        took = time.monotonic() - started
+        s = self.settings
+        if took >= s.election_ticks * s.tick_s / 2:
+            self.slow_turns += 1
+            if started - self._slow_logged >= 10.0:
+                self._slow_logged = started
+                log.warning("node %d: a turn of the loop took %.0f ms (election timeout %.0f ms; %d slow turns "
+                            "so far): the disk or the machine is too slow for this load", self.me.id, took * 1000,
+                            s.election_ticks * s.tick_s * 1000, self.slow_turns)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.info("node %d: %s received, stopping", self.me.id, signal.Signals(signum).name)
@@ -199,15 +228,23 @@ class NodeServer(DriverEvents):
     # ------------------------------------------------------------------ clients
 
     def _serve_clients(self, limit: int = 5000) -> None:
-        """Drain the client socket: answer what can be answered now, batch the writes and the reads."""
-        writes: list[tuple[Envelope, bytes]] = []
-        reads: list[tuple[Envelope, bytes]] = []
+        """Drain the client socket: answer what can be answered now, batch the writes and the reads.
+
+        Admission control: one turn takes at most ``max_turn_bytes`` of requests (the rest wait in the
+        socket for the next turn, so the loop keeps its heartbeats), and a request past the bounds on
+        requests waiting or bytes uncommitted is answered ``busy`` at once (it did not take effect).
+        """
+        turn = _Turn()
+        budget = self.settings.max_turn_bytes
         for _ in range(limit):
+            if turn.bytes >= budget:
+                break
             try:
                 frames = self.clients.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             envelope, raw = frames[:-1], frames[-1]
+            turn.bytes += len(raw)
             try:
                 req = protocol.parse_request(raw, self.limits)
             except RequestError as exc:
@@ -220,14 +257,32 @@ class NodeServer(DriverEvents):
                 self._reply(envelope, protocol.error(protocol.UNAVAILABLE, "node is shutting down"))
             elif self.raft.role is not Role.LEADER:
                 self._reply(envelope, self._not_leader())
-            elif req.op == "get":
-                reads.append((envelope, req.key))
             else:
-                writes.append((envelope, _command(req)))
-        if writes:
-            self._propose(writes)
-        if reads:
-            self._read(reads)
+                self._admit(envelope, req, turn)
+        if turn.writes:
+            self._propose(turn.writes)
+        if turn.reads:
+            self._read(turn.reads)
+
+    def _admit(self, envelope: Envelope, req: Request, turn: _Turn) -> None:
+        """A leader's client request: into this turn's batch, or ``busy``."""
+        s = self.settings
+        if len(self.pending) + len(turn.writes) + len(turn.reads) >= s.max_pending_requests:
+            self._reply(envelope, self._busy(f"{s.max_pending_requests} requests are waiting"))
+        elif req.op == "get":
+            turn.reads.append((envelope, req.key))
+        else:
+            cmd = _command(req)
+            held = self.raft.uncommitted_bytes + turn.write_bytes
+            if held and held + len(cmd) > s.max_uncommitted_bytes:
+                self._reply(envelope, self._busy(f"{held} bytes of writes wait for their commit"))
+                return
+            turn.writes.append((envelope, cmd))
+            turn.write_bytes += len(cmd)
+
+    def _busy(self, why: str) -> bytes:
+        self.busy_replies += 1
+        return protocol.error(protocol.BUSY, f"node {self.me.id} is busy ({why}); not applied, retry later")
 
     def _propose(self, writes: list[tuple[Envelope, bytes]]) -> None:
         first = self.driver.propose([cmd for _, cmd in writes])
@@ -251,7 +306,8 @@ class NodeServer(DriverEvents):
                      "compactions": st["compactions"]}
         return protocol.ok(id=self.me.id, role=role, term=n.term, leader=n.leader, commit_index=n.commit_index,
                            applied_index=self.sm.applied_index, last_index=n.log.last_index,
-                           snapshot_index=n.log.snapshot_index, pid=os.getpid(), snapshots=snapshots)
+                           snapshot_index=n.log.snapshot_index, pid=os.getpid(), snapshots=snapshots,
+                           busy=self.busy_replies, peer_frames_rejected=sum(self.transport.rejected.values()))
 
     def _compact(self, _req: Request) -> bytes:
         first = self.driver.compact_now()
