@@ -14,6 +14,7 @@ import os
 import shutil
 import struct
 import tempfile
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -28,6 +29,12 @@ from zraft.raft.core import HardState
 from zraft.raft.messages import Entry
 
 U64 = struct.Struct(">Q")
+
+
+def unseal(key: bytes, value: bytes) -> bytes:
+    """A stored value's payload, its CRC-32 (over key and payload) checked: format 4's seal."""
+    assert int.from_bytes(value[:4], "big") == zlib.crc32(value[4:], zlib.crc32(key)), key
+    return value[4:]
 # The many-example tests put their databases on tmpfs when there is one: sync=True writes
 # cost nothing there, so the run time does not depend on the disk (or on who else fsyncs).
 FAST_TMP = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
@@ -347,7 +354,8 @@ def test_log_keys_sort_numerically_beyond_byte_boundaries(tmp_path) -> None:
     s.log.save(None, entries)
     assert s.log.last_index == 2**40 + 3
     for i in BOUNDARIES:
-        assert s.db.get(b"l/" + i.to_bytes(8, "big")) == U64.pack(i % 1000 + 1) + b"\x00" + b"e%d" % i  # type 0
+        key = b"l/" + i.to_bytes(8, "big")
+        assert unseal(key, s.db.get(key)) == U64.pack(i % 1000 + 1) + b"\x00" + b"e%d" % i  # type 0
     assert s.log.load_log().entries == entries
     s.close()
 
@@ -386,7 +394,7 @@ def test_truncation_across_a_byte_boundary(tmp_path, base) -> None:
 def test_applied_index_and_term_are_big_endian_u64(tmp_path) -> None:
     s = LevelDBStorage(tmp_path / "db")
     s.state.write({}, 2**32 + 5, applied_term=7)
-    assert s.db.get(b"m/applied") == (2**32 + 5).to_bytes(8, "big") + (7).to_bytes(8, "big")
+    assert unseal(b"m/applied", s.db.get(b"m/applied")) == (2**32 + 5).to_bytes(8, "big") + (7).to_bytes(8, "big")
     s.close()
     s = LevelDBStorage(tmp_path / "db")
     assert (s.state.applied_index, s.state.applied_term) == (2**32 + 5, 7)
@@ -566,9 +574,10 @@ def test_a_format_2_database_is_upgraded_in_place(tmp_path) -> None:
     s = LevelDBStorage(tmp_path / "db")
     assert s.log.load_log().entries == [Entry(1, 1, b"a"), Entry(3, 2, b""), Entry(3, 3, b"\x01\x02")]
     assert s.log.load_hard_state() == HardState(3, 2) and s.state.get(b"k") == b"v"
-    assert s.db.get(b"m/format") == b"3"
+    assert s.db.get(b"m/format") == b"4"
+    s.check()
     s.close()
-    s = LevelDBStorage(tmp_path / "db")  # a second open reads format 3 as it is
+    s = LevelDBStorage(tmp_path / "db")  # a second open reads format 4 as it is
     assert s.log.load_log().entries[2] == Entry(3, 3, b"\x01\x02")
     s.close()
 

@@ -125,6 +125,10 @@ class Storage(Protocol):
     def compact(self, index: int, term: int) -> None:
         """The log begins after (index, term), durably; every apply up to ``index`` is durable first."""
 
+    def write_mark(self) -> None:
+        """Make everything written durable, and record what the storage holds now (term, vote, applied
+        index) where a later open checks it: storage that comes back behind its mark lost writes."""
+
     def close(self) -> None: ...
 
 

@@ -8,7 +8,7 @@ is one atomic WriteBatch, and a synced write makes every earlier write durable t
 
 Key layout (one keyspace; prefixes keep the parts apart and in order):
 
-    m/format          the layout version, b"3" (b"2", whose log records had no type byte, is upgraded at open)
+    m/format          the layout version, b"4" (2 and 3, without checksums, are upgraded at open)
     m/hardstate       msgpack [term, voted_for]
     m/logstart        msgpack [snapshot_index, snapshot_term]: the log begins after these
     m/gen             4-byte big-endian generation of the live state machine (absent: 0)
@@ -16,6 +16,17 @@ Key layout (one keyspace; prefixes keep the parts apart and in order):
     l/<index>         8-byte big-endian index -> 8-byte big-endian term + 1-byte entry type + data
     d<gen><key>       the key-value data of state machine generation <gen> (4 bytes)
     s<gen><client>    8-byte client id -> msgpack [seq, result, last index]: a client session
+
+Every value but m/format is sealed: a 4-byte big-endian CRC-32 over the key and the payload,
+then the payload (what is described above). A record is checked when it is read, and one that
+fails is never used: the read raises :class:`DamageError`, which names the record and says what
+to do (like etcd's WAL records and their CRCs). The key is inside the checksum, so a value that
+LevelDB returns for the wrong key fails too. Below the records, LevelDB is opened with
+``paranoid_checks`` and reads verify its block checksums. What a checksum cannot see, a file
+that lost its tail (LevelDB takes a cut-off .log as an unfinished write), the durable mark
+sees: a small file beside the database (``ZRAFT-MARK``, written at a clean stop and every few
+seconds) records the term, vote and applied index the database held; a database found behind
+its mark is refused at open.
 
 The writes:
 
@@ -40,9 +51,13 @@ snapshot (``open_snapshot``): the node goes on writing while it is read.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import struct
 import threading
+import time
+import zlib
 from collections.abc import Generator, Iterator
 
 import msgpack
@@ -62,8 +77,8 @@ from zraft.node.statemachine import (
 from zraft.raft.core import HardState, SnapshotMeta
 from zraft.raft.messages import Entry
 
-FORMAT = b"3"
-_UPGRADABLE = b"2"  # the same layout, but log records without their type byte
+FORMAT = b"4"
+_UPGRADABLE = (b"2", b"3")  # 2: log records without their type byte; 3: no checksums
 _FORMAT = b"m/format"
 _HARD_STATE = b"m/hardstate"
 _LOG_START = b"m/logstart"
@@ -78,22 +93,82 @@ _U64X2 = struct.Struct(">QQ")
 _MAX_GEN = 0xFFFFFFFF
 _TYPE_BYTES = [bytes([t]) for t in range(256)]
 WRITE_BUFFER_BYTES = 64 << 20
+logger = logging.getLogger(__name__)
+MARK_FILE = "ZRAFT-MARK"  # the durable mark, in the database's directory
+DAMAGED_FILE = "ZRAFT-DAMAGED"  # written when damage is found while running: the next open refuses
+_CRC = struct.Struct(">I")
+_WHAT_TO_DO = ("restore this node from a backup (docs/OPERATIONS.md, \"A damaged node\"), or move the data "
+               "dir away and add the node back as a new member")
 
 
 class StorageError(RuntimeError):
     """The data directory cannot be used as it is (the message says why)."""
 
 
+class DamageError(StorageError):
+    """A record or a file of the database fails its checks: nothing from it is used."""
+
+
+def _seal(key: bytes, payload: bytes) -> bytes:
+    """A stored value: the CRC-32 of key and payload, then the payload."""
+    return _CRC.pack(zlib.crc32(payload, zlib.crc32(key))) + payload
+
+
+def _unseal(key: bytes, value: bytes) -> bytes:
+    """The payload of a stored value whose checksum holds; DamageError otherwise."""
+    if len(value) < 4 or _CRC.unpack_from(value)[0] != zlib.crc32(memoryview(value)[4:], zlib.crc32(key)):
+        raise DamageError(f"the record {_describe(key)} fails its checksum")
+    return value[4:]
+
+
+def _describe(key: bytes) -> str:
+    if key.startswith(_LOG) and len(key) == len(_LOG) + 8:
+        return f"of log entry {_U64.unpack_from(key, len(_LOG))[0]}"
+    if key[:1] in (_DATA, _SESSION) and len(key) >= 5:
+        what = "key" if key[:1] == _DATA else "session"
+        return f"of {what} {key[5:65]!r} (generation {_U32.unpack_from(key, 1)[0]})"
+    return repr(key[:64])
+
+
 def _log_key(index: int) -> bytes:
     return _LOG + _U64.pack(index)
 
 
-def _log_value(e: Entry) -> bytes:
-    return _U64.pack(e.term) + _TYPE_BYTES[e.type] + e.data
+def _log_value(key: bytes, e: Entry) -> bytes:
+    return _seal(key, _U64.pack(e.term) + _TYPE_BYTES[e.type] + e.data)
 
 
 def _log_entry(key: bytes, value: bytes) -> Entry:
-    return Entry(_U64.unpack_from(value)[0], _U64.unpack(key[len(_LOG):])[0], value[9:], value[8])
+    payload = _unseal(key, value)
+    if len(payload) < 9:
+        raise DamageError(f"the record {_describe(key)} is too short")
+    return Entry(_U64.unpack_from(payload)[0], _U64.unpack(key[len(_LOG):])[0], payload[9:], payload[8])
+
+
+def _get(db: plyvel.DB, key: bytes) -> bytes | None:
+    """A sealed value's payload (None if absent), LevelDB's block checksums verified too."""
+    try:
+        raw = db.get(key, verify_checksums=True)
+    except plyvel.CorruptionError as exc:
+        raise DamageError(f"LevelDB: {storage_error_text(exc)}") from None
+    return None if raw is None else _unseal(key, raw)
+
+
+def _scan(db: plyvel.DB | plyvel.Snapshot, prefix: bytes, sealed: bool = True) -> Iterator[tuple[bytes, bytes]]:
+    """(key, payload) of every sealed record under ``prefix``, each checked (``sealed=False``: the
+    stored values as they are, LevelDB's checksums verified: the caller unseals)."""
+    try:
+        with db.iterator(prefix=prefix, verify_checksums=True) as it:
+            for k, v in it:
+                yield k, (_unseal(k, v) if sealed else v)
+    except plyvel.CorruptionError as exc:
+        raise DamageError(f"LevelDB: {storage_error_text(exc)}") from None
+
+
+def storage_error_text(exc: BaseException) -> str:
+    """plyvel's error text (it carries LevelDB's message as bytes), or an OSError's."""
+    arg = exc.args[0] if exc.args else exc
+    return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
 
 
 def _gen_prefix(kind: bytes, gen: int) -> bytes:
@@ -110,7 +185,7 @@ class LevelDBLogStore:
     def __init__(self, db: plyvel.DB) -> None:
         self.db = db
         self.lock = threading.Lock()
-        start = db.get(_LOG_START)
+        start = _get(db, _LOG_START)
         self._snapshot_index, self._snapshot_term = msgpack.unpackb(start) if start else (0, 0)
         self._last_index = self._snapshot_index
         with db.iterator(prefix=_LOG, reverse=True, include_value=False) as it:
@@ -127,15 +202,15 @@ class LevelDBLogStore:
         return self._snapshot_index
 
     def load_hard_state(self) -> HardState:
-        raw = self.db.get(_HARD_STATE)
+        raw = _get(self.db, _HARD_STATE)
         if not raw:
             return HardState()
         term, voted_for = msgpack.unpackb(raw)
         return HardState(term, voted_for)
 
     def load_log(self) -> LogState:
-        with self.db.iterator(prefix=_LOG) as it:
-            entries = [_log_entry(key, value) for key, value in it]
+        """The whole log, every record's checksum checked (DamageError if one fails)."""
+        entries = [_log_entry(key, payload) for key, payload in _scan(self.db, _LOG, sealed=False)]
         return LogState(self._snapshot_index, self._snapshot_term, entries)
 
     def save(self, hard_state: HardState | None, entries: list[Entry]) -> None:
@@ -156,12 +231,13 @@ class LevelDBLogStore:
     def _save_into(wb: plyvel.WriteBatch, hard_state: HardState | None, entries: list[Entry], last: int) -> int:
         """Put one Ready's writes into ``wb`` over a log that ends at ``last``; the new last index."""
         if hard_state is not None:
-            wb.put(_HARD_STATE, msgpack.packb([hard_state.term, hard_state.voted_for]))
+            wb.put(_HARD_STATE, _seal(_HARD_STATE, msgpack.packb([hard_state.term, hard_state.voted_for])))
         if entries:
             for index in range(entries[0].index, last + 1):
                 wb.delete(_log_key(index))
             for e in entries:
-                wb.put(_log_key(e.index), _log_value(e))
+                key = _log_key(e.index)
+                wb.put(key, _log_value(key, e))
             last = entries[-1].index
         return last
 
@@ -170,7 +246,7 @@ class LevelDBLogStore:
         last = self._last_index if not keep_after else min(index, self._last_index)
         for i in range(self._snapshot_index + 1, last + 1):
             wb.delete(_log_key(i))
-        wb.put(_LOG_START, msgpack.packb([index, term]))
+        wb.put(_LOG_START, _seal(_LOG_START, msgpack.packb([index, term])))
         return max(self._last_index, index) if keep_after else index
 
     def _restarted(self, index: int, term: int, last: int) -> None:
@@ -185,9 +261,9 @@ class LevelDBSnapshotView:
 
     def __init__(self, db: plyvel.DB) -> None:
         self._snap = db.snapshot()
-        raw = self._snap.get(_APPLIED)
+        raw = _get(self._snap, _APPLIED)
         self.index, self.term = _U64X2.unpack(raw) if raw else (0, 0)
-        gen = self._snap.get(_GEN)
+        gen = _get(self._snap, _GEN)
         self.gen = _U32.unpack(gen)[0] if gen else 0
         self._readers: list[Generator[bytes, None, None]] = []
 
@@ -200,9 +276,8 @@ class LevelDBSnapshotView:
     def _records(self) -> Generator[tuple[int, bytes, bytes], None, None]:
         for kind, prefix in ((REC_DATA, _gen_prefix(_DATA, self.gen)), (REC_SESSION, _gen_prefix(_SESSION, self.gen))):
             cut = len(prefix)
-            with self._snap.iterator(prefix=prefix) as it:
-                for k, v in it:
-                    yield kind, k[cut:], v
+            for k, v in _scan(self._snap, prefix):
+                yield kind, k[cut:], v
 
     def _read(self, chunk_bytes: int) -> Generator[bytes, None, None]:
         records = self._records()
@@ -224,9 +299,9 @@ class LevelDBStateStore(AppliedMark):
 
     def __init__(self, db: plyvel.DB) -> None:
         self.db = db
-        raw = db.get(_APPLIED)
+        raw = _get(db, _APPLIED)
         self._applied, self._applied_term = _U64X2.unpack(raw) if raw else (0, 0)
-        gen = db.get(_GEN)
+        gen = _get(db, _GEN)
         self.gen = _U32.unpack(gen)[0] if gen else 0
         self._data = _gen_prefix(_DATA, self.gen)
         self._gc_resume: dict[bytes, bytes] = {}  # generation prefix -> the first key not yet deleted
@@ -237,7 +312,7 @@ class LevelDBStateStore(AppliedMark):
         self._next_gen = max([self.gen, *found]) + 1
 
     def get(self, key: bytes) -> bytes | None:
-        return self.db.get(self._data + key)
+        return _get(self.db, self._data + key)
 
     def write(self, updates: dict[bytes, bytes | None], applied_index: int,
               sessions: dict[int, SessionRecord | None] | None = None, applied_term: int = 0) -> None:
@@ -247,27 +322,25 @@ class LevelDBStateStore(AppliedMark):
                 if v is None:
                     wb.delete(data + k)
                 else:
-                    wb.put(data + k, v)
+                    wb.put(data + k, _seal(data + k, v))
             sp = _gen_prefix(_SESSION, self.gen)
             for client_id, rec in (sessions or {}).items():
                 key = sp + _U64.pack(client_id)
                 if rec is None:
                     wb.delete(key)
                 else:
-                    wb.put(key, encode_session(rec))
-            wb.put(_APPLIED, _U64X2.pack(applied_index, applied_term))
+                    wb.put(key, _seal(key, encode_session(rec)))
+            wb.put(_APPLIED, _seal(_APPLIED, _U64X2.pack(applied_index, applied_term)))
         self._applied, self._applied_term = applied_index, applied_term
 
     def load_sessions(self) -> dict[int, SessionRecord]:
         prefix = _gen_prefix(_SESSION, self.gen)
         cut = len(prefix)
-        with self.db.iterator(prefix=prefix) as it:
-            return {_U64.unpack(k[cut:])[0]: decode_session(v) for k, v in it}
+        return {_U64.unpack(k[cut:])[0]: decode_session(v) for k, v in _scan(self.db, prefix)}
 
     def items(self) -> list[tuple[bytes, bytes]]:
         cut = len(self._data)
-        with self.db.iterator(prefix=self._data) as it:
-            return [(k[cut:], v) for k, v in it]
+        return [(k[cut:], v) for k, v in _scan(self.db, self._data)]
 
     def open_snapshot(self) -> LevelDBSnapshotView:
         """A point-in-time view of the state machine at the applied index; close it when done."""
@@ -297,8 +370,8 @@ class LevelDBStateStore(AppliedMark):
     def _install_into(self, wb: plyvel.WriteBatch, meta: SnapshotMeta) -> None:
         if self.staged_gen is None:
             raise ValueError("nothing is staged")
-        wb.put(_GEN, _U32.pack(self.staged_gen))
-        wb.put(_APPLIED, _U64X2.pack(meta.index, meta.term))
+        wb.put(_GEN, _seal(_GEN, _U32.pack(self.staged_gen)))
+        wb.put(_APPLIED, _seal(_APPLIED, _U64X2.pack(meta.index, meta.term)))
 
     def _installed(self, meta: SnapshotMeta) -> None:
         assert self.staged_gen is not None
@@ -347,21 +420,40 @@ class LevelDBStateStore(AppliedMark):
         return n
 
     def _generations(self) -> list[int]:
-        """Every generation that has keys (a seek per generation, not a scan)."""
-        gens: set[int] = set()
-        for kind in (_DATA, _SESSION):
-            seek = kind
-            while True:
-                with self.db.iterator(start=seek, include_value=False) as it:
-                    k = next(it, None)
-                if k is None or not k.startswith(kind) or len(k) < len(kind) + 4:
-                    break
-                g = _U32.unpack_from(k, len(kind))[0]
-                gens.add(g)
-                if g == _MAX_GEN:
-                    break
-                seek = _gen_prefix(kind, g + 1)
-        return sorted(gens)
+        return _generations(self.db)
+
+
+def _generations(db: plyvel.DB) -> list[int]:
+    """Every state machine generation that has keys (a seek per generation, not a scan)."""
+    gens: set[int] = set()
+    for kind in (_DATA, _SESSION):
+        seek = kind
+        while True:
+            with db.iterator(start=seek, include_value=False) as it:
+                k = next(it, None)
+            if k is None or not k.startswith(kind) or len(k) < len(kind) + 4:
+                break
+            g = _U32.unpack_from(k, len(kind))[0]
+            gens.add(g)
+            if g == _MAX_GEN:
+                break
+            seek = _gen_prefix(kind, g + 1)
+    return sorted(gens)
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    """Replace the file at ``path`` with ``data``, atomically and durably (write, fsync, rename, fsync dir)."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_chunk(db: plyvel.DB, data: bytes, gen: int) -> int:
@@ -370,7 +462,8 @@ def _write_chunk(db: plyvel.DB, data: bytes, gen: int) -> int:
     dp, sp = _gen_prefix(_DATA, gen), _gen_prefix(_SESSION, gen)
     with db.write_batch() as wb:
         for kind, k, v in records:
-            wb.put((dp if kind == REC_DATA else sp) + k, v)
+            key = (dp if kind == REC_DATA else sp) + k
+            wb.put(key, _seal(key, v))
     return len(records)
 
 
@@ -378,39 +471,181 @@ def _write_chunk(db: plyvel.DB, data: bytes, gen: int) -> int:
 
 
 class LevelDBStorage:
-    """One node's database: its format checked (or upgraded), its two rooms, the writes that span them."""
+    """One node's database: its format checked (or upgraded), its two rooms, the writes that span them.
+
+    Opening it checks LevelDB's own recovery (paranoid) and whether damage was found while the
+    node ran; :meth:`check`, when a node starts, what can be checked without reading every value:
+    every record of the log and the metadata, the log's continuity, the hard state and the applied
+    index against the log, and the durable mark. Anything wrong is a :class:`DamageError` whose
+    message names the data dir, the problem and what to do. Every other record is checked as it
+    is read.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         os.makedirs(path, exist_ok=True)
         self.path = str(path)
-        self.db = plyvel.DB(self.path, create_if_missing=True, write_buffer_size=WRITE_BUFFER_BYTES)
+        self._refuse_if_marked_damaged()
+        try:
+            self.db = plyvel.DB(self.path, create_if_missing=True, paranoid_checks=True,
+                                write_buffer_size=WRITE_BUFFER_BYTES)
+        except plyvel.CorruptionError as exc:
+            raise DamageError(self.damage_message(f"LevelDB cannot open it: {storage_error_text(exc)}")) from None
+        except plyvel.IOError as exc:
+            text = storage_error_text(exc)
+            if "lock" in text.lower():
+                raise StorageError(f"{self.path} is in use by another process ({text})") from None
+            raise StorageError(f"{self.path} cannot be opened: {text}") from None
         try:
             self._check_format()
+            self.log = LevelDBLogStore(self.db)
+            self.state = LevelDBStateStore(self.db)
+        except DamageError as exc:
+            self.db.close()
+            raise DamageError(self.damage_message(str(exc))) from None
         except BaseException:
             self.db.close()
             raise
-        self.log = LevelDBLogStore(self.db)
-        self.state = LevelDBStateStore(self.db)
+
+    # --- damage
+
+    def damage_message(self, what: str) -> str:
+        return f"the data dir {self.path} is damaged: {what}; {_WHAT_TO_DO}"
+
+    def mark_damaged(self, message: str) -> None:
+        """Remember damage found while running, so that the next open refuses too (best effort)."""
+        try:
+            _write_durably(os.path.join(self.path, DAMAGED_FILE), message.encode() + b"\n")
+        except OSError:
+            pass
+
+    def _refuse_if_marked_damaged(self) -> None:
+        marked = os.path.join(self.path, DAMAGED_FILE)
+        if os.path.exists(marked):
+            with open(marked, errors="replace") as f:
+                why = f.read().strip() or "(no reason recorded)"
+            raise DamageError(f"{why} (found while running; {marked} remembers it)")
+
+    def check(self) -> None:
+        """What a node checks before it starts (see the class docstring); DamageError if anything fails."""
+        try:
+            self._check_consistency()
+        except DamageError as exc:
+            raise DamageError(self.damage_message(str(exc))) from None
+
+    def _check_consistency(self) -> None:
+        log, state = self.log, self.state
+        entries = log.load_log().entries  # every record's checksum
+        prev_index, prev_term = log._snapshot_index, log._snapshot_term
+        for e in entries:
+            if e.index != prev_index + 1:
+                raise DamageError(f"the log jumps from entry {prev_index} to entry {e.index}")
+            if e.term < prev_term:
+                raise DamageError(f"the term goes down from {prev_term} to {e.term} at log entry {e.index}")
+            prev_index, prev_term = e.index, e.term
+        hs = log.load_hard_state()
+        if type(hs.term) is not int or hs.term < 0 or not (hs.voted_for is None or type(hs.voted_for) is int):
+            raise DamageError(f"the hard state {hs!r} is not a term and a vote")
+        last_term = entries[-1].term if entries else log._snapshot_term
+        if hs.term < last_term:
+            raise DamageError(f"the hard state's term {hs.term} is below the log's last term {last_term}")
+        if state.applied_index < log.snapshot_index:
+            raise DamageError(f"the applied index {state.applied_index} is before the log's start "
+                              f"{log.snapshot_index}: entries between them are gone")
+        if state.applied_index > log.last_index:
+            raise DamageError(f"the applied index {state.applied_index} is past the log's last entry "
+                              f"{log.last_index}: the log lost its tail")
+        self._check_mark(hs)
+
+    # --- the durable mark
+
+    def write_mark(self) -> None:
+        """Record, beside the database, the term, vote and applied index it holds durably now."""
+        applied = self.state.applied_index  # read first: the synced write below makes it durable
+        self.db.put(_FORMAT, FORMAT, sync=True)  # every earlier write is durable after this one
+        hs = self.log.load_hard_state()
+        mark = {"term": hs.term, "vote": hs.voted_for, "applied": applied, "at": time.time()}
+        _write_durably(os.path.join(self.path, MARK_FILE), json.dumps(mark).encode())
+
+    def _check_mark(self, hs: HardState) -> None:
+        path = os.path.join(self.path, MARK_FILE)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return
+        try:
+            mark = json.loads(raw)
+            term, vote, applied = int(mark["term"]), mark["vote"], int(mark["applied"])
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(mark["at"])))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise DamageError(f"{MARK_FILE} is unreadable ({exc})") from None
+        lost = None
+        if hs.term < term:
+            lost = f"its term is {hs.term}, but it was {term}"
+        elif hs.term == term and vote is not None and hs.voted_for != vote:
+            lost = f"its vote in term {term} is {hs.voted_for}, but it was {vote}"
+        elif self.state.applied_index < applied:
+            lost = f"its applied index is {self.state.applied_index}, but it was {applied}"
+        if lost:
+            raise DamageError(f"the database lost writes it held: {lost} at {when} ({MARK_FILE}); "
+                              "a LevelDB file was cut short or replaced")
+
+    # --- the format
 
     def _check_format(self) -> None:
-        fmt = self.db.get(_FORMAT)
+        fmt = self.db.get(_FORMAT, verify_checksums=True)
         if fmt is None:
             if next(self.db.iterator(include_value=False), None) is not None:
                 raise StorageError(f"{self.path} holds data of an older zraft (no m/format); "
                                    "move it away, or restore a snapshot into a fresh data dir")
             self.db.put(_FORMAT, FORMAT, sync=True)
-        elif fmt == _UPGRADABLE:
-            self._upgrade_from_2()
+        elif fmt in _UPGRADABLE:
+            self._upgrade(fmt)
         elif fmt != FORMAT:
             raise StorageError(f"{self.path} has storage format {fmt!r}; this zraft reads {FORMAT!r}")
 
-    def _upgrade_from_2(self) -> None:
-        """Format 2 to 3: every log record gets its entry type (all were normal), in one synced batch."""
-        with self.db.write_batch(sync=True) as wb:
-            with self.db.iterator(prefix=_LOG) as it:
+    def _upgrade(self, fmt: bytes) -> None:
+        """Format 2 or 3 to 4: every record sealed with its checksum (and, from 2, every log record
+        given its entry type: all were normal).
+
+        The state machine is copied, sealed, into a new generation, in unsynced batches; then one
+        synced batch seals the log and the metadata, makes the new generation live and sets the
+        format. A crash before that batch leaves the old format whole (the half-copied generation is
+        garbage, collected later), after it the new one; the old generation is garbage then.
+        """
+        db = self.db
+        old_gen_raw = db.get(_GEN)
+        old_gen = _U32.unpack(old_gen_raw)[0] if old_gen_raw else 0
+        new_gen = max([old_gen, *_generations(db)]) + 1
+        if new_gen > _MAX_GEN:
+            raise StorageError(f"{self.path}: state machine generations exhausted, cannot upgrade")
+        copied = 0
+        for kind in (_DATA, _SESSION):
+            src, dst = _gen_prefix(kind, old_gen), _gen_prefix(kind, new_gen)
+            wb, size = db.write_batch(), 0
+            with db.iterator(prefix=src) as it:
+                for k, v in it:
+                    key = dst + k[len(src):]
+                    wb.put(key, _seal(key, v))
+                    size += len(key) + len(v)
+                    copied += 1
+                    if size >= 4 << 20:
+                        wb.write()
+                        wb, size = db.write_batch(), 0
+            wb.write()
+        with db.write_batch(sync=True) as wb:
+            with db.iterator(prefix=_LOG) as it:
                 for key, value in it:
-                    wb.put(key, value[:8] + _TYPE_BYTES[0] + value[8:])
+                    payload = value[:8] + _TYPE_BYTES[0] + value[8:] if fmt == b"2" else value
+                    wb.put(key, _seal(key, payload))
+            for meta in (_HARD_STATE, _LOG_START, _APPLIED):
+                raw = db.get(meta)
+                if raw is not None:
+                    wb.put(meta, _seal(meta, raw))
+            wb.put(_GEN, _seal(_GEN, _U32.pack(new_gen)))
             wb.put(_FORMAT, FORMAT)
+        logger.info("%s: storage format %s upgraded to %s (%d state records sealed)", self.path,
+                 fmt.decode(), FORMAT.decode(), copied)
 
     def close(self) -> None:
         self.db.close()
@@ -451,9 +686,9 @@ def restore_into(path: str | os.PathLike, index: int, term: int, chunks: Iterato
         n = sum(_write_chunk(db, data, 0) for data in chunks)
         with db.write_batch(sync=True) as wb:
             wb.put(_FORMAT, FORMAT)
-            wb.put(_HARD_STATE, msgpack.packb([term, None]))
-            wb.put(_LOG_START, msgpack.packb([index, term]))
-            wb.put(_APPLIED, _U64X2.pack(index, term))
+            wb.put(_HARD_STATE, _seal(_HARD_STATE, msgpack.packb([term, None])))
+            wb.put(_LOG_START, _seal(_LOG_START, msgpack.packb([index, term])))
+            wb.put(_APPLIED, _seal(_APPLIED, _U64X2.pack(index, term)))
         return n
     finally:
         db.close()

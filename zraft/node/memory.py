@@ -186,5 +186,8 @@ class MemoryStorage:
             raise ValueError(f"compact to {index} past the applied index {self.state.applied_index}")
         self.log.restart_after(index, term, keep_after=True)
 
+    def write_mark(self) -> None:
+        pass  # nothing here outlives the process, so nothing can come back behind a mark
+
     def close(self) -> None:
         pass
