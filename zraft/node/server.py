@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import plyvel
 import zmq
 
 from zraft.api.http import HttpGateway
@@ -37,7 +38,7 @@ from zraft.cluster.config import ClusterConfig, Settings
 from zraft.cluster.keys import CLIENT_DOMAIN, KeyRing
 from zraft.node.driver import Driver, DriverEvents, new_raft_node
 from zraft.node.interfaces import SnapshotView, Storage
-from zraft.node.leveldb import LevelDBStorage
+from zraft.node.leveldb import DamageError, LevelDBStorage, storage_error_text
 from zraft.node.requests import Envelope, PendingRequests
 from zraft.node.statemachine import KVStateMachine, check_command, encode_cas, encode_delete, encode_put
 from zraft.node.transport import PeerTransport
@@ -48,6 +49,11 @@ from zraft.raft.messages import Entry
 log = logging.getLogger(__name__)
 
 BACKUP_IDLE_S = 60.0  # a backup stream nobody asked for the next chunk of this long is closed
+MARK_INTERVAL_S = 5.0  # how often the durable mark (zraft.node.leveldb) is brought up to date
+
+
+class NodeFailed(RuntimeError):
+    """The node stopped while running because its storage failed (the message says why and what to do)."""
 
 
 @dataclass(slots=True)
@@ -115,6 +121,7 @@ class NodeServer(DriverEvents):
         self.slow_turns = 0
         self._slow_logged = -math.inf
         self.stopping = False
+        self._marked: tuple[int, int | None, int] | None = None  # (term, vote, applied) in the durable mark
         self.backups: dict[int, BackupStream] = {}
         self._ids = random.Random()  # backup stream ids
         log.info("node %d starting: term %d, log %d..%d, applied %d; clients on %s, HTTP on %s; log writes %s",
@@ -146,7 +153,9 @@ class NodeServer(DriverEvents):
             poller.register(self.writer.fd, zmq.POLLIN)
         tick = self.settings.tick_s
         next_tick = time.monotonic() + tick
+        next_mark = time.monotonic() + MARK_INTERVAL_S
         driver = self.driver
+        clean = False
         try:
             while not self.stopping:
                 due = self.transport.flush_delayed(time.monotonic())  # frames held by an injected delay
@@ -164,13 +173,17 @@ class NodeServer(DriverEvents):
                 if now >= next_tick:
                     driver.tick()
                     self._close_idle_backups(now)
+                    if now >= next_mark:
+                        self._write_mark()
+                        next_mark = now + MARK_INTERVAL_S
                     # After a stall, don't fire a burst of ticks: that would only cause elections.
                     next_tick = max(next_tick + tick, now)
                 driver.process()
                 self._expire(now)
                 self._note_slow_turn(now)
+            clean = True
         finally:
-            self._shutdown()
+            self._shutdown(clean)
 
     def _note_slow_turn(self, started: float) -> None:
         """A turn that takes half an election timeout risks one: say so (at most every 10 s)."""
@@ -376,7 +389,14 @@ class NodeServer(DriverEvents):
 
     # ------------------------------------------------------------------ shutdown
 
-    def _shutdown(self) -> None:
+    def _write_mark(self) -> None:
+        """Bring the durable mark up to date when the term, vote or applied index moved."""
+        now = (self.raft.term, self.raft.voted_for, self.sm.applied_index)
+        if now != self._marked:
+            self.storage.write_mark()
+            self._marked = now
+
+    def _shutdown(self, clean: bool = True) -> None:
         writes, reads = self.pending.drain()
         unknown = protocol.error(protocol.TIMEOUT, "node is shutting down; the write may or may not be applied")
         for envelope in writes:
@@ -391,6 +411,8 @@ class NodeServer(DriverEvents):
             self.http.close()
         if self.writer is not None:
             self.writer.close()  # what is queued still reaches the disk
+        if clean:
+            self._write_mark()
         self.transport.close()
         self.clients.close()
         if self.auth is not None:
@@ -426,12 +448,35 @@ def setup_logging(data_dir: Path, level: str) -> None:
 
 def run_node(cluster: ClusterConfig, node_id: int, data_dir: str | os.PathLike, settings: Settings,
              log_level: str = "INFO", allow_faults: bool = False, keys: KeyRing | None = None) -> None:
+    """Run one node until it is stopped. A data dir that fails its checks raises StorageError (the
+    node does not start); storage that fails while the node runs raises NodeFailed: damage found is
+    remembered in the data dir (the next start refuses too), a failed write (a full disk) is not."""
     node_dir = Path(data_dir) / str(node_id)
+    db_dir = node_dir / "db"
+    fresh = not db_dir.is_dir() or not any(db_dir.iterdir())
+    ran_here_before = (node_dir / "node.log").exists()  # its log is there, its data is not
     setup_logging(node_dir, log_level)
-    storage = LevelDBStorage(node_dir / "db")
+    storage = LevelDBStorage(db_dir)
     try:
+        storage.check()
+        if fresh and ran_here_before:
+            log.warning("node %d: %s holds no data: starting with an empty log and state, as a new node. "
+                        "If this node held data before, it has forgotten its votes and log: stop it and "
+                        "restore it from a backup (docs/OPERATIONS.md)", node_id, db_dir)
         server = NodeServer(cluster, node_id, storage, settings, allow_faults, keys)
     except BaseException:
         storage.close()
         raise
-    server.run()
+    try:
+        server.run()
+    except DamageError as exc:
+        message = storage.damage_message(str(exc))
+        storage.mark_damaged(message)
+        log.error("node %d stopped: %s", node_id, message)
+        raise NodeFailed(message) from None
+    except (plyvel.Error, OSError) as exc:
+        message = (f"a write to {db_dir} failed ({storage_error_text(exc)}); nothing acknowledged is lost, "
+                   "as a write is acknowledged only once it is durable: free space or fix the disk, then "
+                   "start the node again")
+        log.error("node %d stopped: %s", node_id, message)
+        raise NodeFailed(message) from None
