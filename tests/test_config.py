@@ -453,9 +453,17 @@ def test_settings_from_env_overrides_every_field():
         "ZRAFT_SNAPSHOT_CHUNK_BYTES": "4096",
         "ZRAFT_SNAPSHOT_WINDOW": "2",
         "ZRAFT_MAX_INFLIGHT_BYTES": "1000000",
+        "ZRAFT_SNAPSHOT_LOG_BYTES": "3000000",
+        "ZRAFT_MAX_UNCOMMITTED_BYTES": "5000000",
+        "ZRAFT_MAX_PENDING_REQUESTS": "300",
+        "ZRAFT_MAX_TURN_BYTES": "70000",
     }
     s = Settings.from_env(env)
-    assert s == Settings(20, 15, 3, 1.5, 100, 2000, 1_000_000, 8, 65536, 500, 50, 4096, 2, 1_000_000)
+    assert s == Settings(tick_ms=20, election_ticks=15, heartbeat_ticks=3, request_timeout_s=1.5, max_key_bytes=100,
+                         max_value_bytes=2000, max_request_bytes=1_000_000, max_inflight_msgs=8, max_msg_bytes=65536,
+                         snapshot_threshold=500, snapshot_keep=50, snapshot_chunk_bytes=4096, snapshot_window=2,
+                         max_inflight_bytes=1_000_000, snapshot_log_bytes=3_000_000, max_uncommitted_bytes=5_000_000,
+                         max_pending_requests=300, max_turn_bytes=70_000)
     assert isinstance(s.tick_ms, int)
     assert isinstance(s.request_timeout_s, float)
 
