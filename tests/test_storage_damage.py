@@ -217,3 +217,25 @@ def test_garbage_in_leveldb_files_is_a_clear_refusal(tmp_path) -> None:
         f.write(os.urandom(200))
     with pytest.raises(StorageError, match=r"data dir .* is damaged: LevelDB cannot open it"):
         LevelDBStorage(path)
+
+
+def test_a_missing_current_file_is_refused_and_the_tables_are_kept(tmp_path) -> None:
+    """Without CURRENT, LevelDB would make a new database and delete the old tables as obsolete."""
+    path = tmp_path / "db"
+    s = filled(path, 200)
+    s.db.compact_range()  # the records into .ldb tables
+    s.close()
+    before = sorted(os.listdir(path))
+    assert any(n.endswith(".ldb") for n in before), before
+    os.unlink(path / "CURRENT")
+    with pytest.raises(DamageError, match=r"is damaged: its CURRENT file is missing"):
+        LevelDBStorage(path)
+    assert sorted(os.listdir(path)) == sorted(set(before) - {"CURRENT"})
+
+
+def test_an_empty_dir_without_current_is_a_new_database(tmp_path) -> None:
+    path = tmp_path / "db"
+    path.mkdir()
+    (path / "notes.txt").write_text("an operator's file, not LevelDB's")
+    LevelDBStorage(path).close()
+    assert (path / "CURRENT").exists()

@@ -485,6 +485,7 @@ class LevelDBStorage:
         os.makedirs(path, exist_ok=True)
         self.path = str(path)
         self._refuse_if_marked_damaged()
+        self._refuse_if_current_missing()
         try:
             self.db = plyvel.DB(self.path, create_if_missing=True, paranoid_checks=True,
                                 write_buffer_size=WRITE_BUFFER_BYTES)
@@ -502,6 +503,9 @@ class LevelDBStorage:
         except DamageError as exc:
             self.db.close()
             raise DamageError(self.damage_message(str(exc))) from None
+        except plyvel.CorruptionError as exc:  # a seek at open (the log's end, the generations) read a bad block
+            self.db.close()
+            raise DamageError(self.damage_message(f"LevelDB: {storage_error_text(exc)}")) from None
         except BaseException:
             self.db.close()
             raise
@@ -517,6 +521,17 @@ class LevelDBStorage:
             _write_durably(os.path.join(self.path, DAMAGED_FILE), message.encode() + b"\n")
         except OSError:
             pass
+
+    def _refuse_if_current_missing(self) -> None:
+        """LevelDB files without CURRENT: LevelDB (create_if_missing) would make a new database there
+        and delete the old tables as obsolete. Refuse before it can, leaving the files as they are."""
+        if os.path.exists(os.path.join(self.path, "CURRENT")):
+            return
+        names = os.listdir(self.path)
+        if any(n.endswith((".ldb", ".sst", ".log")) and n[:-4].isdigit() or n.startswith("MANIFEST-") for n in names):
+            raise DamageError(self.damage_message(
+                "its CURRENT file is missing (LevelDB's pointer to the MANIFEST), though LevelDB files are there; "
+                "they are left untouched"))
 
     def _refuse_if_marked_damaged(self) -> None:
         marked = os.path.join(self.path, DAMAGED_FILE)
