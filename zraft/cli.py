@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from zraft.client.protocol import commit_span, log_span
@@ -50,7 +51,7 @@ KeysOpt = typer.Option(None, "--keys", envvar="ZRAFT_KEYS",
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}", highlight=False)
+    err.print(f"[red]error:[/] {escape(message)}", highlight=False)  # a path or LevelDB text may hold [..]
     return typer.Exit(code)
 
 
@@ -110,7 +111,7 @@ def node(
     import zmq
 
     from zraft.node.leveldb import StorageError
-    from zraft.node.server import run_node
+    from zraft.node.server import NodeFailed, run_node
 
     cluster = _load(config)
     try:
@@ -121,6 +122,8 @@ def node(
     ring = _ring(config, keys, id)
     try:
         run_node(cluster, id, data_dir, settings, log_level, allow_faults, ring)
+    except NodeFailed as exc:  # it ran, then its storage failed: the message says why and what to do
+        raise _fail(f"node {id} stopped: {exc}") from None
     except (OSError, zmq.ZMQError, StorageError) as exc:  # a port in use, a data dir in use or unreadable
         raise _fail(f"node {id} could not start: {exc}") from None
 

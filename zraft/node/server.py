@@ -469,8 +469,9 @@ def run_node(cluster: ClusterConfig, node_id: int, data_dir: str | os.PathLike, 
         raise
     try:
         server.run()
-    except DamageError as exc:
-        message = storage.damage_message(str(exc))
+    except (DamageError, plyvel.CorruptionError) as exc:
+        what = str(exc) if isinstance(exc, DamageError) else f"LevelDB: {storage_error_text(exc)}"
+        message = storage.damage_message(what)
         storage.mark_damaged(message)
         log.error("node %d stopped: %s", node_id, message)
         raise NodeFailed(message) from None
