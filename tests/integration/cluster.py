@@ -391,3 +391,11 @@ class Cluster(LocalCluster):
 def status_json(result: CliResult) -> list[dict[str, Any]]:
     assert result.rc == 0, str(result)
     return json.loads(result.out)
+
+
+def output_of_last_start(path: Path) -> str:
+    """What a node wrote (stdout and stderr: its log lines and the CLI's error) since its last start:
+    the text after the last ``=====`` header line that the process manager writes before each start."""
+    lines = path.read_bytes().decode(errors="replace").splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.startswith("===== ")]
+    return "".join(lines[starts[-1] + 1:] if starts else lines)
