@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from zraft.cluster.config import (
+    MAX_NODE_ID,
     ClusterConfig,
     ConfigError,
     NodeAddress,
@@ -282,6 +283,20 @@ def test_default_port_out_of_range_is_fine_when_given():
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_non_positive_id(value):
     assert_line_error(f'ip="a",port="1",id="{value}"', 1, "id", "positive")
+
+
+@pytest.mark.parametrize("value", [str(2**63), str(2**70), "1" + "0" * 40])
+def test_id_too_large(value):
+    # 2**70 used to pass here and end the node with an OverflowError traceback in msgpack.
+    exc = assert_line_error(f'ip="a",port="1",id="{value}"', 1, "id", "positive", "below 2**63", value)
+    assert exc.reason == f"id must be a positive integer below 2**63, got {value}"
+
+
+def test_largest_id():
+    from zraft.raft.messages import MAX_WIRE_INT
+
+    assert MAX_NODE_ID == MAX_WIRE_INT == 2**63 - 1  # what a peer message may carry as src and dst
+    assert parse_config(f'ip="a",port="1",id="{2**63 - 1}"').ids == [2**63 - 1]
 
 
 def test_duplicate_explicit_id():

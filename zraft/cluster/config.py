@@ -11,8 +11,8 @@ Names: ``ip`` and ``port`` (required), ``id`` (default: the 1-based count of nod
 lines), ``client_port`` (default ``port + 100``) and ``http_port`` (default
 ``port + 200``). Values may also be given unquoted, and whitespace around ``=`` and
 ``,`` is allowed. Blank lines and lines whose first non-blank character is ``#`` are
-ignored. Every other problem is a :class:`ConfigError` that names the file and line
-and quotes the line.
+ignored. Ids are 1..2**63-1 (what a peer message can carry), ports 1..65535. Every other
+problem is a :class:`ConfigError` that names the file and line and quotes the line.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from zraft.raft.messages import MAX_WIRE_INT
+
 if TYPE_CHECKING:
     from zraft.node.driver import DriverConfig
     from zraft.raft.core import RaftConfig
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ClusterConfig",
     "ConfigError",
+    "MAX_NODE_ID",
     "NodeAddress",
     "Settings",
     "load_config",
@@ -133,6 +136,8 @@ class ClusterConfig:
 # ---------------------------------------------------------------------------------------------
 # Config.txt
 
+MAX_NODE_ID = MAX_WIRE_INT  # 2**63-1: what a peer message may carry as src and dst (zraft.raft.messages)
+
 _FIELDS = ("ip", "port", "id", "client_port", "http_port")
 _PORT_FIELDS = ("port", "client_port", "http_port")
 
@@ -228,8 +233,8 @@ def _parse_node_line(line: str, default_id: int, id_lines: dict[int, int], err) 
                                        f" (default: port + {offset}; set {field} explicitly)")
     if "id" in pairs:
         node_id = _parse_int("id", pairs["id"], err)
-        if node_id <= 0:
-            raise err(f"id must be a positive integer, got {node_id}")
+        if not 1 <= node_id <= MAX_NODE_ID:
+            raise err(f"id must be a positive integer below 2**63, got {node_id}")
         how = ""
     else:
         node_id = default_id
