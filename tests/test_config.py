@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import zraft.cluster.config as config_module
 from zraft.cluster.config import (
     MAX_NODE_ID,
     ClusterConfig,
@@ -325,6 +327,61 @@ def test_client_port_clashes_with_another_nodes_http_port():
     assert_line_error(text, 2, "duplicate endpoint", "a:201", "http_port")
 
 
+def _fake_resolver(table: dict[str, list[str]]):
+    """A getaddrinfo that knows only the hosts of ``table`` (host -> addresses)."""
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in table[host]]
+    return getaddrinfo
+
+
+def test_localhost_and_127_0_0_1_on_one_port_clash():
+    if "127.0.0.1" not in {a[4][0] for a in socket.getaddrinfo("localhost", None)}:
+        pytest.skip("localhost does not resolve to 127.0.0.1 here")
+    text = 'Ip="127.0.0.1",port="4900"\nIp="localhost",port="4900"\n'
+    exc = assert_line_error(text, 2, "duplicate endpoint localhost:4900 (port)", "127.0.0.1:4900", "line 1")
+    assert exc.reason == ("duplicate endpoint localhost:4900 (port): the same address as 127.0.0.1:4900, "
+                          "the port of node 1 on line 1 (both are 127.0.0.1)")
+
+
+def test_names_that_resolve_to_one_address_clash_on_every_port(monkeypatch):
+    monkeypatch.setattr(config_module.socket, "getaddrinfo", _fake_resolver(
+        {"lo": ["127.0.0.1", "::1"], "127.0.0.1": ["127.0.0.1"], "db": ["10.0.0.5"], "other": ["10.0.0.6"]}))
+    # node 1's default client port 5000 is node 2's peer port, on another name for the same host
+    text = 'ip="127.0.0.1",port="4900"\nip="lo",port="5000"\n'
+    assert_line_error(text, 2, "duplicate endpoint lo:5000 (port)", "127.0.0.1:5000",
+                      "the client_port of node 1 on line 1", "both are 127.0.0.1")
+    # ... and a derived http port
+    text = 'ip="lo",port="4900"\nip="127.0.0.1",port="6000",client_port="5100"\n'
+    assert_line_error(text, 2, "duplicate endpoint 127.0.0.1:5100 (client_port)", "the http_port of node 1")
+    # other hosts on the same port are fine, and so are names that do not resolve
+    cfg = parse_config('ip="db",port="4900"\nip="other",port="4900"\nip="nowhere",port="4900"\n'
+                       'ip="lo",port="4900"\nip="elsewhere",port="4900"\n')
+    assert [n.ip for n in cfg.nodes] == ["db", "other", "nowhere", "lo", "elsewhere"]
+
+
+def test_names_differing_in_case_clash():
+    text = 'ip="NodeA.example",port="4900"\nip="nodea.EXAMPLE",port="4900"\n'
+    assert_line_error(text, 2, "duplicate endpoint nodea.EXAMPLE:4900 (port): already the port of node 1")
+
+
+@pytest.mark.parametrize("failure", [UnicodeError("label too long"), OSError("resolver broken"),
+                                     ValueError("embedded null")])
+def test_resolver_failure_is_no_clash(monkeypatch, failure):
+    def getaddrinfo(*args, **kwargs):
+        raise failure
+    monkeypatch.setattr(config_module.socket, "getaddrinfo", getaddrinfo)
+    cfg = parse_config(f'ip="{"x" * 70}.example",port="4900"\nip="127.0.0.1",port="4900"\n')
+    assert len(cfg) == 2
+
+
+def test_distinct_loopback_addresses_share_a_port():
+    cfg = parse_config('ip="127.0.0.1",port="4900"\nip="127.0.0.2",port="4900"\nip="127.0.0.3",port="4900"\n')
+    assert len(cfg) == 3
+
+
 def test_ports_of_one_node_clash():
     assert_line_error('ip="a",port="1",client_port="1"', 1, "client_port", "port", "a:1")
     assert_line_error('ip="a",port="1",http_port="101"', 1, "http_port", "client_port", "a:101")
@@ -388,6 +445,7 @@ def test_load_config_not_utf8(tmp_path):
 # --- property: whatever is written in the format parses back ---------------------------------
 
 _ips = st.sampled_from(["127.0.0.1", "127.0.0.2", "10.1.2.3", "localhost", "node-a.example"])
+_HOST = {"localhost": "127.0.0.1"}  # one host: a port of one is taken on the other too
 
 
 @st.composite
@@ -400,8 +458,9 @@ def _clusters(draw):
         ip = draw(_ips)
         ports = []
         for _ in range(3):
-            p = draw(st.integers(1, 65535).filter(lambda p, ip=ip: (ip, p) not in used))
-            used.add((ip, p))
+            host = _HOST.get(ip, ip)
+            p = draw(st.integers(1, 65535).filter(lambda p, host=host: (host, p) not in used))
+            used.add((host, p))
             ports.append(p)
         nodes.append(NodeAddress(ids[i], ip, *ports))
     return nodes

@@ -11,8 +11,11 @@ Names: ``ip`` and ``port`` (required), ``id`` (default: the 1-based count of nod
 lines), ``client_port`` (default ``port + 100``) and ``http_port`` (default
 ``port + 200``). Values may also be given unquoted, and whitespace around ``=`` and
 ``,`` is allowed. Blank lines and lines whose first non-blank character is ``#`` are
-ignored. Ids are 1..2**63-1 (what a peer message can carry), ports 1..65535. Every other
-problem is a :class:`ConfigError` that names the file and line and quotes the line.
+ignored. Ids are 1..2**63-1 (what a peer message can carry), ports 1..65535. No two nodes
+may share an endpoint: the same port on the same host, by name (case-insensitive) or by
+address (``localhost`` and ``127.0.0.1`` are one host where the one resolves to the other;
+a name that does not resolve here clashes only with itself). Every other problem is a
+:class:`ConfigError` that names the file and line and quotes the line.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import dataclasses
 import math
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -196,7 +200,8 @@ def parse_config(text: str, source: str = "<string>") -> ClusterConfig:
         text = text[1:]
     nodes: list[NodeAddress] = []
     id_lines: dict[int, int] = {}
-    endpoints: dict[tuple[str, int], tuple[int, str, int]] = {}  # -> (lineno, field, node id)
+    endpoints: dict[int, list[_Claim]] = {}  # port -> every endpoint on it so far
+    resolved: dict[str, frozenset[str]] = {}  # host -> its addresses (empty: it does not resolve)
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -207,7 +212,7 @@ def parse_config(text: str, source: str = "<string>") -> ClusterConfig:
 
         node = _parse_node_line(line, len(nodes) + 1, id_lines, err)
         id_lines[node.id] = lineno
-        _claim_endpoints(node, lineno, endpoints, err)
+        _claim_endpoints(node, lineno, endpoints, resolved, err)
         nodes.append(node)
     if not nodes:
         raise ConfigError("no nodes defined (the file is empty or has only comments)", source=source)
@@ -244,22 +249,47 @@ def _parse_node_line(line: str, default_id: int, id_lines: dict[int, int], err) 
     return NodeAddress(id=node_id, ip=ip, port=port, client_port=ports["client_port"], http_port=ports["http_port"])
 
 
-def _claim_endpoints(node: NodeAddress, lineno: int, endpoints: dict[tuple[str, int], tuple[int, str, int]],
-                     err) -> None:
-    """Each of the node's three endpoints must be its own and nobody else's."""
-    seen_here: dict[tuple[str, int], str] = {}
+@dataclass(frozen=True)
+class _Claim:
+    ip: str
+    lineno: int
+    field: str
+    node_id: int
+
+
+def _addresses(host: str, resolved: dict[str, frozenset[str]]) -> frozenset[str]:
+    """The addresses ``host`` resolves to here (an IP address: itself), or none when it does not
+    resolve (a name of another site, say): such a name clashes only with itself."""
+    if host not in resolved:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError, ValueError):  # gaierror is an OSError; a label too long is a UnicodeError
+            infos = []
+        resolved[host] = frozenset(str(info[4][0]) for info in infos)
+    return resolved[host]
+
+
+def _claim_endpoints(node: NodeAddress, lineno: int, endpoints: dict[int, list[_Claim]],
+                     resolved: dict[str, frozenset[str]], err) -> None:
+    """Each of the node's three endpoints must be its own and nobody else's: no other node may
+    listen on the same port of the same host, by name (case-insensitive) or by address
+    (``localhost`` and ``127.0.0.1`` are one host when the first resolves to the second)."""
+    seen_here: dict[int, str] = {}
     for field in _PORT_FIELDS:
         port = getattr(node, field)
-        key = (node.ip, port)
-        if key in seen_here:
-            raise err(f"{field} and {seen_here[key]} are the same endpoint {node.ip}:{port}")
-        seen_here[key] = field
-        if key in endpoints:
-            other_line, other_field, other_id = endpoints[key]
-            raise err(f"duplicate endpoint {node.ip}:{port} ({field}): already the "
-                      f"{other_field} of node {other_id} on line {other_line}")
+        if port in seen_here:
+            raise err(f"{field} and {seen_here[port]} are the same endpoint {node.ip}:{port}")
+        seen_here[port] = field
+        for other in endpoints.get(port, ()):
+            where = f"the {other.field} of node {other.node_id} on line {other.lineno}"
+            if other.ip.lower() == node.ip.lower():
+                raise err(f"duplicate endpoint {node.ip}:{port} ({field}): already {where}")
+            common = _addresses(node.ip, resolved) & _addresses(other.ip, resolved)
+            if common:
+                raise err(f"duplicate endpoint {node.ip}:{port} ({field}): the same address as "
+                          f"{other.ip}:{port}, {where} (both are {', '.join(sorted(common))})")
     for field in _PORT_FIELDS:
-        endpoints[(node.ip, getattr(node, field))] = (lineno, field, node.id)
+        endpoints.setdefault(getattr(node, field), []).append(_Claim(node.ip, lineno, field, node.id))
 
 
 def load_config(path: str | os.PathLike) -> ClusterConfig:
