@@ -661,6 +661,28 @@ def test_leaders_notice_a_follower_that_lost_its_log_and_start_it_over() -> None
     assert r.progress[2].match == 7 and r.commit_index == 7
 
 
+def test_a_follower_that_lost_its_log_says_so_at_the_first_heartbeat() -> None:
+    """A heartbeat's commit is at most what the follower acknowledged: past its log, the log was
+    lost. It answers with a rejection too, so an idle leader starts it over without a write."""
+    f = new_node(2, 3, term=1)  # empty, like a node whose disk was emptied
+    f.step(Heartbeat(1, 1, 2, commit=5, read_seq=4))
+    rd = drain(f)
+    assert only(rd, HeartbeatResponse) == [HeartbeatResponse(1, 2, 1, 4)]
+    (rej,) = only(rd, AppendEntriesResponse)
+    assert (rej.success, rej.reject_index, rej.conflict_term, rej.conflict_index) == (False, 5, 0, 1)
+    f.step(Heartbeat(1, 1, 2, commit=0, read_seq=5))  # nothing lost: a heartbeat answered as before
+    assert only(drain(f), AppendEntriesResponse) == []
+
+    r = leader(3, log=(1, 1, 1, 1, 1), term=1)
+    ack(r, 2, 6)
+    ack(r, 3, 6)
+    drain(r)
+    reject(r, 2, 6, conflict_index=1)  # what the follower sends for a heartbeat with commit 6
+    assert probes(drain(r), 2) == [6]  # may be stale: probe from the match to find out
+    reject(r, 2, 6, conflict_index=1)
+    assert r.progress[2].match == 0 and probes(drain(r), 2) == [0]
+
+
 def test_leaders_commit_only_entries_of_their_term_by_counting_replicas_figure_8() -> None:
     """5.4.2 (Figure 8): a leader never commits an entry of an earlier term by counting replicas;
     it is committed only indirectly, when an entry of the current term after it is."""

@@ -487,6 +487,12 @@ class RaftNode:
             self.leader, self.election_elapsed = m.src, 0
             self.log.commit_to(min(m.commit, self.log.last_index))
             self._send(HeartbeatResponse(self.term, self.id, m.src, m.read_seq))
+            if m.commit > self.log.last_index:
+                # The commit a heartbeat carries is at most what this node acknowledged, so its log
+                # was lost (an emptied disk under its old id). Say so at once, as a rejection with a
+                # shorter log, rather than at the leader's next append (an idle cluster has none).
+                self._send(AppendEntriesResponse(self.term, self.id, m.src, success=False, reject_index=m.commit,
+                                                 conflict_term=0, conflict_index=self.log.last_index + 1))
         elif isinstance(m, InstallSnapshot):
             self.leader, self.election_elapsed = m.src, 0
             self._handle_snapshot(m)
