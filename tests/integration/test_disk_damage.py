@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -356,3 +357,30 @@ def test_damage_found_while_running_stops_the_node_and_is_remembered(make_cluste
     # in its one line, not with a Python traceback (NodeFailed out of the CLI).
     assert "Traceback" not in found_output, (
         f"the node stopped with a Python traceback after its message:\n{found_output}")
+
+
+def test_an_emptied_data_dir_is_not_started_as_a_fresh_node_without_a_word(make_cluster: Callable[..., Cluster]
+                                                                             ) -> None:
+    """The operator wiped a follower's db (its node.log is still there): it starts (it can only be
+    a new node until membership changes exist) but says what that means, in its log and output."""
+    c = make_cluster(env=WIDE)
+    leader = c.wait_leader()
+    f = next(i for i in c.ids if i != leader)
+    acked = {b"e%03d" % i: b"v%03d" % i for i in range(20)}
+    assert all(r == {"ok": True} for r in c.put_many(leader, acked))
+    c.wait_caught_up(f, leader)
+    assert c.stop(f) == 0
+    db = c.data_dir / str(f) / "db"
+    shutil.rmtree(db)
+    proc = c.start(f)
+    deadline = time.monotonic() + START_DEADLINE_S
+    while c.status(f, timeout=0.3) is None:
+        assert proc.poll() is None, output_of_last_start(c.log_path(f))
+        assert time.monotonic() < deadline, "the node does not answer"
+        time.sleep(0.05)
+    output = output_of_last_start(c.log_path(f))
+    assert f"{db} holds no data" in output and "forgotten its votes and log" in output, output
+    # Its first heartbeat tells it (and the leader) that it lost its log: with no write at all, the
+    # leader starts it over from the beginning.
+    c.wait_caught_up(f, leader)
+    c.check_all_present(leader, acked)
