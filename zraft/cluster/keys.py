@@ -83,6 +83,8 @@ class KeyRing:
     def load(cls, directory: str | os.PathLike, cluster: ClusterConfig, node_id: int | None = None) -> KeyRing:
         """Node ``node_id``'s keys, or (None) a client's, from ``directory``; KeysError says what is missing."""
         d = Path(directory)
+        if d.exists() and not d.is_dir():
+            raise KeysError(f"{d} is not a directory: --keys names the directory that zraft keys init made")
         if not d.is_dir():
             raise KeysError(f"keys directory {d} does not exist (make one with: zraft keys init {d})")
         node_public = {i: _public(d / f"{node_key_name(i)}.key") for i in cluster.ids}
@@ -92,7 +94,10 @@ class KeyRing:
         own = d / f"{node_key_name(node_id) if node_id is not None else 'client'}.key_secret"
         public, secret = _keypair(own)
         token = d / HTTP_TOKEN_FILE
-        http_token = token.read_text().strip() if token.exists() else None
+        try:
+            http_token = token.read_text(encoding="utf-8").strip() if token.exists() else None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KeysError(f"cannot read the HTTP token {token}: {getattr(exc, 'strerror', None) or exc}") from None
         return cls(d, public, secret, node_public, clients, {n.client_endpoint: n.id for n in cluster.nodes},
                    http_token)
 

@@ -163,6 +163,8 @@ def _open(path: Path) -> tuple[BinaryIO, dict[str, Any]]:
 def verify(path: str | os.PathLike) -> BackupInfo:
     """Check a backup file end to end (structure, every record, the SHA-256); its description."""
     path = Path(path)
+    if path.is_dir():
+        raise BackupError(f"{path} is a directory, not a backup file")
     if not path.is_file():
         raise BackupError(f"{path}: no such file")
     size = path.stat().st_size
