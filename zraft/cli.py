@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from zraft.client.protocol import commit_span, log_span
-from zraft.cluster.config import ClusterConfig, ConfigError, Settings, load_config
+from zraft.cluster.config import MAX_NODE_ID, ClusterConfig, ConfigError, Settings, load_config
 
 app = typer.Typer(help="zraft: a strongly consistent, replicated key-value store on Raft.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -44,15 +47,42 @@ EndpointsOpt = typer.Option(None, "--endpoint", "-e",
 AllowFaultsOpt = typer.Option(False, "--allow-faults", envvar="ZRAFT_ALLOW_FAULTS",
                               help="Accept fault injection requests (`zraft fault ...`). Off by default: "
                                    "never on a production node.")
-TimeoutOpt = typer.Option(5.0, "--timeout", "-t", help="Give up after this many seconds.")
+MAX_TIMEOUT_S = 86_400.0  # a day; far more than any request needs, and within what ZeroMQ's poll takes
+
+
+def _check_timeout(value: float) -> float:
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        raise _fail(f"--timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:g}, got {value:g}")
+    return value
+
+
+def _check_node_id(value: int) -> int:
+    if not 1 <= value <= MAX_NODE_ID:
+        raise _fail(f"a node id is an integer from 1 to 2**63-1, got {value}")
+    return value
+
+
+TimeoutOpt = typer.Option(5.0, "--timeout", "-t", callback=_check_timeout, help="Give up after this many seconds.")
 KeysOpt = typer.Option(None, "--keys", envvar="ZRAFT_KEYS",
                        help="A keys directory (`zraft keys init`): authenticate and encrypt everything with its "
                             "CURVE keys. Default: none (the ports are open to anyone who can reach them).")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/] {escape(message)}", highlight=False)  # a path or LevelDB text may hold [..]
+    """Print ``error: MESSAGE`` on stderr (never wrapped), and the exit to raise."""
+    err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # a path, LevelDB text: [..]
     return typer.Exit(code)
+
+
+def _arg_bytes(text: str) -> bytes:
+    """A key or value from the command line as the bytes given: an argument that is not valid in
+    the locale's encoding reaches Python with surrogate escapes, and goes back to its raw bytes."""
+    return os.fsencode(text)
+
+
+def _show(data: bytes) -> str:
+    """Bytes for a message: UTF-8, with any other byte as a \\xNN escape."""
+    return data.decode("utf-8", "backslashreplace")
 
 
 def _load(config: Path) -> ClusterConfig:
@@ -89,9 +119,19 @@ def _client(config: Path, endpoints: list[str] | None, keys: Path | None, timeou
     return Client(only or _endpoints(config, endpoints), timeout=timeout, keys=_ring(config, keys))
 
 
+_ENDPOINT = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):([0-9]{1,5})", re.ASCII)
+
+
 def _endpoints(config: Path, endpoints: list[str] | None) -> list[str]:
     if endpoints:
-        return [e if e.startswith("tcp://") else f"tcp://{e}" for e in endpoints]
+        out = []
+        for e in endpoints:
+            ep = e if e.startswith("tcp://") else f"tcp://{e}"
+            m = _ENDPOINT.fullmatch(ep)
+            if m is None or not 1 <= int(m.group(2)) <= 65535:
+                raise _fail(f"--endpoint {e!r}: expected tcp://HOST:PORT or HOST:PORT, with a port in 1..65535")
+            out.append(ep)
+        return out
     return [n.client_endpoint for n in _load(config).nodes]
 
 
@@ -100,7 +140,7 @@ def _endpoints(config: Path, endpoints: list[str] | None) -> list[str]:
 
 @app.command()
 def node(
-    id: int = typer.Option(..., "--id", "-i", help="This node's id in Config.txt."),
+    id: int = typer.Option(..., "--id", "-i", callback=_check_node_id, help="This node's id in Config.txt."),
     config: Path = ConfigOpt,
     data_dir: Path = DataDirOpt,
     log_level: str = LogLevelOpt,
@@ -151,10 +191,13 @@ def cluster_status(
     config: Path = ConfigOpt,
     endpoints: list[str] | None = EndpointsOpt,
     as_json: bool = typer.Option(False, "--json", help="One JSON list, for scripts."),
-    timeout: float = typer.Option(1.0, "--timeout", "-t", help="How long to wait for each node."),
+    timeout: float = typer.Option(1.0, "--timeout", "-t", callback=_check_timeout,
+                                  help="How long to wait for each node."),
     keys: Path | None = KeysOpt,
 ) -> None:
-    """Every node's id, role, term, leader, commit and applied index, and whether it answers."""
+    """Every node's id, role, term, leader, commit and applied index, and whether it answers.
+
+    Exit code 0 when at least one node answers, 2 when none does (the rows are printed all the same)."""
     eps = _endpoints(config, endpoints)
     with _client(config, endpoints, keys) as c:
         statuses = c.statuses(timeout)
@@ -162,8 +205,14 @@ def cluster_status(
     for r in rows:
         r.pop("ok", None)
     if as_json:
-        print(json.dumps(rows))
-        return
+        print(json.dumps(rows), flush=True)
+    else:
+        _status_table(rows)
+    if not any(r["answers"] for r in rows):
+        raise _fail(f"no node answered within {timeout:g} s at {', '.join(eps)} (is the cluster up?)", 2)
+
+
+def _status_table(rows: list[dict]) -> None:
     t = Table(box=box.SIMPLE_HEAD, caption="commit (applied, when behind); log: the indexes it holds",
               caption_justify="left")
     for col in ("id", "endpoint", "answers", "role", "term", "leader", "commit", "log"):
@@ -176,8 +225,6 @@ def cluster_status(
     if not out.is_terminal:
         out = Console(width=200)
     out.print(t)
-    if not any(r["answers"] for r in rows):
-        raise typer.Exit(1)
 
 
 def _control(op: str, node_id: int, data_dir: Path) -> None:
@@ -189,20 +236,23 @@ def _control(op: str, node_id: int, data_dir: Path) -> None:
     print(rep["message"])
 
 
+NodeIdArg = typer.Argument(..., help="Node id.", callback=_check_node_id)
+
+
 @cluster_app.command("start-node")
-def start_node(node_id: int = typer.Argument(..., help="Node id."), data_dir: Path = DataDirOpt) -> None:
+def start_node(node_id: int = NodeIdArg, data_dir: Path = DataDirOpt) -> None:
     """Ask the running `cluster up` supervisor to start node N again (it never restarts one by itself)."""
     _control("start", node_id, data_dir)
 
 
 @cluster_app.command("stop-node")
-def stop_node(node_id: int = typer.Argument(..., help="Node id."), data_dir: Path = DataDirOpt) -> None:
+def stop_node(node_id: int = NodeIdArg, data_dir: Path = DataDirOpt) -> None:
     """Ask the running supervisor to stop node N cleanly (SIGTERM)."""
     _control("stop", node_id, data_dir)
 
 
 @cluster_app.command("kill-node")
-def kill_node(node_id: int = typer.Argument(..., help="Node id."), data_dir: Path = DataDirOpt) -> None:
+def kill_node(node_id: int = NodeIdArg, data_dir: Path = DataDirOpt) -> None:
     """Ask the running supervisor to kill node N with SIGKILL, as a crash would."""
     _control("kill", node_id, data_dir)
 
@@ -231,7 +281,7 @@ def _out(value: bytes) -> None:
 def client_put(key: str, value: str, config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
                timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
     """Set KEY to VALUE. Prints OK once the write is committed on a majority and applied."""
-    _run_client(config, endpoints, timeout, lambda c: c.put(key, value), keys)
+    _run_client(config, endpoints, timeout, lambda c: c.put(_arg_bytes(key), _arg_bytes(value)), keys)
     print("OK")
 
 
@@ -239,9 +289,9 @@ def client_put(key: str, value: str, config: Path = ConfigOpt, endpoints: list[s
 def client_get(key: str, config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
                timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
     """Print KEY's value (a linearizable read). Exit code 1 if there is no such key."""
-    value = _run_client(config, endpoints, timeout, lambda c: c.get(key), keys)
+    value = _run_client(config, endpoints, timeout, lambda c: c.get(_arg_bytes(key)), keys)
     if value is None:
-        raise _fail(f"no such key: {key}")
+        raise _fail(f"no such key: {_show(_arg_bytes(key))}")
     _out(value)
 
 
@@ -249,7 +299,7 @@ def client_get(key: str, config: Path = ConfigOpt, endpoints: list[str] | None =
 def client_delete(key: str, config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
                   timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
     """Delete KEY. Prints 1 if it existed, 0 if not (etcdctl's convention)."""
-    deleted = _run_client(config, endpoints, timeout, lambda c: c.delete(key), keys)
+    deleted = _run_client(config, endpoints, timeout, lambda c: c.delete(_arg_bytes(key)), keys)
     print(1 if deleted else 0)
 
 
@@ -261,10 +311,11 @@ def client_cas(key: str, expect: str = typer.Argument(..., help="The value KEY m
                timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
     """Compare-and-swap: set KEY to VALUE only if it holds EXPECT. Exit code 1 if it did not swap."""
     swapped, current = _run_client(config, endpoints, timeout,
-                                   lambda c: c.cas(key, None if absent else expect, value), keys)
+                                   lambda c: c.cas(_arg_bytes(key), None if absent else _arg_bytes(expect),
+                                                   _arg_bytes(value)), keys)
     if not swapped:
-        shown = "absent" if current is None else current.decode(errors="replace")
-        raise _fail(f"not swapped: {key} is {shown}")
+        shown = "absent" if current is None else _show(current)
+        raise _fail(f"not swapped: {_show(_arg_bytes(key))} is {shown}")
     print("OK")
 
 
@@ -400,6 +451,8 @@ def _fault(config: Path, node_ids: list[int], req: dict, keys: Path | None) -> N
     ids = node_ids or cluster.ids
     try:
         eps = {i: cluster.node(i).client_endpoint for i in ids}
+        for peer in req.get("peers") or ():
+            cluster.node(peer)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     client = _client(config, None, keys, only=list(eps.values()))
@@ -455,6 +508,8 @@ def fault_delay(node_id: int, delay_ms: float = typer.Argument(..., help="Millis
 def fault_drop_replies(node_id: int, count: int = typer.Argument(..., help="How many."),
                        config: Path = ConfigOpt, keys: Path | None = KeysOpt) -> None:
     """Apply the next COUNT writes on node N but lose their replies (to test client retries)."""
+    if not 0 <= count <= 1_000_000_000:
+        raise _fail(f"COUNT must be from 0 to 1000000000, got {count}")
     _fault(config, [node_id], {"action": "drop_replies", "count": count}, keys)
 
 
