@@ -42,7 +42,9 @@ def _run(seed: int, steps: int) -> None:
     _STATS[seed] = stats
     # A run that did nothing proves nothing: every run must have elected, written and read.
     assert stats["elections"] >= 1 and stats["acked"] > 0 and stats["served"] > 0, (seed, stats)
-    if cluster.snapshot_threshold:
+    # Compaction must have happened where the log grew past what triggers it (a node compacts at
+    # 0.5-1.5x the threshold; a seed with a crash every few steps may commit too little for that).
+    if cluster.snapshot_threshold and stats["acked"] >= 3 * cluster.snapshot_threshold:
         assert stats["compactions"] > 0, (seed, stats)
 
 
