@@ -132,8 +132,8 @@ class _PooledServer(HTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="zraft-http")  # first: a failed bind closes it
         super().__init__(address, handler)
-        self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="zraft-http")
         self._lock = threading.Lock()
         self._queued = 0  # handed to the pool, not yet taken by a worker
         self._open = 0  # handed to the pool, not yet closed
