@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -243,6 +244,24 @@ def closed_by_server(socks: list[socket.socket], within_s: float) -> list[bytes]
     return got
 
 
+def stall(c: Cluster, node_id: int, n: int, head: Callable[[int], bytes]) -> list[socket.socket]:
+    """``n`` connections, the i-th having sent ``head(i)`` and nothing more, all accepted by the server.
+    The caller closes them."""
+    socks = []
+    try:
+        for i in range(n):
+            s = connect(c, node_id, timeout=30)
+            socks.append(s)
+            if data := head(i):
+                s.sendall(data)
+        wait_accepted(c, node_id)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
 def test_half_sent_requests_hold_no_worker(cluster: Cluster) -> None:
     """1,000 connections that never finish their request head: no thread each, ordinary requests
     answered at once, and each closed after IDLE_TIMEOUT_S."""
@@ -250,14 +269,8 @@ def test_half_sent_requests_hold_no_worker(cluster: Cluster) -> None:
     pid = cluster.procs[node].pid
     put_base(cluster, node)
     before = thread_count(pid)
-    stalled = []
+    stalled = stall(cluster, node, 1000, lambda i: b"GET /v1/kv/base HTTP/1.1\r\nHost: x\r\n" if i % 2 else b"")
     try:
-        for i in range(1000):
-            s = connect(cluster, node, timeout=30)
-            if i % 2:
-                s.sendall(b"GET /v1/kv/base HTTP/1.1\r\nHost: x\r\n")
-            stalled.append(s)
-        wait_accepted(cluster, node)
         assert thread_count(pid) <= before + 2, (thread_count(pid), before)
         # Answered well before any stalled connection times out and frees anything.
         with connect(cluster, node, timeout=IDLE_TIMEOUT_S / 2) as s:
@@ -275,15 +288,11 @@ def test_half_sent_requests_hold_no_worker(cluster: Cluster) -> None:
 def test_half_sent_bodies_hold_at_most_the_pool(cluster: Cluster) -> None:
     node = cluster.wait_leader()
     pid = cluster.procs[node].pid
-    put_base(cluster, node)
     before = thread_count(pid)
-    stalled = []
+    # More than the pool: some wait for a worker.
+    stalled = stall(cluster, node, WORKERS + 36,
+                    lambda i: b"PUT /v1/kv/half HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf")
     try:
-        for _ in range(WORKERS + 36):  # more than the pool: some wait for a worker
-            s = connect(cluster, node, timeout=30)
-            s.sendall(b"PUT /v1/kv/half HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf")
-            stalled.append(s)
-        wait_accepted(cluster, node)
         threads = thread_count(pid)
         assert threads <= before + WORKERS + 2, f"{threads} threads (before: {before}; the pool: {WORKERS})"
         # Each body's deadline passes: a 408 and the connection closed, nothing stored.
