@@ -150,7 +150,7 @@ def _get(db: plyvel.DB, key: bytes) -> bytes | None:
     try:
         raw = db.get(key, verify_checksums=True)
     except plyvel.CorruptionError as exc:
-        raise DamageError(f"LevelDB: {storage_error_text(exc)}") from None
+        raise DamageError(damage_text(exc)) from None
     return None if raw is None else _unseal(key, raw)
 
 
@@ -162,7 +162,12 @@ def _scan(db: plyvel.DB | plyvel.Snapshot, prefix: bytes, sealed: bool = True) -
             for k, v in it:
                 yield k, (_unseal(k, v) if sealed else v)
     except plyvel.CorruptionError as exc:
-        raise DamageError(f"LevelDB: {storage_error_text(exc)}") from None
+        raise DamageError(damage_text(exc)) from None
+
+
+def damage_text(exc: DamageError | plyvel.CorruptionError) -> str:
+    """What is damaged: a DamageError's words, or LevelDB's report of a corruption it found."""
+    return str(exc) if isinstance(exc, DamageError) else f"LevelDB: {storage_error_text(exc)}"
 
 
 def storage_error_text(exc: BaseException) -> str:
@@ -500,12 +505,9 @@ class LevelDBStorage:
             self._check_format()
             self.log = LevelDBLogStore(self.db)
             self.state = LevelDBStateStore(self.db)
-        except DamageError as exc:
+        except (DamageError, plyvel.CorruptionError) as exc:  # (a seek at open: the log's end, the generations)
             self.db.close()
-            raise DamageError(self.damage_message(str(exc))) from None
-        except plyvel.CorruptionError as exc:  # a seek at open (the log's end, the generations) read a bad block
-            self.db.close()
-            raise DamageError(self.damage_message(f"LevelDB: {storage_error_text(exc)}")) from None
+            raise DamageError(self.damage_message(damage_text(exc))) from None
         except BaseException:
             self.db.close()
             raise

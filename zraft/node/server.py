@@ -38,7 +38,7 @@ from zraft.cluster.config import ClusterConfig, Settings
 from zraft.cluster.keys import CLIENT_DOMAIN, KeyRing
 from zraft.node.driver import Driver, DriverEvents, new_raft_node
 from zraft.node.interfaces import SnapshotView, Storage
-from zraft.node.leveldb import DamageError, LevelDBStorage, storage_error_text
+from zraft.node.leveldb import DamageError, LevelDBStorage, damage_text, storage_error_text
 from zraft.node.requests import Envelope, PendingRequests
 from zraft.node.statemachine import KVStateMachine, check_command, encode_cas, encode_delete, encode_put
 from zraft.node.transport import PeerTransport
@@ -470,8 +470,7 @@ def run_node(cluster: ClusterConfig, node_id: int, data_dir: str | os.PathLike, 
     try:
         server.run()
     except (DamageError, plyvel.CorruptionError) as exc:
-        what = str(exc) if isinstance(exc, DamageError) else f"LevelDB: {storage_error_text(exc)}"
-        message = storage.damage_message(what)
+        message = storage.damage_message(damage_text(exc))
         storage.mark_damaged(message)
         log.error("node %d stopped: %s", node_id, message)
         raise NodeFailed(message) from None
