@@ -154,13 +154,13 @@ class _PooledServer(HTTPServer):
         next_sweep = 0.0
         try:
             while not self._stop.is_set():
-                for key, _ in self._selector.select(poll_interval if not self._parked else _RECHECK_S):
+                for key, _ in self._selector.select(_RECHECK_S if self._heading else poll_interval):
                     if key.fileobj is self.socket:
                         self._accept_all()
                     else:
                         self._look(key.fileobj)  # type: ignore[arg-type]
                 now = time.monotonic()
-                if self._parked or now >= next_sweep:
+                if now >= next_sweep:
                     self._sweep(now)
                     next_sweep = now + _RECHECK_S
         finally:
@@ -282,6 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     timeout = IDLE_TIMEOUT_S  # on the connection's socket: every read waits at most this long
     body = b""  # the request's body, read whole by _begin before any route runs
+    _connection_sent = False  # this response has a Connection header already
 
     # ------------------------------------------------------------------ routes
 
@@ -532,7 +533,7 @@ class _Handler(BaseHTTPRequestHandler):
         the body ends is unknown) or while connections wait for a worker (give this one to them)."""
         if self.server.crowded():  # type: ignore[attr-defined]
             self.close_connection = True
-        if self.close_connection and not getattr(self, "_connection_sent", False):
+        if self.close_connection and not self._connection_sent:
             self.send_header("Connection", "close")
         self._connection_sent = False
         super().end_headers()
