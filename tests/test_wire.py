@@ -23,6 +23,7 @@ from zraft.raft.messages import (
     RequestVoteResponse,
     SnapshotAck,
     SnapshotChunk,
+    TimeoutNow,
     decode_batch,
     encode_batch,
     from_wire,
@@ -31,6 +32,8 @@ from zraft.raft.messages import (
 
 GOOD = [
     RequestVote(5, 1, 2, 10, 4, True),
+    RequestVote(5, 1, 2, 10, 4, False, True),
+    TimeoutNow(5, 1, 2),
     RequestVoteResponse(5, 2, 1, True, False),
     AppendEntries(5, 1, 3, 7, 4, [Entry(4, 8, b"x"), Entry(5, 9, b"", EntryType.CONFIG)], 6),
     AppendEntriesResponse(5, 3, 1, False, 0, 7, 4, 5),
@@ -68,8 +71,11 @@ def wire(m) -> list:
     ([5, 3, 0, 1, 0, 0], "positive"),
     ([5, 3, 1, 2, 0], "fields"),
     ([5, 3, 1, 2, 0, 0, 0], "fields"),
-    ([1, 3, 1, 2, 0, 0, 1], "true or false"),
-    ([1, 3, 1, 2, 10, 9, False], "last log term"),
+    ([1, 3, 1, 2, 0, 0, 1, False], "true or false"),
+    ([1, 3, 1, 2, 0, 0, False, 0], "true or false"),  # the transfer flag
+    ([1, 3, 1, 2, 10, 9, False, False], "last log term"),
+    ([10, 3, 1, 2, 0], "fields"),  # TimeoutNow: term, src, dst
+    ([10, 3, 2, 2], "differ"),
     ([3, 5, 1, 2, 0, 0, [5, 0], 0], "triples"),
     ([3, 5, 1, 2, 0, 0, [6, 0, b"x"], 0], "after term 0, sent in term 5"),  # an entry newer than its message
     ([3, 5, 1, 2, 0, 0, [4, 0, b"x", 3, 0, b"y"], 0], "after term 4"),  # terms going back

@@ -144,7 +144,7 @@ def _parse_put(data: bytes) -> tuple[bytes, bytes] | None:
     if not data:
         return None
     cmd = msgpack.unpackb(data)
-    return (cmd[1], cmd[2]) if cmd[0] == PUT else None
+    return (cmd[1], cmd[2]) if cmd[0] == PUT and len(cmd) == 4 else None  # (not a configuration: [1, members])
 
 
 def _record_bytes(key_len: int = 3, value_len: int = 6) -> int:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zraft.node.interfaces import LogWriter, SnapshotView, StateMachine, Storage, Transport
+from zraft.raft.confchange import Membership
 from zraft.raft.core import RaftConfig, RaftNode, Ready, Role
 from zraft.raft.log import RaftLog
 from zraft.raft.messages import (
@@ -91,6 +92,9 @@ class DriverEvents:
     def role_changed(self, role: Role, term: int, leader: int | None) -> None:
         """The node's role, term or known leader changed."""
 
+    def membership_changed(self, membership: Membership) -> None:
+        """The latest configuration changed (an entry appended or replaced, or a snapshot taken in)."""
+
 
 @dataclass(slots=True)
 class _Outgoing:
@@ -99,12 +103,17 @@ class _Outgoing:
     started: float
 
 
-def new_raft_node(config: RaftConfig, storage: Storage, rng: random.Random | None = None) -> RaftNode:
-    """A core restarted from what ``storage`` holds: hard state, the log, the applied index."""
+def new_raft_node(config: RaftConfig, storage: Storage, rng: random.Random | None = None,
+                  bootstrap: Membership | None = None) -> RaftNode:
+    """A core restarted from what ``storage`` holds: hard state, the log, the applied index and the
+    membership (the stored state machine's, else ``bootstrap``, else ``config.voters``; a
+    configuration entry in the log comes after either and wins)."""
     persisted = storage.log.load_log()
     raft_log = RaftLog(persisted.entries, persisted.snapshot_index, persisted.snapshot_term,
                        applied=storage.state.applied_index)
-    return RaftNode(config, storage.log.load_hard_state(), raft_log, rng)
+    stored = storage.state.membership
+    membership = Membership.decode(stored) if stored is not None else bootstrap
+    return RaftNode(config, storage.log.load_hard_state(), raft_log, rng, membership)
 
 
 class Driver:
@@ -154,7 +163,7 @@ class Driver:
                 # Only this driver's receiver makes one, once a whole stream is staged: from the wire it
                 # would make the core take a state that storage never got.
                 self._reject("install_snapshot_from_wire", m, "an InstallSnapshot off the wire")
-            elif isinstance(m, AppendEntries) and self.check_command is not None and not self._commands_ok(m):
+            elif isinstance(m, AppendEntries) and not self._commands_ok(m):
                 continue
             else:
                 raft.step(m)
@@ -163,11 +172,17 @@ class Driver:
         """Entries from the network are checked as client requests are: a bad one drops the message."""
         check = self.check_command
         for e in m.entries:
-            if e.type == EntryType.NORMAL and e.data:
+            why = None
+            if e.type == EntryType.CONFIG:
+                try:
+                    Membership.decode(e.data)
+                except ValueError as exc:
+                    why = str(exc)
+            elif e.data and check is not None:
                 why = check(e.data)
-                if why is not None:
-                    self._reject("bad_entry", m, f"entry {e.index}: {why}")
-                    return False
+            if why is not None:
+                self._reject("bad_entry", m, f"entry {e.index}: {why}")
+                return False
         return True
 
     def _reject(self, reason: str, m: object, why: str) -> None:
@@ -219,6 +234,8 @@ class Driver:
         if rd.role is not self.role or rd.term != self.term or rd.leader != self.leader:
             self.role, self.term, self.leader = rd.role, rd.term, rd.leader
             self.events.role_changed(rd.role, rd.term, rd.leader)
+        if rd.membership is not None:
+            self.events.membership_changed(rd.membership)
         deciding = self.receiver.awaiting_verdict  # a complete snapshot was stepped in: this Ready decides
         # A leader's appends don't depend on its own write (thesis 10.2.1); votes and acknowledgements
         # do, and a new term must be durable before anything is sent in it.
@@ -444,6 +461,9 @@ class Driver:
         if v.reply is not None:
             self.transport.send([v.reply])
         if v.complete is not None:
+            config = state.staged_membership()
+            if config is not None:
+                v.complete.config = config
             self.raft.step(v.complete)
 
 

@@ -84,9 +84,16 @@ class StateStore(Protocol):
     def get(self, key: bytes) -> bytes | None: ...
 
     def write(self, updates: dict[bytes, bytes | None], applied_index: int,
-              sessions: dict[int, Any] | None = None, applied_term: int = 0) -> None:
-        """Apply updates, session changes and the new applied index atomically (need not be durable:
-        the log holds the entries, and a lost apply is replayed)."""
+              sessions: dict[int, Any] | None = None, applied_term: int = 0, membership: bytes | None = None) -> None:
+        """Apply updates, session changes, the new applied index and (if not None) the membership applied
+        atomically (need not be durable: the log holds the entries, and a lost apply is replayed)."""
+
+    @property
+    def membership(self) -> bytes | None:
+        """The latest configuration applied (zraft.raft.confchange's encoding), None if none ever was."""
+
+    def staged_membership(self) -> bytes | None:
+        """The configuration the staged snapshot holds, if any."""
 
     def load_sessions(self) -> dict[int, Any]: ...
 

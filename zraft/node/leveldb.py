@@ -16,6 +16,7 @@ Key layout (one keyspace; prefixes keep the parts apart and in order):
     l/<index>         8-byte big-endian index -> 8-byte big-endian term + 1-byte entry type + data
     d<gen><key>       the key-value data of state machine generation <gen> (4 bytes)
     s<gen><client>    8-byte client id -> msgpack [seq, result, last index]: a client session
+    c<gen>            the latest membership applied (zraft.raft.confchange), absent if none ever was
 
 Every value but m/format is sealed: a 4-byte big-endian CRC-32 over the key and the payload,
 then the payload (what is described above). A record is checked when it is read, and one that
@@ -65,6 +66,7 @@ import plyvel
 
 from zraft.node.interfaces import LogState
 from zraft.node.statemachine import (
+    REC_CONFIG,
     REC_DATA,
     REC_SESSION,
     AppliedMark,
@@ -87,6 +89,8 @@ _APPLIED = b"m/applied"
 _LOG = b"l/"
 _DATA = b"d"
 _SESSION = b"s"
+_CONFIG = b"c"
+_KINDS = (_CONFIG, _DATA, _SESSION)  # the prefixes a state machine generation has keys under
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _U64X2 = struct.Struct(">QQ")
@@ -124,7 +128,7 @@ def _unseal(key: bytes, value: bytes) -> bytes:
 def _describe(key: bytes) -> str:
     if key.startswith(_LOG) and len(key) == len(_LOG) + 8:
         return f"of log entry {_U64.unpack_from(key, len(_LOG))[0]}"
-    if key[:1] in (_DATA, _SESSION) and len(key) >= 5:
+    if key[:1] in _KINDS and len(key) >= 5:
         what = "key" if key[:1] == _DATA else "session"
         return f"of {what} {key[5:65]!r} (generation {_U32.unpack_from(key, 1)[0]})"
     return repr(key[:64])
@@ -279,7 +283,8 @@ class LevelDBSnapshotView:
         return reader
 
     def _records(self) -> Generator[tuple[int, bytes, bytes], None, None]:
-        for kind, prefix in ((REC_DATA, _gen_prefix(_DATA, self.gen)), (REC_SESSION, _gen_prefix(_SESSION, self.gen))):
+        for kind, prefix in ((REC_DATA, _gen_prefix(_DATA, self.gen)), (REC_SESSION, _gen_prefix(_SESSION, self.gen)),
+                             (REC_CONFIG, _gen_prefix(_CONFIG, self.gen))):
             cut = len(prefix)
             for k, v in _scan(self._snap, prefix):
                 yield kind, k[cut:], v
@@ -315,14 +320,20 @@ class LevelDBStateStore(AppliedMark):
         self._garbage = [g for g in found if g != self.gen]
         self.staged_gen: int | None = None  # the generation a snapshot stream is staged into
         self._next_gen = max([self.gen, *found]) + 1
+        self._membership = _get(db, _gen_prefix(_CONFIG, self.gen))
 
     def get(self, key: bytes) -> bytes | None:
         return _get(self.db, self._data + key)
 
     def write(self, updates: dict[bytes, bytes | None], applied_index: int,
-              sessions: dict[int, SessionRecord | None] | None = None, applied_term: int = 0) -> None:
+              sessions: dict[int, SessionRecord | None] | None = None, applied_term: int = 0,
+              membership: bytes | None = None) -> None:
         data = self._data
         with self.db.write_batch() as wb:
+            if membership is not None:
+                key = _gen_prefix(_CONFIG, self.gen)
+                wb.put(key, _seal(key, membership))
+                self._membership = membership
             for k, v in updates.items():
                 if v is None:
                     wb.delete(data + k)
@@ -337,6 +348,13 @@ class LevelDBStateStore(AppliedMark):
                     wb.put(key, _seal(key, encode_session(rec)))
             wb.put(_APPLIED, _seal(_APPLIED, _U64X2.pack(applied_index, applied_term)))
         self._applied, self._applied_term = applied_index, applied_term
+
+    @property
+    def membership(self) -> bytes | None:
+        return self._membership
+
+    def staged_membership(self) -> bytes | None:
+        return None if self.staged_gen is None else _get(self.db, _gen_prefix(_CONFIG, self.staged_gen))
 
     def load_sessions(self) -> dict[int, SessionRecord]:
         prefix = _gen_prefix(_SESSION, self.gen)
@@ -383,6 +401,7 @@ class LevelDBStateStore(AppliedMark):
         self._garbage.append(self.gen)
         self.gen, self.staged_gen = self.staged_gen, None
         self._data = _gen_prefix(_DATA, self.gen)
+        self._membership = _get(self.db, _gen_prefix(_CONFIG, self.gen))
         self._applied, self._applied_term = meta.index, meta.term
 
     # --- garbage collection
@@ -410,7 +429,7 @@ class LevelDBStateStore(AppliedMark):
         """
         n = 0
         with self.db.write_batch() as wb:
-            for kind in (_DATA, _SESSION):
+            for kind in _KINDS:
                 prefix = _gen_prefix(kind, gen)
                 start = self._gc_resume.get(prefix, prefix)
                 stop = _gen_prefix(kind, gen + 1) if gen < _MAX_GEN else bytes([kind[0] + 1])
@@ -431,7 +450,7 @@ class LevelDBStateStore(AppliedMark):
 def _generations(db: plyvel.DB) -> list[int]:
     """Every state machine generation that has keys (a seek per generation, not a scan)."""
     gens: set[int] = set()
-    for kind in (_DATA, _SESSION):
+    for kind in _KINDS:
         seek = kind
         while True:
             with db.iterator(start=seek, include_value=False) as it:
@@ -464,10 +483,11 @@ def _write_durably(path: str, data: bytes) -> None:
 def _write_chunk(db: plyvel.DB, data: bytes, gen: int) -> int:
     """Write one snapshot chunk's records into state machine generation ``gen``, unsynced; their count."""
     records = decode_chunk(data)
-    dp, sp = _gen_prefix(_DATA, gen), _gen_prefix(_SESSION, gen)
+    prefixes = {REC_DATA: _gen_prefix(_DATA, gen), REC_SESSION: _gen_prefix(_SESSION, gen),
+                REC_CONFIG: _gen_prefix(_CONFIG, gen)}
     with db.write_batch() as wb:
         for kind, k, v in records:
-            key = (dp if kind == REC_DATA else sp) + k
+            key = prefixes[kind] + k
             wb.put(key, _seal(key, v))
     return len(records)
 
@@ -700,7 +720,8 @@ def restore_into(path: str | os.PathLike, index: int, term: int, chunks: Iterato
         raise StorageError(f"{path} is not empty; restore only into a fresh data dir")
     db = plyvel.DB(str(path), create_if_missing=True, error_if_exists=True)
     try:
-        n = sum(_write_chunk(db, data, 0) for data in chunks)
+        # (A backup's membership stays behind: a restored cluster is a new one, bootstrapped from Config.txt.)
+        n = sum(_write_chunk(db, _without_config(data), 0) for data in chunks)
         with db.write_batch(sync=True) as wb:
             wb.put(_FORMAT, FORMAT)
             wb.put(_HARD_STATE, _seal(_HARD_STATE, msgpack.packb([term, None])))
@@ -709,3 +730,10 @@ def restore_into(path: str | os.PathLike, index: int, term: int, chunks: Iterato
         return n
     finally:
         db.close()
+
+
+def _without_config(data: bytes) -> bytes:
+    records = decode_chunk(data)
+    if all(kind != REC_CONFIG for kind, _, _ in records):
+        return data
+    return b"".join(chunked([r for r in records if r[0] != REC_CONFIG], 1 << 62))

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 
 from zraft.node.interfaces import LogState
 from zraft.node.statemachine import (
+    REC_CONFIG,
     REC_DATA,
     REC_SESSION,
     AppliedMark,
@@ -84,10 +85,13 @@ class MemoryLogStore:
 class MemorySnapshotView:
     """A copy of the state at the moment it was taken (what a LevelDB snapshot gives)."""
 
-    def __init__(self, index: int, term: int, data: dict[bytes, bytes], sessions: dict[int, SessionRecord]) -> None:
+    def __init__(self, index: int, term: int, data: dict[bytes, bytes], sessions: dict[int, SessionRecord],
+                 membership: bytes | None = None) -> None:
         self.index, self.term = index, term
         self._records = [(REC_DATA, k, v) for k, v in sorted(data.items())]
         self._records += [(REC_SESSION, _U64.pack(c), encode_session(r)) for c, r in sorted(sessions.items())]
+        if membership is not None:
+            self._records.append((REC_CONFIG, b"", membership))
 
     def chunks(self, chunk_bytes: int) -> Iterator[bytes]:
         return chunked(iter(self._records), chunk_bytes)
@@ -105,13 +109,18 @@ class MemoryStateStore(AppliedMark):
         self._applied = applied_index
         self._applied_term = applied_term
         self.sessions: dict[int, SessionRecord] = {}
+        self.membership: bytes | None = None
         self.staged: tuple[dict[bytes, bytes], dict[int, SessionRecord]] | None = None
+        self._staged_membership: bytes | None = None
 
     def get(self, key: bytes) -> bytes | None:
         return self.data.get(key)
 
     def write(self, updates: dict[bytes, bytes | None], applied_index: int,
-              sessions: dict[int, SessionRecord | None] | None = None, applied_term: int = 0) -> None:
+              sessions: dict[int, SessionRecord | None] | None = None, applied_term: int = 0,
+              membership: bytes | None = None) -> None:
+        if membership is not None:
+            self.membership = membership
         for k, v in updates.items():
             if v is None:
                 self.data.pop(k, None)
@@ -131,10 +140,14 @@ class MemoryStateStore(AppliedMark):
         return sorted(self.data.items())
 
     def open_snapshot(self) -> MemorySnapshotView:
-        return MemorySnapshotView(self._applied, self._applied_term, self.data, self.sessions)
+        return MemorySnapshotView(self._applied, self._applied_term, self.data, self.sessions, self.membership)
+
+    def staged_membership(self) -> bytes | None:
+        return self._staged_membership
 
     def begin_staging(self) -> None:
         self.staged = ({}, {})
+        self._staged_membership = None
 
     def stage(self, data: bytes) -> int:
         records = decode_chunk(data)
@@ -144,6 +157,8 @@ class MemoryStateStore(AppliedMark):
         for kind, k, v in records:
             if kind == REC_DATA:
                 staged_data[k] = v
+            elif kind == REC_CONFIG:
+                self._staged_membership = v
             else:
                 staged_sessions[_U64.unpack(k)[0]] = decode_session(v)
         return len(records)
@@ -156,6 +171,7 @@ class MemoryStateStore(AppliedMark):
         if self.staged is None:
             raise ValueError("nothing is staged")
         self.data, self.sessions = self.staged
+        self.membership = self._staged_membership
         self.staged = None
         self._applied, self._applied_term = index, term
 

@@ -20,7 +20,8 @@ what zraft.node.interfaces.StateMachine asks for.
 
 Snapshot chunks (a snapshot stream, a backup) carry the state as records: a msgpack flat list
 ``[kind, key, value, kind, key, value, ...]`` with kind :data:`REC_DATA` (a key and its value)
-or :data:`REC_SESSION` (an 8-byte big-endian client id and its :func:`encode_session` record);
+or :data:`REC_SESSION` (an 8-byte big-endian client id and its :func:`encode_session` record)
+or :data:`REC_CONFIG` (an empty key and the membership, zraft.raft.confchange, as of the snapshot);
 both stores cut and read chunks with :func:`chunked` and :func:`decode_chunk`.
 """
 
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from zraft.client.protocol import SESSION_EXPIRED
+from zraft.raft.confchange import Membership
 from zraft.raft.messages import Entry, EntryType
 
 if TYPE_CHECKING:
@@ -127,8 +129,11 @@ class KVStateMachine:
 
         session_updates: dict[int, SessionRecord | None] = {}
         results: list[Any] = []
+        membership: bytes | None = None
         for e in entries:
             if not e.data or e.type != EntryType.NORMAL:
+                if e.type == EntryType.CONFIG:
+                    membership = e.data  # kept beside the data: snapshots carry the configuration
                 results.append(None)  # a no-op, or a configuration change (the core's, not ours)
                 continue
             cmd = msgpack.unpackb(e.data, raw=False)
@@ -147,7 +152,7 @@ class KVStateMachine:
                 if len(self.sessions) > self.max_sessions:
                     self._evict_sessions(session_updates)
         self.applied_index, self.applied_term = entries[-1].index, entries[-1].term
-        self.backend.write(updates, self.applied_index, session_updates, self.applied_term)
+        self.backend.write(updates, self.applied_index, session_updates, self.applied_term, membership)
         return results
 
     def _duplicate(self, session: list[int]) -> Any:
@@ -209,7 +214,7 @@ class AppliedMark:
 
 # ---------------------------------------------------------------------- records and chunks
 
-REC_DATA, REC_SESSION = 0, 1  # record kinds in a snapshot chunk
+REC_DATA, REC_SESSION, REC_CONFIG = 0, 1, 2  # record kinds in a snapshot chunk
 DEFAULT_CHUNK_BYTES = 256 << 10
 
 
@@ -246,9 +251,13 @@ def decode_chunk(data: bytes) -> list[tuple[int, bytes, bytes]]:
     out = []
     for i in range(0, len(flat), 3):
         kind, k, v = flat[i:i + 3]
-        if kind not in (REC_DATA, REC_SESSION) or type(k) is not bytes or type(v) is not bytes:
+        if kind not in (REC_DATA, REC_SESSION, REC_CONFIG) or type(k) is not bytes or type(v) is not bytes:
             raise ValueError(f"bad snapshot record {flat[i:i + 3]!r}")
-        if kind == REC_SESSION:
+        if kind == REC_CONFIG:
+            if k:
+                raise ValueError("a configuration record's key is empty")
+            Membership.decode(v)
+        elif kind == REC_SESSION:
             if len(k) != 8:
                 raise ValueError("a session record's key is an 8-byte client id")
             _check_session(v)

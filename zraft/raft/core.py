@@ -49,17 +49,21 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from zraft.raft import confchange
+from zraft.raft.confchange import ConfChangeError, Membership
 from zraft.raft.log import RaftLog
 from zraft.raft.messages import (
     AppendEntries,
     AppendEntriesResponse,
     Entry,
+    EntryType,
     Heartbeat,
     HeartbeatResponse,
     InstallSnapshot,
     Message,
     RequestVote,
     RequestVoteResponse,
+    TimeoutNow,
 )
 from zraft.raft.quorum import VoteResult
 from zraft.raft.tracker import Progress, ProgressState, ProgressTracker
@@ -77,7 +81,9 @@ class Role(str, Enum):
 @dataclass(frozen=True)
 class RaftConfig:
     id: int
-    voters: tuple[int, ...]  # every voting member, this node included
+    # The voters of a new cluster's first configuration (Config.txt), used until the log or the stored
+    # state says otherwise; empty for a node that joins an existing cluster (it learns it from the leader).
+    voters: tuple[int, ...]
     election_ticks: int = 10  # election timeout is random in [election_ticks, 2 * election_ticks)
     heartbeat_ticks: int = 1
     pre_vote: bool = True  # thesis 9.6: poll before campaigning, so a rejoining node can't inflate terms
@@ -89,9 +95,12 @@ class RaftConfig:
     # (etcd's AsyncStorageWrites); see the module docstring. Off: a Ready is durable by the
     # next call into the core.
     async_storage: bool = False
+    # A learner that is to become a voter is promoted once its log is within this many entries of the
+    # commit index (hashicorp's "stable" promotion: a new node never costs a quorum while catching up).
+    promote_lag: int = 250
 
     def __post_init__(self) -> None:
-        if self.id not in self.voters:
+        if self.voters and self.id not in self.voters:
             raise ValueError(f"node {self.id} is not among the voters {self.voters}")
         if len(set(self.voters)) != len(self.voters):
             raise ValueError(f"duplicate voter ids in {self.voters}")
@@ -149,6 +158,8 @@ class Ready:
     # Followers that need entries compacted away: stream each a snapshot (zraft.raft.snapshot).
     # Requests, not messages: nothing here is sent as it is.
     snapshot_requests: list[InstallSnapshot] = field(default_factory=list)
+    # The latest configuration, when it changed since the last Ready (the driver reconnects its peers).
+    membership: Membership | None = None
 
     @property
     def persist_mark(self) -> tuple[int, int] | None:
@@ -163,11 +174,26 @@ class Ready:
 
 class RaftNode:
     def __init__(self, config: RaftConfig, hard_state: HardState | None = None, log: RaftLog | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, membership: Membership | None = None) -> None:
+        """``membership``: the configuration the stored state machine holds (as of its applied index), if
+        any; else the cluster's first one, from ``config.voters``. A configuration entry in the log wins."""
         self.config = config
         self.id = config.id
-        self.tracker = ProgressTracker(config.voters, config.max_inflight_msgs, config.max_inflight_bytes)
-        self.peers = tuple(i for i in self.tracker.ids if i != config.id)  # everyone we send to
+        self.tracker = ProgressTracker((), config.max_inflight_msgs, config.max_inflight_bytes)
+        self.peers: tuple[int, ...] = ()  # everyone we send to: every member but this node
+        # The configuration as of the log's start, and the latest one (thesis 4.1: used at once, committed
+        # or not) with the index of the entry that made it (0: the start's).
+        self._base = membership if membership is not None else Membership.of_voters(config.voters)
+        self.membership = self._base
+        self.config_index = 0
+        self._membership_changed = False
+        # Not to vote or campaign yet: a node that came up with an empty data dir, until its driver has
+        # made sure the cluster never saw this id take part (docs/PROTOCOL.md, "Membership").
+        self.probation = False
+        self.lead_transferee: int | None = None  # the voter this leader hands over to, while it does
+        self._transfer_elapsed = 0
+        self._granted: set[int] = set()  # who voted for this leader (they have taken part)
+        self.lost_disks: set[int] = set()  # voters whose log came back empty after they acknowledged entries
         self.rng = rng or random.Random(config.id)
         hs = hard_state or HardState()
         self.term = hs.term
@@ -195,6 +221,10 @@ class RaftNode:
         # uncommittedSize): what the driver bounds, so a flood of proposals waits or is refused
         # instead of growing the log faster than a quorum takes it.
         self.uncommitted_bytes = 0
+        self._transfer_campaign = False  # this candidacy was asked for by the leader (TimeoutNow)
+        self._set_membership(self._base, 0)
+        self._recompute_membership()
+        self._membership_changed = False  # (the driver starts from the same configuration)
 
     # ------------------------------------------------------------------ public API
 
@@ -220,9 +250,24 @@ class RaftNode:
             self.election_elapsed = 0
             self.campaign()
 
+    @property
+    def promotable(self) -> bool:
+        """May this node campaign (and take a leader's TimeoutNow)? Only a voter of its latest configuration."""
+        return self.id in self.membership.voters and not self.probation
+
+    @property
+    def transferring(self) -> bool:
+        """A leadership transfer is under way: this leader takes no writes until it ends."""
+        return self.lead_transferee is not None
+
+    @property
+    def membership_committed(self) -> bool:
+        """Is the latest configuration committed (no change in flight)?"""
+        return self.config_index <= self.log.committed
+
     def campaign(self) -> None:
-        """Start an election now (with a pre-vote round first when enabled)."""
-        if self.role is Role.LEADER:
+        """Start an election now (with a pre-vote round first when enabled); only a voter does."""
+        if self.role is Role.LEADER or not self.promotable:
             return
         if self.config.pre_vote:
             self._become_pre_candidate()
@@ -235,13 +280,70 @@ class RaftNode:
         Returns the index of the first one (they occupy consecutive indexes in the
         current term), or None when this node is not the leader.
         """
-        if self.role is not Role.LEADER:
+        if self.role is not Role.LEADER or self.lead_transferee is not None:
             return None
         first = self.log.last_index + 1
         self.log.append([Entry(self.term, first + i, c) for i, c in enumerate(commands)])
         self.uncommitted_bytes += sum(len(c) for c in commands)
         self._broadcast_append()
         return first
+
+    def propose_membership(self, new: Membership) -> int:
+        """Append a configuration entry (a single-server change, zraft.raft.confchange); its index.
+
+        Raises ConfChangeError: ``not_leader``; ``in_progress`` while another change is not committed,
+        a leadership transfer runs, or no entry of this leader's term has committed yet (until then an
+        uncommitted change of an earlier leader may still be in the log: the raft-dev fix of 2015);
+        ``bad_request`` for a change of more than one voter, or one that leaves no voter.
+        """
+        if self.role is not Role.LEADER:
+            raise ConfChangeError("not_leader", f"node {self.id} is not the leader")
+        if self.lead_transferee is not None:
+            raise ConfChangeError("in_progress", f"leadership is being handed to node {self.lead_transferee}")
+        if not self.membership_committed:
+            raise ConfChangeError("in_progress", f"the membership change at index {self.config_index} is not "
+                                                 "committed yet")
+        if self.log.term_at(self.log.committed) != self.term:
+            raise ConfChangeError("in_progress", f"node {self.id} was just elected and has not committed an "
+                                                 "entry of its term yet")
+        if not new.voters:
+            raise ConfChangeError("bad_request", "a configuration needs at least one voter")
+        if not self.membership.voter_change_ok(new):
+            raise ConfChangeError("bad_request", "one voter at a time: "
+                                  f"{sorted(self.membership.voters)} -> {sorted(new.voters)}")
+        index = self.log.last_index + 1
+        self.log.append([Entry(self.term, index, new.encode(), EntryType.CONFIG)])
+        self._set_membership(new, index)
+        self._broadcast_append()
+        return index
+
+    def transfer_leadership(self, target: int | None = None) -> int:
+        """Hand leadership to ``target`` (None: the most up-to-date other voter), thesis 3.10; its id.
+
+        The leader takes no writes until the target leads; it brings the target's log up to date and
+        sends it TimeoutNow. A transfer that has not finished within an election timeout is given up.
+        """
+        if self.role is not Role.LEADER:
+            raise ConfChangeError("not_leader", f"node {self.id} is not the leader")
+        voters = self.membership.voters
+        if target is None:
+            others = [(pr.match, -i) for i, pr in self.tracker.progress.items() if i in voters and i != self.id]
+            if not others:
+                raise ConfChangeError("bad_request", "there is no other voter to hand leadership to")
+            target = -max(others)[1]
+        if target == self.id:
+            return target
+        if target not in voters:
+            raise ConfChangeError("bad_request", f"node {target} is not a voter")
+        if self.lead_transferee is not None and self.lead_transferee != target:
+            raise ConfChangeError("in_progress", f"leadership is being handed to node {self.lead_transferee}")
+        self.lead_transferee, self._transfer_elapsed = target, 0
+        pr = self.tracker.progress[target]
+        if pr.match == self.log.last_index:
+            self._send(TimeoutNow(self.term, self.id, target))
+        else:
+            self._send_append(target)
+        return target
 
     def read_index(self, request_ids: list[Any]) -> None:
         """Ask for linearizable reads (ReadIndex, thesis 6.4); one heartbeat round serves them all.
@@ -272,6 +374,7 @@ class RaftNode:
             raise ValueError(f"compact to {index} past the applied index {log.applied}")
         term = log.term_at(index)
         assert term is not None
+        self._base = self._membership_at(index)
         log.compact(index, term)
         return term
 
@@ -302,7 +405,7 @@ class RaftNode:
     def step(self, m: Message) -> None:
         """Handle one message from a peer: the term checks once (etcd's Step), then the role's handler."""
         if m.term > self.term:
-            if self._in_lease() and isinstance(m, RequestVote):
+            if isinstance(m, RequestVote) and self._in_lease() and not m.transfer:
                 return  # a leader we heard from recently is alive: don't let this node disrupt it
             self._newer_term(m)
         elif m.term < self.term:
@@ -347,6 +450,7 @@ class RaftNode:
             or self._snapshot_requests
             or log.unstable_from <= log.last_index or log.committed > log.applied
             or self._persisted_hs.term != self.term or self._persisted_hs.voted_for != self.voted_for
+            or self._membership_changed
         )
 
     def ready(self) -> Ready:
@@ -366,7 +470,9 @@ class RaftNode:
                    hard_state=hs if hs != self._persisted_hs else None, entries=entries,
                    messages=self._msgs, committed=self.log.take_committed(),
                    reads=self._reads_ready, dropped_reads=self._reads_dropped, snapshot=self._snapshot,
-                   snapshot_requests=self._snapshot_requests)
+                   snapshot_requests=self._snapshot_requests,
+                   membership=self.membership if self._membership_changed else None)
+        self._membership_changed = False
         self._persisted_hs = hs
         self._msgs, self._reads_ready, self._reads_dropped = [], [], []
         self._snapshot, self._snapshot_requests = None, []
@@ -403,6 +509,8 @@ class RaftNode:
         if self.role is Role.LEADER:
             self._snapshot_requests = []  # no longer ours to serve: the Progress they were for is gone
             self._drop_reads()
+        self.lead_transferee = None
+        self._transfer_campaign = False
         self.role = Role.FOLLOWER
         self.leader = leader
         self.uncommitted_bytes = 0
@@ -416,11 +524,12 @@ class RaftNode:
         if not self._poll_won():
             self._request_votes(self.term + 1, pre_vote=True)
 
-    def _become_candidate(self) -> None:
+    def _become_candidate(self, transfer: bool = False) -> None:
         self.term += 1
         self.voted_for = self.id
         self.role = Role.CANDIDATE
         self.leader = None
+        self._transfer_campaign = transfer
         self._start_election()
         if not self._poll_won():
             self._request_votes(self.term, pre_vote=False)
@@ -431,6 +540,8 @@ class RaftNode:
         self.tracker.record_vote(self.id, True)
 
     def _become_leader(self) -> None:
+        self._granted = {i for i, v in self.tracker.votes.items() if v}
+        self._transfer_campaign = False
         self.role = Role.LEADER
         self.leader = self.id
         self._reset_timers()
@@ -446,7 +557,8 @@ class RaftNode:
 
     def _request_votes(self, term: int, pre_vote: bool) -> None:
         for p in self.peers:
-            self._send(RequestVote(term, self.id, p, self.log.last_index, self.log.last_term, pre_vote))
+            self._send(RequestVote(term, self.id, p, self.log.last_index, self.log.last_term, pre_vote,
+                                   transfer=self._transfer_campaign and not pre_vote))
 
     def _poll_won(self) -> bool:
         """Count the votes so far; win or lose the election if a quorum decided. True if decided."""
@@ -465,10 +577,12 @@ class RaftNode:
     def _handle_vote_request(self, m: RequestVote) -> None:
         can_vote = (
             self.voted_for == m.src
-            or (self.voted_for is None and self.leader is None)
+            or (self.voted_for is None and (self.leader is None or m.transfer))
             or (m.pre_vote and m.term > self.term)
         )
-        if can_vote and self.log.is_up_to_date(m.last_log_index, m.last_log_term):
+        # Only for a voter of our latest configuration (a removed node can't win anyone's vote, so it
+        # can't disrupt), and never while on probation (this node may have voted in this term already).
+        if can_vote and m.src in self.membership.voters and not self.probation and self.log.is_up_to_date(m.last_log_index, m.last_log_term):
             # A granted pre-vote answers in the term asked about; see step().
             self._send(RequestVoteResponse(m.term, self.id, m.src, granted=True, pre_vote=m.pre_vote))
             if not m.pre_vote:
@@ -496,6 +610,8 @@ class RaftNode:
         elif isinstance(m, InstallSnapshot):
             self.leader, self.election_elapsed = m.src, 0
             self._handle_snapshot(m)
+        elif isinstance(m, TimeoutNow) and m.src == self.leader and self.promotable:
+            self._become_candidate(transfer=True)  # the leader hands over: no pre-vote, no waiting
 
     def _step_candidate(self, m: Message) -> None:
         if isinstance(m, _FROM_LEADER):
@@ -515,6 +631,8 @@ class RaftNode:
                 self.contradictions += 1
                 return
             last_new = log.merge(m.prev_index, m.entries)
+            if self.config_index > m.prev_index or any(e.type == EntryType.CONFIG for e in m.entries):
+                self._recompute_membership()  # a configuration entry came, or may have been replaced
             log.commit_to(min(m.commit, last_new))
             self._send(AppendEntriesResponse(self.term, self.id, m.src, success=True, match_index=last_new))
             return
@@ -551,12 +669,19 @@ class RaftNode:
         if log.unstable_from <= m.index or (self._snapshot is not None and self._snapshot.reset_log):
             reset = True
         log.restore(m.index, m.snap_term)
+        if m.config:
+            self._base = Membership.decode(m.config)
+        self._recompute_membership()
         self._snapshot = SnapshotMeta(m.index, m.snap_term, reset)
         self._send(AppendEntriesResponse(self.term, self.id, m.src, success=True, match_index=m.index))
 
     # ------------------------------------------------------------------ leader
 
     def _tick_leader(self) -> None:
+        if self.lead_transferee is not None:
+            self._transfer_elapsed += 1
+            if self._transfer_elapsed >= self.config.election_ticks:
+                self.lead_transferee = None  # it did not happen within an election timeout: lead on
         if self.election_elapsed >= self.config.election_ticks:
             self.election_elapsed = 0
             if self.config.check_quorum:
@@ -569,6 +694,7 @@ class RaftNode:
         if self.heartbeat_elapsed >= self.config.heartbeat_ticks:
             self.heartbeat_elapsed = 0
             self._broadcast_heartbeat()
+        self._membership_duties()
 
     def _step_leader(self, m: Message) -> None:
         if isinstance(m, AppendEntriesResponse):
@@ -604,8 +730,12 @@ class RaftNode:
             else:
                 pr.become_replicate()
             self._maybe_commit()
+            if self.role is not Role.LEADER:
+                return  # it committed its own removal and stepped down
         elif pr.state is ProgressState.PROBE:
             pr.probe_sent = False
+        if m.src == self.lead_transferee and pr.match == self.log.last_index:
+            self._send(TimeoutNow(self.term, self.id, m.src))
         pr.next = max(pr.next, pr.match + 1)
         while self._send_append(m.src, allow_empty=False):
             pass
@@ -636,6 +766,8 @@ class RaftNode:
         elif m.reject_index != pr.next - 1:
             return  # answers an earlier probe
         elif shorter:
+            if m.conflict_index == 1 and pr.match > 0 and m.src in self.membership.voters:
+                self.lost_disks.add(m.src)  # its log is empty now: a wiped data dir under a voter's id
             pr.match = m.conflict_index - 1  # it lost its log
         elif m.reject_index <= pr.match:
             return
@@ -698,6 +830,77 @@ class RaftNode:
             if self._reads_before_commit:
                 waiting, self._reads_before_commit = self._reads_before_commit, []
                 self._start_read_round(waiting)
+            if self.id not in self.membership.voters and self.membership_committed:
+                self._hand_over_and_step_down()
+
+    # ------------------------------------------------------------------ membership
+
+    def _membership_at(self, index: int) -> Membership:
+        """The configuration in force at ``index`` (which must not be before the log's start)."""
+        log = self.log
+        for e in reversed(log.slice(log.first_index, min(index, log.last_index) + 1)):
+            if e.type == EntryType.CONFIG:
+                return Membership.decode(e.data)
+        return self._base
+
+    def _recompute_membership(self) -> None:
+        """Take the latest configuration entry of the log (or the log start's configuration)."""
+        log = self.log
+        for e in reversed(log.entries):
+            if e.type == EntryType.CONFIG:
+                latest = Membership.decode(e.data)
+                if (e.index, latest) != (self.config_index, self.membership):
+                    self._set_membership(latest, e.index)
+                return
+        if self.config_index != 0 or self.membership != self._base:
+            self._set_membership(self._base, 0)
+
+    def _set_membership(self, new: Membership, index: int) -> None:
+        self.membership, self.config_index = new, index
+        self._membership_changed = True
+        self.tracker.set_config(new.voters, new.learners, self.log.last_index + 1, keep=self.id)
+        self.peers = tuple(i for i in sorted(new.ids) if i != self.id)
+        if self.lead_transferee is not None and self.lead_transferee not in new.voters:
+            self.lead_transferee = None
+        if self.role is Role.LEADER:
+            self._maybe_commit()  # the quorum may be smaller now
+
+    def _membership_duties(self) -> None:
+        """What a leader changes in the membership by itself, one change at a time (on a tick):
+        write down a configuration bootstrapped from Config.txt, mark members that took part as
+        seen, promote a learner that caught up, demote a voter that lost its disk."""
+        if (self.role is not Role.LEADER or not self.membership_committed or self.lead_transferee is not None
+                or self.log.term_at(self.log.committed) != self.term or self.id not in self.membership.voters):
+            return
+        cur = self.membership
+        progress = self.tracker.progress
+        took_part = {i for i, pr in progress.items() if pr.match > 0} | self._granted | {self.id}
+        new = None
+        if not cur.explicit:
+            new = confchange.mark_seen(Membership(cur.members), took_part)
+        elif any((m := cur.get(i)) is not None and not m.seen for i in took_part):
+            new = confchange.mark_seen(cur, took_part)
+        elif self.lost_disks & cur.voters and len(cur.voters) > 1:
+            node = min(self.lost_disks & cur.voters)
+            new = confchange.demote_member(cur, node)
+        else:
+            for m in cur.members:
+                pr = progress.get(m.id)
+                if (m.promote and not m.voter and pr is not None and pr.state is ProgressState.REPLICATE
+                        and pr.recent_active and pr.match + self.config.promote_lag >= self.log.committed):
+                    new = confchange.promote_member(cur, m.id)
+                    break
+        self.lost_disks &= cur.voters
+        if new is not None and new != cur:
+            self.propose_membership(new)
+
+    def _hand_over_and_step_down(self) -> None:
+        """This leader's removal is committed: hand over to an up-to-date voter, if one is, and step down."""
+        last = self.log.last_index
+        ready = sorted(i for i, pr in self.tracker.progress.items() if i in self.membership.voters and pr.match == last)
+        if ready:
+            self._send(TimeoutNow(self.term, self.id, ready[0]))
+        self._become_follower(self.term, None)
 
     # ------------------------------------------------------------------ reads
 

@@ -41,6 +41,9 @@ class RequestVote:
     last_log_index: int
     last_log_term: int
     pre_vote: bool = False
+    # Leadership transfer (thesis 3.10): the leader asked this candidate to campaign, so voters grant
+    # it despite their leader lease (etcd's campaignTransfer).
+    transfer: bool = False
 
 
 @dataclass(slots=True)
@@ -132,6 +135,17 @@ class InstallSnapshot:
     dst: int
     index: int
     snap_term: int
+    config: bytes = b""  # the membership as of the snapshot (zraft.raft.confchange), b"" for none
+
+
+@dataclass(slots=True)
+class TimeoutNow:
+    """The leader hands over leadership (thesis 3.10): the receiver campaigns at once, without pre-vote."""
+
+    TYPE: ClassVar[int] = 10
+    term: int
+    src: int
+    dst: int
 
 
 @dataclass(slots=True)
@@ -176,7 +190,7 @@ class SnapshotAck:
 
 Message = (
     RequestVote | RequestVoteResponse | AppendEntries | AppendEntriesResponse | Heartbeat | HeartbeatResponse
-    | InstallSnapshot
+    | InstallSnapshot | TimeoutNow
 )
 StreamMessage = SnapshotChunk | SnapshotAck
 
@@ -184,7 +198,7 @@ _TYPES: dict[int, type] = {
     cls.TYPE: cls
     for cls in (
         RequestVote, RequestVoteResponse, AppendEntries, AppendEntriesResponse, Heartbeat, HeartbeatResponse,
-        InstallSnapshot, SnapshotChunk, SnapshotAck,
+        InstallSnapshot, SnapshotChunk, SnapshotAck, TimeoutNow,
     )
 }
 _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in _TYPES.values()}

@@ -146,8 +146,10 @@ class Progress:
 class ProgressTracker:
     """Every member's :class:`Progress` (the leader's own among them) and the votes of an election."""
 
-    def __init__(self, voters: Iterable[int], max_inflight_msgs: int = 256, max_inflight_bytes: int = 0) -> None:
+    def __init__(self, voters: Iterable[int], max_inflight_msgs: int = 256, max_inflight_bytes: int = 0,
+                 learners: Iterable[int] = ()) -> None:
         self.voters = JointConfig(MajorityConfig(voters))
+        self.learners = frozenset(learners)
         self.max_inflight_msgs = max_inflight_msgs
         self.max_inflight_bytes = max_inflight_bytes
         self.progress: dict[int, Progress] = {}
@@ -155,11 +157,26 @@ class ProgressTracker:
 
     @property
     def ids(self) -> list[int]:
-        """Every member, in id order."""
-        return sorted(self.voters.ids)
+        """Every member, voters and learners, in id order."""
+        return sorted(self.voters.ids | self.learners)
 
     def is_voter(self, node_id: int) -> bool:
         return node_id in self.voters.ids
+
+    def set_config(self, voters: Iterable[int], learners: Iterable[int], next_index: int, keep: int) -> None:
+        """A new configuration. While leading (``progress`` not empty), a new member starts probing at
+        ``next_index`` and a removed one is dropped, except ``keep`` (the leader, which may be leaving)."""
+        self.voters = JointConfig(MajorityConfig(voters))
+        self.learners = frozenset(learners)
+        if not self.progress:
+            return
+        ids = set(self.ids)
+        for i in list(self.progress):
+            if i not in ids and i != keep:
+                del self.progress[i]
+        for i in ids - self.progress.keys():
+            pr = self.progress[i] = Progress(next_index, Inflights(self.max_inflight_msgs, self.max_inflight_bytes))
+            pr.recent_active = True  # a full election timeout before check-quorum counts it
 
     # ------------------------------------------------------------------ replication
 
