@@ -146,12 +146,15 @@ def node(
     log_level: str = LogLevelOpt,
     allow_faults: bool = AllowFaultsOpt,
     keys: Path | None = KeysOpt,
+    join: bool = typer.Option(False, "--join", help="Join a running cluster as a new member: Config.txt holds this "
+                                                    "node's line and at least one member's; it takes part once "
+                                                    "the leader adds it (`zraft member add`)."),
 ) -> None:
     """Run one node in the foreground (what `cluster up` spawns; also how a node runs on its own host)."""
     import zmq
 
     from zraft.node.leveldb import StorageError
-    from zraft.node.server import NodeFailed, run_node
+    from zraft.node.server import NodeFailed, NodeRefused, run_node
 
     cluster = _load(config)
     try:
@@ -161,7 +164,9 @@ def node(
     settings = _settings()
     ring = _ring(config, keys, id)
     try:
-        run_node(cluster, id, data_dir, settings, log_level, allow_faults, ring)
+        run_node(cluster, id, data_dir, settings, log_level, allow_faults, ring, join=join)
+    except NodeRefused as exc:  # it may not take part under this id: the message says why and what to do
+        raise _fail(f"node {id} refused: {exc}", 4) from None
     except NodeFailed as exc:  # it ran, then its storage failed: the message says why and what to do
         raise _fail(f"node {id} stopped: {exc}") from None
     except (OSError, zmq.ZMQError, StorageError) as exc:  # a port in use, a data dir in use or unreadable
@@ -237,6 +242,7 @@ def _control(op: str, node_id: int, data_dir: Path) -> None:
 
 
 NodeIdArg = typer.Argument(..., help="Node id.", callback=_check_node_id)
+NodeIdArgNew = typer.Argument(..., help="Node id.", callback=_check_node_id, metavar="ID")
 
 
 @cluster_app.command("start-node")
@@ -267,7 +273,8 @@ def _run_client(config: Path, endpoints: list[str] | None, timeout: float, fn, k
         with _client(config, endpoints, keys, timeout) as c:
             return fn(c)
     except OutcomeUnknown as exc:
-        raise _fail(f"{exc.message} (outcome unknown; check with `zraft client get`)", 3) from None
+        raise _fail(f"{exc.message} (outcome unknown; check with `zraft client get` or `zraft member list`)",
+                    3) from None
     except ZraftError as exc:
         raise _fail(f"{exc.code}: {exc.message}", 2) from None
 
@@ -324,6 +331,101 @@ def client_status(config: Path = ConfigOpt, endpoints: list[str] | None = Endpoi
                   keys: Path | None = KeysOpt) -> None:
     """Same as `zraft cluster status --json`."""
     cluster_status(config, endpoints, as_json=True, timeout=1.0, keys=keys)
+
+
+# ---------------------------------------------------------------------- member
+
+member_app = typer.Typer(help="The cluster's membership: list, add, remove and promote members, move the leader.",
+                         no_args_is_help=True)
+app.add_typer(member_app, name="member")
+MemberTimeoutOpt = typer.Option(60.0, "--timeout", "-t", callback=_check_timeout,
+                                help="Give up after this many seconds (a new member may need a while to catch up).")
+
+
+def _member_rows(members: list[dict], leader: int | None) -> list[dict]:
+    return [{**m, "role": "voter" if m.get("voter") else "learner", "leader": m.get("id") == leader} for m in members]
+
+
+def _print_members(members: list[dict], leader: int | None, as_json: bool) -> None:
+    rows = _member_rows(members, leader)
+    if as_json:
+        print(json.dumps({"leader": leader, "members": rows}), flush=True)
+        return
+    t = Table(box=box.SIMPLE_HEAD, caption="behind: entries of the leader's log it does not hold yet",
+              caption_justify="left")
+    for col in ("id", "address", "client", "http", "role", "leader", "behind"):
+        t.add_column(col)
+    for r in rows:
+        role = r["role"] + (" (to be promoted)" if r.get("promote") else "")
+        t.add_row(str(r["id"]), f"{r['ip']}:{r['port']}", str(r["client_port"]), str(r["http_port"]), role,
+                  "yes" if r["leader"] else "", str(r.get("behind", "-")))
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=200)
+    out.print(t)
+
+
+@member_app.command("list")
+def member_list(config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
+                as_json: bool = typer.Option(False, "--json", help="One JSON object, for scripts."),
+                timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
+    """Every member: id, addresses, voter or learner, the leader, and how far each is behind the leader."""
+    rep = _run_client(config, endpoints, timeout, lambda c: c.members(), keys)
+    _print_members(rep["members"], rep.get("leader"), as_json)
+
+
+@member_app.command("add")
+def member_add(
+    node_id: int = NodeIdArgNew,
+    ip: str = typer.Option(..., "--ip", help="The new node's address."),
+    port: int = typer.Option(..., "--port", help="Its peer port."),
+    client_port: int | None = typer.Option(None, "--client-port", help="Its client port (default: port+100)."),
+    http_port: int | None = typer.Option(None, "--http-port", help="Its HTTP port (default: port+200)."),
+    learner: bool = typer.Option(False, "--learner", help="Keep it a learner (never votes) instead of "
+                                                         "promoting it to voter once it has caught up."),
+    config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt, timeout: float = MemberTimeoutOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the membership as JSON."),
+    keys: Path | None = KeysOpt,
+) -> None:
+    """Add a member through the leader; start it with `zraft node --id ID --join`. Returns once it is a voter
+    (with --learner: once it is a learner)."""
+    members = _run_client(config, endpoints, timeout,
+                          lambda c: c.add_member(node_id, ip, port, client_port, http_port, learner), keys)
+    leader = next((m["id"] for m in members if m.get("match") is not None and m.get("behind") == 0), None)
+    if not as_json:
+        print(f"node {node_id} is a {'learner' if learner else 'voter'} now")
+    _print_members(members, leader, as_json) if as_json else None
+
+
+@member_app.command("remove")
+def member_remove(node_id: int = NodeIdArgNew, config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
+                  timeout: float = MemberTimeoutOpt, keys: Path | None = KeysOpt) -> None:
+    """Take a member out (the leader too: it hands over once the change is committed). Stop its process after."""
+    _run_client(config, endpoints, timeout, lambda c: c.remove_member(node_id), keys)
+    print(f"node {node_id} is no longer a member; stop its process")
+
+
+@member_app.command("promote")
+def member_promote(node_id: int = NodeIdArgNew, config: Path = ConfigOpt,
+                   endpoints: list[str] | None = EndpointsOpt, timeout: float = MemberTimeoutOpt,
+                   keys: Path | None = KeysOpt) -> None:
+    """Make a learner a voter."""
+    _run_client(config, endpoints, timeout, lambda c: c.promote_member(node_id), keys)
+    print(f"node {node_id} is a voter now")
+
+
+@member_app.command("transfer-leader")
+def member_transfer_leader(
+    node_id: int | None = typer.Argument(None, help="The voter to hand leadership to (default: the most "
+                                                   "up-to-date one)."),
+    config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt, timeout: float = TimeoutOpt,
+    keys: Path | None = KeysOpt,
+) -> None:
+    """Hand leadership over (thesis 3.10: no election timeout lost) and return once the new leader leads."""
+    if node_id is not None:
+        _check_node_id(node_id)
+    leader = _run_client(config, endpoints, timeout, lambda c: c.transfer_leader(node_id), keys)
+    print(f"node {leader} leads")
 
 
 # ---------------------------------------------------------------------- snapshot

@@ -121,6 +121,28 @@ class Client:
                           "value": _bytes(value)}, write=True)
         return rep["swapped"], rep["value"]
 
+    # ------------------------------------------------------------------ membership (docs/PROTOCOL.md)
+
+    def members(self) -> dict[str, Any]:
+        """The leader's membership reply (``leader``, ``members``: id, addresses, ``voter``, and how far behind)."""
+        return self._call({"op": "members"}, write=False, leader_only=True)
+
+    def add_member(self, node_id: int, ip: str, port: int, client_port: int | None = None,
+                   http_port: int | None = None, learner: bool = False) -> list[dict[str, Any]]:
+        """Add a member; returns once it is committed (without ``learner``: once the leader promoted it)."""
+        return self._call({"op": "add_member", "id": node_id, "ip": ip, "port": port, "client_port": client_port,
+                           "http_port": http_port, "learner": learner}, write=True, session=False)["members"]
+
+    def remove_member(self, node_id: int) -> list[dict[str, Any]]:
+        return self._call({"op": "remove_member", "id": node_id}, write=True, session=False)["members"]
+
+    def promote_member(self, node_id: int) -> list[dict[str, Any]]:
+        return self._call({"op": "promote_member", "id": node_id}, write=True, session=False)["members"]
+
+    def transfer_leader(self, node_id: int | None = None) -> int:
+        """Hand leadership to ``node_id`` (None: the most up-to-date voter); the new leader's id."""
+        return self._call({"op": "transfer_leader", "id": node_id}, write=True, session=False)["leader"]
+
     def status(self, endpoint: str, timeout: float = 1.0) -> dict[str, Any] | None:
         """One node's status, or None if it does not answer within ``timeout``."""
         rep = self.request(endpoint, {"op": "status"}, timeout)
@@ -194,8 +216,12 @@ class Client:
         self.client_id = random.SystemRandom().randrange(1, 1 << 63)
         self.seq = 0
 
-    def _call(self, req: dict[str, Any], write: bool) -> dict[str, Any]:
-        call = _Call(req, write, session=write and self.exactly_once, deadline=time.monotonic() + self.timeout)
+    def _call(self, req: dict[str, Any], write: bool, leader_only: bool = False,
+              session: bool = True) -> dict[str, Any]:
+        """One request until its answer or the deadline. ``write``: it changes something, so an attempt
+        without an answer leaves the outcome unknown (with a session, it is retried exactly once)."""
+        call = _Call(req, write, session=write and session and self.exactly_once,
+                     deadline=time.monotonic() + self.timeout)
         if call.session:
             self.seq += 1
             call.encode(self.client_id, self.seq)
@@ -213,6 +239,15 @@ class Client:
                 self.leader = None
                 call.no_reply(endpoint, sent)
             elif rep.get("ok") is True:
+                if leader_only and rep.get("leader") != rep.get("id"):
+                    # Any node answers, from its latest configuration; the leader's is the one that counts.
+                    leader = next((m for m in rep.get("members", []) if m.get("id") == rep.get("leader")), None)
+                    self.leader = f"tcp://{leader['ip']}:{leader['client_port']}" if leader else None
+                    call.last_error = f"{endpoint} is not the leader"
+                    if self.leader is None or self.leader == endpoint:
+                        self.leader = None
+                        call.pause()
+                    continue
                 self.leader = endpoint
                 return rep
             else:

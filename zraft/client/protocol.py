@@ -18,9 +18,11 @@ TOO_LARGE = "too_large"
 TIMEOUT = "timeout"
 UNAVAILABLE = "unavailable"
 BUSY = "busy"  # too much in flight on this node: did not take effect, retry later
+IN_PROGRESS = "in_progress"  # another membership change is not committed yet: did not take effect
 
 WRITE_OPS = frozenset({"put", "delete", "cas"})
-OPS = WRITE_OPS | {"get", "status", "fault", "compact", "snapshot"}
+MEMBER_OPS = frozenset({"add_member", "remove_member", "promote_member", "transfer_leader"})
+OPS = WRITE_OPS | MEMBER_OPS | {"get", "status", "fault", "compact", "snapshot", "members"}
 FAULT_ACTIONS = frozenset({"isolate", "heal", "drop", "delay", "drop_replies", "clear", "show"})
 
 
@@ -48,6 +50,7 @@ class Request:
     fault: dict[str, Any] | None = None  # op "fault": the validated fault injection request
     session: tuple[int, int] | None = None  # writes: (client_id, seq) for exactly-once
     stream: int | None = None  # op "snapshot": the stream to continue, None to start one
+    member: dict[str, Any] | None = None  # membership ops: id (None: any, for transfer_leader), addresses, learner
 
 
 def _as_bytes(req: dict, name: str, limit: int, nil_ok: bool = False) -> bytes | None:
@@ -149,7 +152,40 @@ def _parse_fault(req: dict) -> dict[str, Any]:
     return out
 
 
+def _parse_member(req: dict, _limits: Limits) -> Request:
+    """add_member, remove_member, promote_member, transfer_leader (docs/PROTOCOL.md, "Membership")."""
+    op = req["op"]
+    node_id = req.get("id")
+    if not (node_id is None and op == "transfer_leader") and (type(node_id) is not int
+                                                             or not 0 < node_id < 1 << 63):
+        raise RequestError(BAD_REQUEST, f"{op} needs id, a node id from 1 to 2**63-1")
+    out: dict[str, Any] = {"id": node_id}
+    if op == "add_member":
+        ip = req.get("ip")
+        if not isinstance(ip, str) or not ip:
+            raise RequestError(BAD_REQUEST, "add_member needs ip, the new node's address (text)")
+        port = req.get("port")
+        if type(port) is not int or not 0 < port < 65536:
+            raise RequestError(BAD_REQUEST, "add_member needs port, its peer port (1..65535)")
+        out.update(ip=ip, port=port)
+        for name, default in (("client_port", port + 100), ("http_port", port + 200)):
+            p = req.get(name, default)
+            if p is None:
+                p = default
+            if type(p) is not int or not 0 < p < 65536:
+                raise RequestError(BAD_REQUEST, f"{name} must be a port (1..65535), not {p!r:.40}")
+            out[name] = p
+        learner = req.get("learner", False)
+        if type(learner) is not bool:
+            raise RequestError(BAD_REQUEST, "learner must be true or false")
+        out["learner"] = learner
+    return Request(op, member=out)
+
+
 _PARSERS = {
+    "members": _parse_admin,
+    "add_member": _parse_member, "remove_member": _parse_member, "promote_member": _parse_member,
+    "transfer_leader": _parse_member,
     "status": _parse_admin, "compact": _parse_admin, "snapshot": _parse_snapshot,
     "fault": lambda req, _limits: Request("fault", fault=_parse_fault(req)),
     "get": _parse_key_op, "put": _parse_key_op, "delete": _parse_key_op, "cas": _parse_key_op,

@@ -231,11 +231,7 @@ class Driver:
     # ------------------------------------------------------------------ the Ready contract
 
     def _handle_ready(self, rd: Ready) -> None:
-        if rd.role is not self.role or rd.term != self.term or rd.leader != self.leader:
-            self.role, self.term, self.leader = rd.role, rd.term, rd.leader
-            self.events.role_changed(rd.role, rd.term, rd.leader)
-        if rd.membership is not None:
-            self.events.membership_changed(rd.membership)
+        self._notify(rd)
         deciding = self.receiver.awaiting_verdict  # a complete snapshot was stepped in: this Ready decides
         # A leader's appends don't depend on its own write (thesis 10.2.1); votes and acknowledgements
         # do, and a new term must be durable before anything is sent in it.
@@ -264,6 +260,13 @@ class Driver:
         self._finish(rd, rest)
         if deciding:
             self.transport.send([self.receiver.finish()])  # the "done" ack, after this Ready's own messages
+
+    def _notify(self, rd: Ready) -> None:
+        if rd.role is not self.role or rd.term != self.term or rd.leader != self.leader:
+            self.role, self.term, self.leader = rd.role, rd.term, rd.leader
+            self.events.role_changed(rd.role, rd.term, rd.leader)
+        if rd.membership is not None:
+            self.events.membership_changed(rd.membership)
 
     def _write(self, rd: Ready, deciding: bool) -> None:
         """Steps 0 and 1: install (or throw away) the staged snapshot, and write hard state and entries."""

@@ -22,6 +22,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import zmq
 from zraft.api.http import HttpGateway
 from zraft.client import protocol
 from zraft.client.protocol import Limits, Request, RequestError
-from zraft.cluster.config import ClusterConfig, Settings
+from zraft.cluster.config import ClusterConfig, NodeAddress, Settings
 from zraft.cluster.keys import CLIENT_DOMAIN, KeyRing
 from zraft.node.driver import Driver, DriverEvents, new_raft_node
 from zraft.node.interfaces import SnapshotView, Storage
@@ -43,17 +44,45 @@ from zraft.node.requests import Envelope, PendingRequests
 from zraft.node.statemachine import KVStateMachine, check_command, encode_cas, encode_delete, encode_put
 from zraft.node.transport import PeerTransport
 from zraft.node.writer import StorageWriter
+from zraft.raft import confchange
+from zraft.raft.confchange import ConfChangeError, Member, Membership
 from zraft.raft.core import Role
 from zraft.raft.messages import Entry
 
 log = logging.getLogger(__name__)
 
 BACKUP_IDLE_S = 60.0  # a backup stream nobody asked for the next chunk of this long is closed
-MARK_INTERVAL_S = 5.0  # how often the durable mark (zraft.node.leveldb) is brought up to date
+MARK_INTERVAL_S = 5.0
+MEMBER_WAIT_S = 600.0  # a membership request waits this long at most (a new member may need a big snapshot)  # how often the durable mark (zraft.node.leveldb) is brought up to date
 
 
 class NodeFailed(RuntimeError):
     """The node stopped while running because its storage failed (the message says why and what to do)."""
+
+
+class NodeRefused(RuntimeError):
+    """The node may not take part under its id (the message says why and what to do)."""
+
+
+def bootstrap_membership(cluster: ClusterConfig) -> Membership:
+    """A new cluster's first configuration: every node of Config.txt a voter (implicit until a leader
+    writes it into the log)."""
+    return Membership(tuple(Member(n.id, n.ip, n.port, n.client_port, n.http_port) for n in cluster.nodes),
+                      explicit=False)
+
+
+def member_address(m: Member) -> NodeAddress:
+    return NodeAddress(m.id, m.ip, m.port, m.client_port, m.http_port)
+
+
+@dataclass(slots=True)
+class _MemberWait:
+    """A membership request answered once ``done`` says so (or at its deadline)."""
+
+    envelope: Envelope
+    done: Any  # Callable[[], bytes | None]: the reply once it is due
+    deadline: float
+    what: str
 
 
 @dataclass(slots=True)
@@ -81,7 +110,8 @@ class NodeServer(DriverEvents):
     production, see :func:`run_node`); the server closes it on shutdown."""
 
     def __init__(self, cluster: ClusterConfig, node_id: int, storage: Storage, settings: Settings | None = None,
-                 allow_faults: bool = False, keys: KeyRing | None = None) -> None:
+                 allow_faults: bool = False, keys: KeyRing | None = None, join: bool = False,
+                 probation: bool = False) -> None:
         self.cluster = cluster
         self.keys = keys
         self.me = cluster.node(node_id)
@@ -89,13 +119,27 @@ class NodeServer(DriverEvents):
         self.limits = Limits(s.max_key_bytes, s.max_value_bytes, s.max_request_bytes)
         self.storage = storage
         self.sm = KVStateMachine(storage.state)
-        raft = new_raft_node(s.raft_config(node_id, tuple(cluster.ids)), storage)
+        self.joining = join
+        bootstrap = Membership() if join else bootstrap_membership(cluster)
+        raft = new_raft_node(s.raft_config(node_id, () if join else tuple(cluster.ids)), storage, bootstrap=bootstrap)
+        if join and storage.state.membership is None and raft.log.last_index == 0:
+            # Remember, durably, that this node is not a member yet: a restart without --join must not take
+            # Config.txt for the cluster's membership.
+            state = storage.state
+            state.write({}, state.applied_index, None, state.applied_term, Membership().encode())
+        # Probation (zraft.raft.core): an empty data dir under an id the cluster may have seen take part.
+        raft.probation = probation and not join
+        self.members: dict[int, NodeAddress] = {}
+        self._narrowed = True  # the transport talks to the members only (no removal in flight)
         # Log writes in a background thread (async storage), or inline in the loop.
         self.writer = StorageWriter(storage.log) if s.async_storage else None
         self.ctx = zmq.Context()
         # With keys: CURVE on both ports, and a ZAP handler that lets in only the keys it knows (zraft.cluster.keys).
         self.auth = keys.authenticator(self.ctx) if keys is not None else None
-        peers = [n for n in cluster.nodes if n.id != node_id]
+        self._set_members(raft.membership)
+        peers = [a for i, a in self.members.items() if i != node_id]
+        if join:  # not a member yet: whoever Config.txt lists besides this node may bring it in
+            peers = [n for n in cluster.nodes if n.id != node_id]
         self.transport = PeerTransport(self.ctx, self.me, peers, max_frame_bytes=s.peer_frame_bytes, keys=keys)
         self.driver = Driver(raft, storage, self.sm, self.transport, events=self, config=s.driver_config(),
                              writer=self.writer, rng=random.Random(),
@@ -124,6 +168,11 @@ class NodeServer(DriverEvents):
         self._marked: tuple[int, int | None, int] | None = None  # (term, vote, applied) in the durable mark
         self.backups: dict[int, BackupStream] = {}
         self._ids = random.Random()  # backup stream ids
+        self.member_waits: list[_MemberWait] = []
+        self._probe: _MembershipProbe | None = _MembershipProbe(self) if raft.probation or (
+            join and not raft.membership.members) else None
+        self.refused: str | None = None  # why this node may not take part (it stops with that)
+        self._handoff_until: float | None = None  # stopping: when to stop waiting for a leadership handoff
         log.info("node %d starting: term %d, log %d..%d, applied %d; clients on %s, HTTP on %s; log writes %s",
                  node_id, raft.term, raft.log.first_index, raft.log.last_index, self.sm.applied_index,
                  self.me.client_endpoint, self.me.http_endpoint if self.http is not None else "(off)",
@@ -157,7 +206,7 @@ class NodeServer(DriverEvents):
         driver = self.driver
         clean = False
         try:
-            while not self.stopping:
+            while not self._stopped_for_good():
                 due = self.transport.flush_delayed(time.monotonic())  # frames held by an injected delay
                 wake = next_tick if due is None else min(next_tick, due)
                 # Whole milliseconds, rounded up: zmq would round a fraction down to 0 and spin.
@@ -171,8 +220,7 @@ class NodeServer(DriverEvents):
                     self._serve_clients()
                 now = time.monotonic()
                 if now >= next_tick:
-                    driver.tick()
-                    self._close_idle_backups(now)
+                    self._tick(now)
                     if now >= next_mark:
                         self._write_mark()
                         next_mark = now + MARK_INTERVAL_S
@@ -184,6 +232,40 @@ class NodeServer(DriverEvents):
             clean = True
         finally:
             self._shutdown(clean)
+        if self.refused is not None:
+            raise NodeRefused(self.refused)
+
+    def _tick(self, now: float) -> None:
+        self.driver.tick()
+        self._close_idle_backups(now)
+        if self._probe is not None:
+            self._check_probe()
+        if not self._narrowed and self.raft.membership_committed:
+            self._connect_members()  # a removal committed: stop talking to the node that left
+
+    def _stopped_for_good(self) -> bool:
+        """Stop now? A leader asked to stop first hands leadership to an up-to-date voter (thesis 3.10),
+        so a planned restart costs no election timeout; it waits at most an election timeout for that."""
+        if not self.stopping:
+            return False
+        raft = self.raft
+        if self._handoff_until is None:
+            self._handoff_until = 0.0
+            if raft.role is Role.LEADER and len(raft.membership.voters - {self.me.id}) > 0:
+                try:
+                    target = raft.transfer_leadership()
+                except ConfChangeError:
+                    return True
+                s = self.settings
+                self._handoff_until = time.monotonic() + s.election_ticks * s.tick_s
+                log.info("node %d: handing leadership to node %d before stopping", self.me.id, target)
+                self.driver.process()
+                return False
+            return True
+        if raft.role is Role.LEADER and raft.transferring and time.monotonic() < self._handoff_until:
+            return False
+        # (A follower without a leader: the target is campaigning; its win lets the clients go on at once.)
+        return raft.role is Role.LEADER or raft.leader is not None or time.monotonic() >= self._handoff_until
 
     def _note_slow_turn(self, started: float) -> None:
         """A turn that takes half an election timeout risks one: say so (at most every 10 s)."""
@@ -205,6 +287,34 @@ class NodeServer(DriverEvents):
 
     def role_changed(self, role: Role, term: int, leader: int | None) -> None:
         log.info("node %d: %s in term %d, leader %s", self.me.id, role.value, term, leader)
+
+    def membership_changed(self, membership: Membership) -> None:
+        self._set_members(membership)
+        self._connect_members()
+        log.info("node %d: membership %s%s", self.me.id, _describe_membership(membership),
+                 "" if self.raft.membership_committed else " (not committed yet)")
+        if self.me.id not in membership and membership.explicit and self.raft.membership_committed:
+            log.info("node %d: no longer a member of the cluster: it takes no part; stop it", self.me.id)
+
+    def _connect_members(self) -> None:
+        """Talk to every member; keep talking to a node that leaves until its removal is committed (a
+        leader that removes itself leads until then, and its followers must hear it)."""
+        peers = dict(self.members)
+        if not self.raft.membership_committed:
+            peers = {**self.transport.addresses, **peers}
+        self.transport.set_peers(list(peers.values()))
+        self._narrowed = self.raft.membership_committed
+
+    def _set_members(self, membership: Membership) -> None:
+        """Addresses of every member: from the log's configuration, or for one bootstrapped from an older
+        Config.txt without them, from the file."""
+        members: dict[int, NodeAddress] = {}
+        for m in membership.members:
+            if m.ip:
+                members[m.id] = member_address(m)
+            elif m.id in self.cluster.ids:
+                members[m.id] = self.cluster.node(m.id)
+        self.members = members
 
     def applied(self, entries: list[Entry], results: list[Any]) -> None:
         pending = self.pending
@@ -233,6 +343,9 @@ class NodeServer(DriverEvents):
             self._reply(read.envelope, self._not_leader())
 
     def _expire(self, now: float) -> None:
+        """Answer the membership requests now due, and expire the client requests past their deadline."""
+        if self.member_waits:
+            self._answer_member_waits(now)
         timeout = self.settings.request_timeout_s
         for envelope, is_write in self.pending.expired(now):
             what = "the write may or may not have been applied" if is_write else "leadership not confirmed"
@@ -280,7 +393,9 @@ class NodeServer(DriverEvents):
     def _admit(self, envelope: Envelope, req: Request, turn: _Turn) -> None:
         """A leader's client request: into this turn's batch, or ``busy``."""
         s = self.settings
-        if len(self.pending) + len(turn.writes) + len(turn.reads) >= s.max_pending_requests:
+        if req.op in protocol.MEMBER_OPS:
+            self._change_membership(envelope, req)
+        elif len(self.pending) + len(turn.writes) + len(turn.reads) >= s.max_pending_requests:
             self._reply(envelope, self._busy(f"{s.max_pending_requests} requests are waiting"))
         elif req.op == "get":
             turn.reads.append((envelope, req.key))
@@ -317,10 +432,136 @@ class NodeServer(DriverEvents):
         snapshots = {"sent": st["snap_sent"], "failed": st["snap_failed"] + st["snap_dropped"],
                      "installed": st["snap_installed"], "refused": st["snap_refused"],
                      "compactions": st["compactions"]}
+        m = n.membership
         return protocol.ok(id=self.me.id, role=role, term=n.term, leader=n.leader, commit_index=n.commit_index,
                            applied_index=self.sm.applied_index, last_index=n.log.last_index,
                            snapshot_index=n.log.snapshot_index, pid=os.getpid(), snapshots=snapshots,
-                           busy=self.busy_replies, peer_frames_rejected=sum(self.transport.rejected.values()))
+                           busy=self.busy_replies, peer_frames_rejected=sum(self.transport.rejected.values()),
+                           voters=sorted(m.voters), learners=sorted(m.learners), member=self.me.id in m,
+                           probation=n.probation)
+
+    # ------------------------------------------------------------------ membership
+
+    def _members(self, _req: Request | None = None) -> bytes:
+        """Every member of this node's latest configuration (any node answers), and how far each is behind."""
+        n = self.raft
+        return protocol.ok(id=self.me.id, leader=n.leader, members=self._member_list(), explicit=n.membership.explicit,
+                           config_index=n.config_index, committed=n.membership_committed, term=n.term,
+                           commit_index=n.commit_index)
+
+    def _member_list(self) -> list[dict[str, Any]]:
+        n = self.raft
+        out = []
+        for m in n.membership.members:
+            a = self.members.get(m.id)
+            row: dict[str, Any] = {"id": m.id, "ip": a.ip if a else m.ip, "port": a.port if a else m.port,
+                                   "client_port": a.client_port if a else m.client_port,
+                                   "http_port": a.http_port if a else m.http_port, "voter": m.voter,
+                                   "promote": m.promote, "seen": m.seen}
+            pr = n.progress.get(m.id)
+            if pr is not None:  # (the leader knows how far behind each member is)
+                row["match"] = pr.match
+                row["behind"] = max(0, n.log.last_index - pr.match)
+            out.append(row)
+        return out
+
+    def _change_membership(self, envelope: Envelope, req: Request) -> None:
+        """add_member, remove_member, promote_member, transfer_leader: through the leader's core; the
+        reply waits until the change is committed (a voter added: promoted; a transfer: the target leads).
+        Only the leader's loop calls it."""
+        raft = self.raft
+        spec = req.member
+        assert spec is not None
+        node_id = spec["id"]
+        cur = raft.membership
+        deadline = time.monotonic() + MEMBER_WAIT_S
+        if req.op == "transfer_leader":
+            self._transfer(envelope, node_id, deadline)
+            return
+        try:
+            if req.op == "add_member":
+                new = confchange.add_member(cur, node_id, spec["ip"], spec["port"], spec["client_port"],
+                                            spec["http_port"], spec["learner"])
+                want_voter = not spec["learner"]
+            elif req.op == "remove_member":
+                new = confchange.remove_member(cur, node_id)
+                want_voter = False
+            else:
+                new = confchange.promote_member(cur, node_id)
+                want_voter = True
+            index = raft.propose_membership(new)
+        except ConfChangeError as exc:
+            refused = self._not_leader() if exc.code == "not_leader" else protocol.error(exc.code, str(exc))
+            self._reply(envelope, refused)
+            return
+        log.info("node %d: membership change %s at index %d: %s", self.me.id, req.op, index,
+                 _describe_membership(new))
+        term = raft.term
+        removing = req.op == "remove_member"
+
+        def done() -> bytes | None:
+            n = self.raft
+            if n.log.committed < index:
+                if n.term != term and n.log.term_at(index) not in (None, term):
+                    return protocol.error(protocol.NOT_LEADER, "the change was lost with a change of leader; "
+                                                               "see `zraft member list` and retry")
+                return None
+            m = n.membership.get(node_id)
+            if removing or not want_voter or (m is not None and m.voter and n.membership_committed):
+                return protocol.ok(members=self._member_list())
+            return None
+
+        self._wait_member(envelope, deadline, f"{req.op} of node {node_id}", done)
+
+    def _transfer(self, envelope: Envelope, node_id: int | None, deadline: float) -> None:
+        try:
+            target = self.raft.transfer_leadership(node_id)
+        except ConfChangeError as exc:
+            self._reply(envelope, protocol.error(exc.code, str(exc)))
+            return
+        self._wait_member(envelope, deadline, f"node {target} to lead",
+                          lambda: protocol.ok(leader=target) if self.raft.leader == target else None)
+
+    def _wait_member(self, envelope: Envelope, deadline: float, what: str, done: Any) -> None:
+        reply = done()
+        if reply is not None:
+            self._reply(envelope, reply)
+        else:
+            self.member_waits.append(_MemberWait(envelope, done, deadline, what))
+
+    def _answer_member_waits(self, now: float) -> None:
+        waiting = []
+        for w in self.member_waits:
+            reply = w.done()
+            if reply is None and now >= w.deadline:
+                reply = protocol.error(protocol.TIMEOUT, f"gave up waiting for {w.what}; it may still happen: "
+                                                         "see `zraft member list`")
+            if reply is None:
+                waiting.append(w)
+            else:
+                self._reply(w.envelope, reply)
+        self.member_waits = waiting
+
+    def _check_probe(self) -> None:
+        """Act on what the other members answered about this node (see _MembershipProbe)."""
+        probe = self._probe
+        assert probe is not None
+        verdict = probe.verdict()
+        if verdict is None:
+            return
+        self._probe = None
+        probe.stop()
+        if verdict.refuse is not None:
+            log.error("node %d refused: %s", self.me.id, verdict.refuse)
+            self.refused = verdict.refuse
+            self.stopping = True
+            self._handoff_until = 0.0
+            return
+        if verdict.peers and not self.raft.membership.members:  # joining: now it can hear from every member
+            self.transport.set_peers([a for a in verdict.peers if a.id != self.me.id])
+        if self.raft.probation:
+            self.raft.probation = False
+            log.info("node %d: %s", self.me.id, verdict.why)
 
     def _compact(self, _req: Request) -> bytes:
         first = self.driver.compact_now()
@@ -373,11 +614,12 @@ class NodeServer(DriverEvents):
         return protocol.ok(id=self.me.id, faults={**f.describe(), "drop_replies": self.drop_write_replies})
 
     # Ops every node answers at once, leader or not: op -> handler(self, request) -> reply.
-    _ADMIN = {"status": _status, "fault": _fault, "compact": _compact, "snapshot": _backup}
+    _ADMIN = {"status": _status, "fault": _fault, "compact": _compact, "snapshot": _backup, "members": _members}
 
     def _not_leader(self) -> bytes:
         leader = self.raft.leader
-        hint = self.cluster.node(leader).client_endpoint if leader is not None and leader != self.me.id else None
+        addr = self.members.get(leader) if leader is not None and leader != self.me.id else None
+        hint = addr.client_endpoint if addr is not None else None
         msg = f"node {self.me.id} is not the leader" + (f"; try node {leader}" if hint else "; leader unknown")
         return protocol.error(protocol.NOT_LEADER, msg, leader=hint)
 
@@ -404,6 +646,12 @@ class NodeServer(DriverEvents):
         unavailable = protocol.error(protocol.UNAVAILABLE, "node is shutting down")
         for envelope in reads:
             self._reply(envelope, unavailable)
+        for w in self.member_waits:
+            self._reply(w.envelope, protocol.error(protocol.TIMEOUT, f"node is shutting down; {w.what} may "
+                                                                     "still happen: see `zraft member list`"))
+        self.member_waits = []
+        if self._probe is not None:
+            self._probe.stop()
         self.driver.close()
         for b in self.backups.values():
             b.view.close()
@@ -420,6 +668,104 @@ class NodeServer(DriverEvents):
         self.ctx.term()
         self.storage.close()
         log.info("node %d stopped", self.me.id)
+
+
+@dataclass(slots=True)
+class _Verdict:
+    refuse: str | None = None  # this node may not take part: why, and what to do
+    peers: list[NodeAddress] = field(default_factory=list)  # (joining) the members to hear from
+    why: str = ""
+
+
+class _MembershipProbe:
+    """Asks the other nodes of Config.txt for their membership (`members`), from a thread of its own.
+
+    Two nodes need it. One that starts with an empty data dir (on probation: it neither votes nor
+    campaigns meanwhile) must make sure the cluster never saw its id take part (docs/PROTOCOL.md,
+    "Membership"): refused if any answer marks it seen, or a leader's answer does not list it; let
+    in if a leader's answer lists it unseen, or every answer is of a cluster whose first
+    configuration no leader has written yet (a new cluster: it merely started late). And a node
+    started with --join learns from the first answer whom to hear from until the leader adds it.
+    """
+
+    def __init__(self, server: NodeServer) -> None:
+        self.me = server.me.id
+        self.joining = server.joining
+        self.endpoints = [n.client_endpoint for n in server.cluster.nodes if n.id != self.me]
+        self.keys = server.keys
+        self.answers: dict[str, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._logged = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="membership-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from zraft.client.client import Client
+
+        client = Client(self.endpoints or ["tcp://127.0.0.1:1"], exactly_once=False, keys=self.keys)
+        try:
+            while not self._stop.is_set():
+                for ep in self.endpoints:
+                    rep = client.request(ep, {"op": "members"}, 0.5)
+                    if rep and rep.get("ok") and isinstance(rep.get("members"), list):
+                        self.answers[ep] = rep
+                self._stop.wait(0.3)
+        except Exception as exc:  # noqa: BLE001 (a probe must never take the node down)
+            log.warning("node %d: membership probe failed: %s", self.me, exc)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def verdict(self) -> _Verdict | None:
+        """What the answers so far decide (None: nothing yet; keep asking)."""
+        if not self.endpoints:
+            return _Verdict(why="no other node to ask: a cluster of one")
+        answers = list(self.answers.values())
+        verdict = self._refusal(answers) or (self._join(answers) if self.joining else self._probation(answers))
+        now = time.monotonic()
+        if verdict is None and now - self._logged >= 5.0:
+            self._logged = now
+            log.warning("node %d: waiting for %s to answer before it %s (answers so far: %d)", self.me,
+                        "a member" if self.joining else "the leader, or the nodes of a new cluster,",
+                        "can be added" if self.joining else "votes: its data dir is empty", len(answers))
+        return verdict
+
+    def _refusal(self, answers: list[dict[str, Any]]) -> _Verdict | None:
+        again = (f"node {self.me} took part in this cluster before, and its data dir is empty now: it may have "
+                 f"voted in a term it would vote in again. Remove it (`zraft member remove {self.me}`) and add it "
+                 "back as a new member with a new id (`zraft member add ID ...`, then `zraft node --id ID --join`)")
+        for rep in answers:
+            me = next((m for m in rep["members"] if isinstance(m, dict) and m.get("id") == self.me), None)
+            if rep.get("explicit") and me is not None and me.get("seen"):
+                return _Verdict(refuse=again)
+        return None
+
+    def _join(self, answers: list[dict[str, Any]]) -> _Verdict | None:
+        for rep in answers:
+            peers = [NodeAddress(m["id"], m["ip"], m["port"], m["client_port"], m["http_port"])
+                     for m in rep["members"] if isinstance(m, dict) and m.get("ip")]
+            if peers:
+                return _Verdict(peers=peers, why="joining: waiting for the leader to add it")
+        return None
+
+    def _probation(self, answers: list[dict[str, Any]]) -> _Verdict | None:
+        for rep in answers:
+            if rep.get("leader") == rep.get("id") and rep.get("explicit"):
+                if all(m.get("id") != self.me for m in rep["members"]):
+                    return _Verdict(refuse=f"node {self.me} is not a member of this cluster (removed?); to take "
+                                           "part, add it as a new member and start it with --join")
+                return _Verdict(why="the leader has never seen this id take part: it votes from now on")
+        if answers and not any(rep.get("explicit") for rep in answers):
+            return _Verdict(why="a new cluster (no configuration written yet): it votes from now on")
+        return None
+
+
+def _describe_membership(m: Membership) -> str:
+    voters = ", ".join(str(i) for i in sorted(m.voters)) or "none"
+    learners = ", ".join(str(i) for i in sorted(m.learners))
+    return f"voters {voters}" + (f"; learners {learners}" if learners else "")
 
 
 def _command(req: Request) -> bytes:
@@ -447,7 +793,8 @@ def setup_logging(data_dir: Path, level: str) -> None:
 
 
 def run_node(cluster: ClusterConfig, node_id: int, data_dir: str | os.PathLike, settings: Settings,
-             log_level: str = "INFO", allow_faults: bool = False, keys: KeyRing | None = None) -> None:
+             log_level: str = "INFO", allow_faults: bool = False, keys: KeyRing | None = None,
+             join: bool = False) -> None:
     """Run one node until it is stopped. A data dir that fails its checks raises StorageError (the
     node does not start); storage that fails while the node runs raises NodeFailed: damage found is
     remembered in the data dir (the next start refuses too), a failed write (a full disk) is not."""
@@ -459,11 +806,11 @@ def run_node(cluster: ClusterConfig, node_id: int, data_dir: str | os.PathLike, 
     storage = LevelDBStorage(db_dir)
     try:
         storage.check()
-        if fresh and ran_here_before:
-            log.warning("node %d: %s holds no data: starting with an empty log and state, as a new node. "
-                        "If this node held data before, it has forgotten its votes and log: stop it and "
-                        "restore it from a backup (docs/OPERATIONS.md)", node_id, db_dir)
-        server = NodeServer(cluster, node_id, storage, settings, allow_faults, keys)
+        if fresh and ran_here_before and not join:
+            log.warning("node %d: %s holds no data: it asks the cluster whether this id took part before "
+                        "(then it refuses to vote again: remove it and add it back as a new member)", node_id, db_dir)
+        server = NodeServer(cluster, node_id, storage, settings, allow_faults, keys, join=join,
+                            probation=fresh and not join)
     except BaseException:
         storage.close()
         raise

@@ -79,26 +79,46 @@ class PeerTransport:
         if keys is not None:  # CURVE: only the nodes' keys get in (zraft.cluster.keys), each known by its user id
             keys.serve(self.router, PEER_DOMAIN)
         self.router.bind(me.peer_endpoint)
+        self.ctx = ctx
         self.dealers: dict[int, zmq.Socket] = {}
-        for p in peers:
-            d = ctx.socket(zmq.DEALER)
-            d.setsockopt(zmq.IDENTITY, str(me.id).encode())
+        self.addresses: dict[int, NodeAddress] = {}
+        self._peer_ids: dict[bytes, int] = {}  # DEALER identity -> node id
+        self.set_peers(peers)
+        self.dropped = 0
+        self.faults = Faults()
+        self.rejected: Counter[str] = Counter()  # peer frames dropped unread, by reason
+        self._last_reject_log = -math.inf
+        self._delayed: list[tuple[float, int, int, bytes]] = []  # heap of (due, seq, peer, frame)
+        self._delay_seq = 0
+
+    def set_peers(self, peers: list[NodeAddress]) -> None:
+        """Talk to exactly these nodes from now on (the membership changed): connect to new ones and to
+        moved ones, close the sockets of the rest; messages from a node not among them are dropped."""
+        want = {p.id: p for p in peers if p.id != self.me.id}
+        for node_id in list(self.dealers):
+            if want.get(node_id) != self.addresses.get(node_id):
+                self.dealers.pop(node_id).close()
+                del self.addresses[node_id]
+        for node_id, p in want.items():
+            if node_id in self.dealers:
+                continue
+            if self.keys is not None and node_id not in self.keys.node_public:
+                log.warning("node %d: no public key for node %d in %s: it cannot be reached until its key is "
+                            "there (zraft keys init)", self.me.id, node_id, self.keys.directory)
+                continue
+            d = self.ctx.socket(zmq.DEALER)
+            d.setsockopt(zmq.IDENTITY, str(self.me.id).encode())
             d.setsockopt(zmq.LINGER, 0)
             d.setsockopt(zmq.IMMEDIATE, 1)
             d.setsockopt(zmq.SNDHWM, 10_000)
             d.setsockopt(zmq.RECONNECT_IVL, 50)
             d.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-            if keys is not None:
-                keys.connect_to(d, keys.node_public[p.id])
+            if self.keys is not None:
+                self.keys.connect_to(d, self.keys.node_public[node_id])
             d.connect(p.peer_endpoint)
-            self.dealers[p.id] = d
-        self.dropped = 0
-        self.faults = Faults()
-        self._peer_ids = {str(p.id).encode(): p.id for p in peers}  # DEALER identity -> node id
-        self.rejected: Counter[str] = Counter()  # peer frames dropped unread, by reason
-        self._last_reject_log = -math.inf
-        self._delayed: list[tuple[float, int, int, bytes]] = []  # heap of (due, seq, peer, frame)
-        self._delay_seq = 0
+            self.dealers[node_id] = d
+            self.addresses[node_id] = p
+        self._peer_ids = {str(i).encode(): i for i in self.dealers}
 
     def send(self, messages: list[Message]) -> None:
         by_peer: dict[int, list[Message]] = defaultdict(list)

@@ -225,6 +225,7 @@ class RaftNode:
         self._set_membership(self._base, 0)
         self._recompute_membership()
         self._membership_changed = False  # (the driver starts from the same configuration)
+        self._soft = (self.role, self.term, self.leader)  # as the last Ready told them
 
     # ------------------------------------------------------------------ public API
 
@@ -450,7 +451,7 @@ class RaftNode:
             or self._snapshot_requests
             or log.unstable_from <= log.last_index or log.committed > log.applied
             or self._persisted_hs.term != self.term or self._persisted_hs.voted_for != self.voted_for
-            or self._membership_changed
+            or self._membership_changed or self._soft != (self.role, self.term, self.leader)
         )
 
     def ready(self) -> Ready:
@@ -473,6 +474,7 @@ class RaftNode:
                    snapshot_requests=self._snapshot_requests,
                    membership=self.membership if self._membership_changed else None)
         self._membership_changed = False
+        self._soft = (self.role, self.term, self.leader)
         self._persisted_hs = hs
         self._msgs, self._reads_ready, self._reads_dropped = [], [], []
         self._snapshot, self._snapshot_requests = None, []
@@ -582,7 +584,8 @@ class RaftNode:
         )
         # Only for a voter of our latest configuration (a removed node can't win anyone's vote, so it
         # can't disrupt), and never while on probation (this node may have voted in this term already).
-        if can_vote and m.src in self.membership.voters and not self.probation and self.log.is_up_to_date(m.last_log_index, m.last_log_term):
+        may_grant = m.src in self.membership.voters and not self.probation
+        if can_vote and may_grant and self.log.is_up_to_date(m.last_log_index, m.last_log_term):
             # A granted pre-vote answers in the term asked about; see step().
             self._send(RequestVoteResponse(m.term, self.id, m.src, granted=True, pre_vote=m.pre_vote))
             if not m.pre_vote:
