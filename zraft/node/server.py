@@ -52,8 +52,8 @@ from zraft.raft.messages import Entry
 log = logging.getLogger(__name__)
 
 BACKUP_IDLE_S = 60.0  # a backup stream nobody asked for the next chunk of this long is closed
-MARK_INTERVAL_S = 5.0
-MEMBER_WAIT_S = 600.0  # a membership request waits this long at most (a new member may need a big snapshot)  # how often the durable mark (zraft.node.leveldb) is brought up to date
+MARK_INTERVAL_S = 5.0  # how often the durable mark (zraft.node.leveldb) is brought up to date
+MEMBER_WAIT_S = 600.0  # a membership request waits this long at most (a new member may need a big snapshot)
 
 
 class NodeFailed(RuntimeError):
@@ -231,9 +231,7 @@ class NodeServer(DriverEvents):
                 self._note_slow_turn(now)
             clean = True
         finally:
-            self._shutdown(clean)
-        if self.refused is not None:
-            raise NodeRefused(self.refused)
+            self._shutdown(clean, raise_refused=True)
 
     def _tick(self, now: float) -> None:
         self.driver.tick()
@@ -638,7 +636,8 @@ class NodeServer(DriverEvents):
             self.storage.write_mark()
             self._marked = now
 
-    def _shutdown(self, clean: bool = True) -> None:
+    def _answer_all_waiting(self) -> None:
+        """Shutting down: every request still waiting gets its answer now."""
         writes, reads = self.pending.drain()
         unknown = protocol.error(protocol.TIMEOUT, "node is shutting down; the write may or may not be applied")
         for envelope in writes:
@@ -650,6 +649,9 @@ class NodeServer(DriverEvents):
             self._reply(w.envelope, protocol.error(protocol.TIMEOUT, f"node is shutting down; {w.what} may "
                                                                      "still happen: see `zraft member list`"))
         self.member_waits = []
+
+    def _shutdown(self, clean: bool = True, raise_refused: bool = False) -> None:
+        self._answer_all_waiting()
         if self._probe is not None:
             self._probe.stop()
         self.driver.close()
@@ -668,6 +670,8 @@ class NodeServer(DriverEvents):
         self.ctx.term()
         self.storage.close()
         log.info("node %d stopped", self.me.id)
+        if raise_refused and clean and self.refused is not None:
+            raise NodeRefused(self.refused)
 
 
 @dataclass(slots=True)
