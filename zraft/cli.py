@@ -257,6 +257,18 @@ def stop_node(node_id: int = NodeIdArg, data_dir: Path = DataDirOpt) -> None:
     _control("stop", node_id, data_dir)
 
 
+@cluster_app.command("reload")
+def cluster_reload(data_dir: Path = DataDirOpt) -> None:
+    """Through the running `cluster up`: make the membership match Config.txt as edited now (adds new lines, removes
+    dropped ones, one change at a time) and start or stop the local processes."""
+    from zraft.cluster.supervisor import RELOAD_STEP_TIMEOUT_S, send_control
+
+    rep = send_control(data_dir, "reload", 0, timeout=4 * RELOAD_STEP_TIMEOUT_S)
+    if not rep.get("ok"):
+        raise _fail(rep.get("message", "failed"))
+    print(rep["message"])
+
+
 @cluster_app.command("kill-node")
 def kill_node(node_id: int = NodeIdArg, data_dir: Path = DataDirOpt) -> None:
     """Ask the running supervisor to kill node N with SIGKILL, as a crash would."""

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from zraft.client import Client
+from zraft.cluster.config import load_config
 from zraft.node.statemachine import REC_DATA, decode_chunk
 
-from .cluster import Cluster, request, run_zraft
+from .cluster import Cluster, child_env, free_port, request, run_zraft, spawn, tail, zraft_cmd
 
 pytestmark = pytest.mark.integration
 
@@ -143,25 +145,53 @@ def test_long_write_load_keeps_disk_bounded_and_a_lagging_follower_returns_by_sn
     assert sizes_loaded[-1] <= THRESHOLD + 64, sizes_loaded
 
 
-def test_new_empty_node_rebuilds_from_the_leaders_snapshot(make_cluster) -> None:
-    """A node whose data dir is lost comes back empty under its old id and rebuilds from a snapshot."""
+def test_lost_node_is_refused_and_its_replacement_rebuilds_from_the_leaders_snapshot(make_cluster) -> None:
+    """A node whose data dir is lost is refused under its old id (it may have voted in a term it would
+    vote in again); removed, and replaced by a new member (--join), the replacement rebuilds from a
+    snapshot and is a full voter."""
     c: Cluster = make_cluster(env=SNAP_ENV)
     leader = c.wait_leader()
     lost = next(i for i in c.ids if i != leader)
+    other = next(i for i in c.ids if i not in (leader, lost))
     expected = put_batch(c, leader, 0, 3 * THRESHOLD, 500)
     c.kill(lost)
     shutil.rmtree(c.data_dir / str(lost))
     expected.update(put_batch(c, leader, 3 * THRESHOLD, 1000, 500))
     assert c.status(leader)["snapshot_index"] > 0
-    c.start(lost)
-    st = c.wait_caught_up(lost, leader, timeout=60)
+    proc = c.start(lost)
+    assert proc.wait(timeout=30) == 4, tail(c.log_path(lost))
+    assert f"node {lost} took part in this cluster before" in tail(c.log_path(lost)), tail(c.log_path(lost))
+    with c.client(timeout=60) as cl:
+        cl.remove_member(lost)
+        new_id, port = 4, free_port()
+        cfg = c.workdir / "Config-new.txt"
+        cfg.write_text(f"ip=127.0.0.1, port={c.peer_ports[leader]}, id={leader}, client_port={c.client_ports[leader]}, "
+                       f"http_port={c.http_ports[leader]}\n"
+                       f"ip=127.0.0.1, port={port}, id={new_id}, client_port={free_port()}, "
+                       f"http_port={free_port()}\n")
+        new_cfg = load_config(cfg).node(new_id)
+        joined = spawn(zraft_cmd("node", "--id", str(new_id), "--config", str(cfg), "--data-dir", str(c.data_dir),
+                                 "--join"), what=f"node {new_id}", log=c.workdir / "node4.out", env=child_env(c.env))
+        try:
+            cl.add_member(new_id, "127.0.0.1", port, new_cfg.client_port, new_cfg.http_port)
+            _check_replacement(c, leader, other, new_id, new_cfg.client_endpoint, expected)
+        finally:
+            joined.kill()
+            joined.wait()
+
+
+def _check_replacement(c: Cluster, leader: int, other: int, new_id: int, new_ep: str,
+                       expected: dict[bytes, bytes]) -> None:
+    st = request(new_ep, {"op": "status"})
     assert st["snapshots"]["installed"] >= 1, st
-    assert wait_same_state(c, leader, lost) == expected
-    # And it is a full member again: it and the leader alone make a quorum.
-    c.kill(next(i for i in c.ids if i not in (leader, lost)))
-    with c.client(ids=[leader, lost]) as cl:
+    assert sorted(st["voters"]) == sorted([leader, other, new_id]), st
+    # And it is a full voter: it and the leader alone make a quorum.
+    c.kill(other)
+    with Client([c.endpoint(leader), new_ep], timeout=10) as cl:
         cl.put(b"after-rebuild", b"1")
         assert cl.get(b"after-rebuild") == b"1"
+        for k, v in list(expected.items())[::997]:
+            assert cl.get(k) == v
 
 
 @pytest.mark.slow

@@ -128,19 +128,20 @@ class NodeProcesses:
         self._spawner = _Spawner()
         self._closed = False
 
-    def command(self, node_id: int) -> list[str]:
+    def command(self, node_id: int, extra_args: Sequence[str] = ()) -> list[str]:
         return [sys.executable, "-m", "zraft", "node", "--id", str(node_id), "--config", str(self.config_path),
-                "--data-dir", str(self.data_dir), *self.node_args]
+                "--data-dir", str(self.data_dir), *self.node_args, *extra_args]
 
-    def start(self, node_id: int) -> subprocess.Popen:
-        """Start a node that is not running (a running one is left alone); its process."""
+    def start(self, node_id: int, extra_args: Sequence[str] = ()) -> subprocess.Popen:
+        """Start a node that is not running (a running one is left alone); its process. ``extra_args``: more
+        arguments of ``zraft node`` for this start (``--join``)."""
         with self.lock:
             if self._closed:
                 raise RuntimeError("the node processes are closed")
             running = self.procs.get(node_id)
             if running is not None and running.poll() is None:
                 return running
-            cmd = self.command(node_id)
+            cmd = self.command(node_id, extra_args)
             log = self.log_path(node_id)
             parent = os.getpid()
 

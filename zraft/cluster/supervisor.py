@@ -27,11 +27,12 @@ from rich.table import Table
 
 from zraft.client import Client
 from zraft.client.protocol import commit_span, log_span
-from zraft.cluster.config import ClusterConfig
+from zraft.cluster.config import ClusterConfig, ConfigError, load_config
 from zraft.cluster.keys import KeyRing
 from zraft.cluster.procs import STOP_GRACE_S, NodeProcesses
 
 REFRESH_S = 0.5
+RELOAD_STEP_TIMEOUT_S = 600.0  # one membership change of a reload (a new node may need a big snapshot)
 
 
 def control_endpoint(data_dir: str | os.PathLike) -> str:
@@ -70,6 +71,7 @@ class Supervisor:
                                               *(["--keys", str(Path(keys).resolve())] if keys else [])],
                                    own_group=True)
         self.client = Client([n.client_endpoint for n in cluster.nodes], keys=ring)
+        self.ring = ring
         self.stopping = False
 
     # ------------------------------------------------------------------ node processes
@@ -108,6 +110,11 @@ class Supervisor:
             try:
                 req = msgpack.unpackb(raw, raw=False)
                 op, node_id = req["op"], int(req["id"])
+                if op == "reload":
+                    msg = self.reload()
+                    self.console.print(f"[bold]{msg}[/]")
+                    sock.send(msgpack.packb({"ok": True, "message": msg}))
+                    continue
                 if node_id not in self.nodes:
                     raise KeyError(f"no node {node_id} in {self.config_path.name} (ids: {sorted(self.nodes)})")
                 if op == "start":
@@ -121,12 +128,54 @@ class Supervisor:
             except Exception as exc:  # a bad control request must not take the supervisor down
                 sock.send(msgpack.packb({"ok": False, "message": str(exc)}))
 
+    # ------------------------------------------------------------------ reload
+
+    def reload(self) -> str:
+        """Make the membership match Config.txt as it is now, one change at a time: start each new node
+        (``--join``) and add it (it is a voter once caught up), then remove each dropped one and stop
+        its process. Adds go first, so the cluster never has fewer voters than both files agree on."""
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            raise RuntimeError(f"Config.txt is not valid now: {exc}") from None
+        members = {m["id"]: m for m in self.client.members()["members"]}
+        wanted = {n.id: n for n in new.nodes}
+        moved = [i for i, n in wanted.items() if i in members and (members[i]["ip"], members[i]["port"])
+                 != (n.ip, n.port)]
+        if moved:
+            raise RuntimeError(f"node(s) {moved} changed address in Config.txt: remove such a node and add it back "
+                               "under a new id instead")
+        added = [n for i, n in wanted.items() if i not in members]
+        removed = [i for i in members if i not in wanted]
+        self.cluster = new
+        self.client.close()
+        self.client = Client([n.client_endpoint for n in new.nodes] + [
+            f"tcp://{m['ip']}:{m['client_port']}" for i, m in members.items() if i not in wanted], keys=self.ring,
+            timeout=RELOAD_STEP_TIMEOUT_S)
+        done = []
+        for n in added:
+            self.nodes[n.id] = NodeView(n.id)
+            self.console.print(f"reload: starting node {n.id} to join, and adding it")
+            self.nodes[n.id].proc = self.procs.start(n.id, ["--join"])
+            self.client.add_member(n.id, n.ip, n.port, n.client_port, n.http_port)
+            done.append(f"added node {n.id}")
+        for node_id in removed:
+            self.console.print(f"reload: removing node {node_id}")
+            self.client.remove_member(node_id)
+            if node_id in self.nodes:
+                self.stop_node(node_id)
+                del self.nodes[node_id]
+            done.append(f"removed node {node_id}")
+        self.client.close()
+        self.client = Client([n.client_endpoint for n in new.nodes], keys=self.ring)
+        return "reload: " + ("; ".join(done) if done else "the membership already matches Config.txt")
+
     # ------------------------------------------------------------------ the view
 
     def _refresh(self) -> None:
-        statuses = self.client.statuses(timeout=0.3)
-        for n, st in zip(self.nodes.values(), statuses, strict=False):
-            n.status = st
+        statuses = dict(zip((a.id for a in self.cluster.nodes), self.client.statuses(timeout=0.3), strict=False))
+        for n in self.nodes.values():
+            n.status = statuses.get(n.id)
             if n.proc is not None and n.exit_code is None and n.proc.poll() is not None:
                 n.exit_code = n.proc.returncode
                 how = (f"killed by {signal.Signals(-n.exit_code).name}" if n.exit_code < 0
@@ -139,10 +188,14 @@ class Supervisor:
         t = Table(title=f"zraft cluster ({self.config_path.name}, data in {self.data_dir})", title_justify="left",
                   caption="commit (applied, when behind); log: the indexes it holds", caption_justify="left",
                   box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)
-        for col in ("node", "pid", "role", "term", "leader", "commit", "log", "client"):
+        for col in ("node", "pid", "role", "term", "leader", "commit", "log", "client", "member"):
             t.add_column(col, justify="right" if col in ("pid", "term", "commit", "log") else "left")
+        leader_st = next((n.status for n in self.nodes.values() if n.status and n.status.get("role") == "leader"),
+                         None) or {}
         for addr in self.cluster.nodes:
-            n = self.nodes[addr.id]
+            n = self.nodes.get(addr.id)
+            if n is None:
+                continue
             alive = n.proc is not None and n.proc.poll() is None
             st = n.status or {}
             role = st.get("role", "-" if not alive else "starting")
@@ -150,7 +203,7 @@ class Supervisor:
             pid = "-" if n.proc is None else f"[green]{n.proc.pid}[/]" if alive else f"[red]{n.proc.pid} dead[/]"
             t.add_row(str(addr.id), pid, f"[{style}]{role}[/]" if style else role,
                       str(st.get("term", "-")), str(st.get("leader", "-")), commit_span(st), log_span(st),
-                      addr.client_endpoint.removeprefix("tcp://"))
+                      addr.client_endpoint.removeprefix("tcp://"), _part(addr.id, leader_st, st))
         return t
 
     # ------------------------------------------------------------------ main loop
@@ -200,8 +253,18 @@ class Supervisor:
         self.stopping = True
 
 
+def _part(node_id: int, leader: dict[str, Any], own: dict[str, Any]) -> str:
+    """voter, learner (with how far it is behind the leader while it catches up), or not a member."""
+    if node_id in leader.get("voters", ()):
+        return "voter"
+    if node_id in leader.get("learners", ()):
+        behind = leader.get("last_index", 0) - own.get("last_index", 0) if own else None
+        return "learner" + (f" ({behind} behind)" if behind else "")
+    return "-" if not leader else "[red]not a member[/]"
+
+
 def send_control(data_dir: str | os.PathLike, op: str, node_id: int, timeout: float = 10.0) -> dict[str, Any]:
-    """Ask a running supervisor to start, stop or kill one node."""
+    """Ask a running supervisor to start, stop or kill one node, or (op ``reload``, id 0) to reload Config.txt."""
     path = Path(data_dir).resolve() / "supervisor.ipc"
     if not path.exists():
         return {"ok": False, "message": f"no supervisor is running for data dir {Path(data_dir).resolve()} "

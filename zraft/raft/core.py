@@ -412,6 +412,8 @@ class RaftNode:
         elif m.term < self.term:
             self._older_term(m)
             return
+        if self.probation:
+            return  # it takes no part until let in (no vote, no acknowledgement the leader could count as "seen")
         if isinstance(m, RequestVote):
             self._handle_vote_request(m)
         elif self.role is Role.LEADER:
