@@ -62,6 +62,18 @@ def test_an_install_snapshot_from_the_wire_is_dropped_and_the_node_goes_on(clust
     assert time.monotonic() < deadline
 
 
+def _wait_membership_settled(c: Cluster, leader: int, timeout: float = 10.0) -> None:
+    """Until the leader has written the first configuration and marked every member seen (its own log
+    entries, docs/PROTOCOL.md "Membership"), so that from then on only clients' writes grow the log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rep = c.request(leader, {"op": "members"})
+        if rep and rep.get("explicit") and rep.get("committed") and all(m["seen"] for m in rep["members"]):
+            return
+        assert time.monotonic() < deadline, f"the membership did not settle: {rep}"
+        time.sleep(0.05)
+
+
 def _state(c: Cluster) -> dict[int, tuple]:
     """Each node's (term, last index, commit index): what a forged frame must not move."""
     out = {}
@@ -157,6 +169,8 @@ def test_peer_fuzz_the_node_stays_up_unchanged_and_serving(cluster: Cluster) -> 
     leader = cluster.wait_leader()
     follower = next(i for i in cluster.ids if i != leader)
     t = cluster.status(leader)["term"]
+    _wait_membership_settled(cluster, leader)
+    cluster.wait_caught_up(follower, leader)
     before = _state(cluster)
     written: dict[bytes, bytes] = {}
     socks = {}
