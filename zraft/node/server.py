@@ -393,6 +393,8 @@ class NodeServer(DriverEvents):
         s = self.settings
         if req.op in protocol.MEMBER_OPS:
             self._change_membership(envelope, req)
+        elif self.raft.transferring and req.op != "get":
+            self._reply(envelope, self._busy(f"leadership is being handed to node {self.raft.lead_transferee}"))
         elif len(self.pending) + len(turn.writes) + len(turn.reads) >= s.max_pending_requests:
             self._reply(envelope, self._busy(f"{s.max_pending_requests} requests are waiting"))
         elif req.op == "get":
