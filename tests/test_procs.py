@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 class Sleepers(NodeProcesses):
     """NodeProcesses whose "nodes" only sleep (the manager is under test, not the node)."""
 
-    def command(self, node_id: int) -> list[str]:
+    def command(self, node_id: int, extra_args: Sequence[str] = ()) -> list[str]:
         return SLEEPER
 
 
