@@ -4,6 +4,14 @@
     curl http://127.0.0.1:5100/v1/kv/foo                              bar
     curl -X DELETE http://127.0.0.1:5100/v1/kv/foo                    {"deleted": true}
     curl http://127.0.0.1:5100/health                                 {"health": true, ...}
+    curl http://127.0.0.1:5100/v1/members                             {"leader": 1, "members": [...]}
+    curl -X POST --data '{"id": 4, "ip": "127.0.0.1", "port": 5003}' http://127.0.0.1:5100/v1/members
+
+Membership requests (/v1/members, /v1/leader, the original project's /AddVoter/IP:PORT/ID) go
+through the same client library (``add_member`` and the rest), on clients of their own with a
+generous deadline (MEMBER_TIMEOUT_S: a new member catches up before it is promoted), at most
+MEMBER_REQUESTS at once, so they neither starve the key routes of pooled clients nor hold many
+workers.
 
 Any node answers: the gateway is a client of the whole cluster (``zraft.client.Client``,
 this node's own endpoint first), so a request to a follower is carried to the leader and
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
 import json
 import logging
 import queue
@@ -55,12 +64,29 @@ MIN_BODY_BYTES_PER_S = 64 << 10  # a body must arrive within IDLE_TIMEOUT_S + it
 _RECHECK_S = 0.05  # how soon a connection whose head is incomplete is looked at again
 _DIGITS = re.compile(r"[0-9]{1,19}")
 
+LEADER_PATH = "/v1/leader"
+MEMBER_TIMEOUT_S = 60.0  # a membership request's deadline: a new member may need a while to catch up
+MEMBER_REQUESTS = 4  # membership requests served at once through one gateway; past it, 503 busy
+MAX_MEMBER_BODY_BYTES = 4096  # a membership request's JSON body
+MAX_NODE_ID = (1 << 63) - 1
+# The membership routes: /v1/members, /v1/members/ID (id), /v1/members/ID/promote (id, promote), /v1/leader,
+# /AddVoter/IP:PORT/ID (addr, voter); matched against the path as sent (still percent-encoded).
+_MEMBER_ROUTES = re.compile(r"/v1/members(?:/(?P<id>[^/]*)(?P<promote>/promote)?)?|/v1/leader"
+                            r"|/AddVoter/(?P<addr>[^/]*)/(?P<voter>[^/]*)")
+_MEMBER_METHODS = {  # route -> the methods it answers
+    "members": ("GET", "POST"), "member": ("DELETE",), "promote": ("POST",), "leader": ("POST",),
+    "add_voter": ("GET", "POST"),
+}
+_ADD_FIELDS = frozenset({"id", "ip", "port", "client_port", "http_port", "learner"})
+
 _ERROR_STATUS = {
     protocol.BAD_REQUEST: HTTPStatus.BAD_REQUEST,
     protocol.TOO_LARGE: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     protocol.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
     protocol.BUSY: HTTPStatus.SERVICE_UNAVAILABLE,
     protocol.TIMEOUT: HTTPStatus.GATEWAY_TIMEOUT,
+    protocol.IN_PROGRESS: HTTPStatus.CONFLICT,  # another membership change is not committed yet
+    protocol.NOT_LEADER: HTTPStatus.SERVICE_UNAVAILABLE,  # a membership change lost with its leader
 }
 
 
@@ -80,6 +106,8 @@ class HttpGateway:
         self._endpoints = endpoints
         self._pool: queue.LifoQueue[Client] = queue.LifoQueue()
         self._made = 0
+        self._member_clients: list[Client] = []  # idle clients of membership requests
+        self._member_made = 0
         self._lock = threading.Lock()
         try:
             self.httpd = _PooledServer((me.ip, me.http_port), _handler_for(self))
@@ -102,6 +130,22 @@ class HttpGateway:
 
     def release(self, client: Client) -> None:
         self._pool.put(client)
+
+    def member_client(self) -> Client | None:
+        """A client for one membership request (deadline MEMBER_TIMEOUT_S), or None when MEMBER_REQUESTS
+        are being served already; give it back with ``release_member``."""
+        with self._lock:
+            if self._member_clients:
+                return self._member_clients.pop()
+            if self._member_made < MEMBER_REQUESTS:
+                self._member_made += 1
+                # No session: the client sends membership changes without one anyway.
+                return Client(self._endpoints, timeout=MEMBER_TIMEOUT_S, exactly_once=False, keys=self.keys)
+        return None
+
+    def release_member(self, client: Client) -> None:
+        with self._lock:
+            self._member_clients.append(client)
 
 
 def _canned(status: str, code: str, message: str) -> bytes:
@@ -306,12 +350,16 @@ class _Handler(BaseHTTPRequestHandler):
         declared = self._declared_length()
         if declared is None:
             return False
-        if not self._authorized(self._target()[0]):
+        path = self._target()[0]
+        if not self._authorized(path):
             return False
-        if declared > self.gateway.max_body_bytes:
+        membership = _MEMBER_ROUTES.fullmatch(path) is not None
+        limit = MAX_MEMBER_BODY_BYTES if membership else self.gateway.max_body_bytes
+        if declared > limit:
             self.close_connection = True  # the body stays unread
+            what = "a membership request's body" if membership else "value"
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, protocol.TOO_LARGE,
-                        f"value of {declared} bytes; the limit is {self.gateway.max_body_bytes}")
+                        f"{what} of {declared} bytes; the limit is {limit}")
             return False
         try:
             self.body = self._read_body(declared)
@@ -376,6 +424,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._begin():
             return
         path, _ = self._target()
+        if self._membership(path):
+            return
         if path.startswith(KV_PREFIX):
             target = self._kv_target()
             if target is not None:
@@ -393,8 +443,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._not_found(path)
 
     def do_PUT(self) -> None:  # noqa: N802
-        if not self._begin():
+        if self._begin() and not self._membership(self._target()[0]):
+            self._kv_put()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.do_PUT()
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        if not self._begin() or self._membership(self._target()[0]):
             return
+        target = self._kv_target()
+        if target is not None:
+            key = target[0]
+            self._with_client(lambda c: self._json(HTTPStatus.OK, {"deleted": c.delete(key)}))
+
+    def _kv_put(self) -> None:
+        """PUT or POST /v1/kv/KEY: a put, or with ?expect= or ?absent a compare-and-swap."""
         target = self._kv_target()
         if target is None:
             return
@@ -411,16 +475,74 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._with_client(lambda c: (c.put(key, value), self._json(HTTPStatus.OK, {"ok": True})))
 
-    def do_POST(self) -> None:  # noqa: N802
-        self.do_PUT()
+    # ------------------------------------------------------------------ membership routes
 
-    def do_DELETE(self) -> None:  # noqa: N802
-        if not self._begin():
-            return
-        target = self._kv_target()
-        if target is not None:
-            key = target[0]
-            self._with_client(lambda c: self._json(HTTPStatus.OK, {"deleted": c.delete(key)}))
+    def _membership(self, path: str) -> bool:
+        """Serve ``path`` if it is a membership route (True, once answered); False for the other routes."""
+        m = _MEMBER_ROUTES.fullmatch(path)
+        if m is None:
+            return False
+        if m["addr"] is not None:
+            route = "add_voter"
+        elif path == LEADER_PATH:
+            route = "leader"
+        elif m["id"] is None:
+            route = "members"
+        else:
+            route = "promote" if m["promote"] else "member"
+        allowed = _MEMBER_METHODS[route]
+        if self.command not in allowed:
+            self._error(HTTPStatus.METHOD_NOT_ALLOWED, "method_not_allowed",
+                        f"{path} answers {' and '.join(allowed)}, not {self.command}; see docs/PROTOCOL.md",
+                        allow=", ".join(allowed))
+            return True
+        try:
+            self._member_route(route, m)
+        except _Invalid as exc:
+            self._error(HTTPStatus.BAD_REQUEST, protocol.BAD_REQUEST, str(exc))
+        return True
+
+    def _member_route(self, route: str, m: re.Match[str]) -> None:
+        """One membership request, validated here (raises _Invalid) and sent through the client library."""
+        if route == "members" and self.command == "GET":
+            self._with_client(self._members)
+        elif route == "members":
+            spec = _add_spec(self._json_object(_ADD_FIELDS, required=True))
+            self._with_member_client(lambda c: self._json(HTTPStatus.OK, {"members": c.add_member(**spec)}))
+        elif route == "member":
+            node_id = _path_id(m["id"])
+            self._with_member_client(lambda c: self._json(HTTPStatus.OK, {"members": c.remove_member(node_id)}))
+        elif route == "promote":
+            node_id = _path_id(m["id"])
+            self._with_member_client(lambda c: self._json(HTTPStatus.OK, {"members": c.promote_member(node_id)}))
+        elif route == "leader":
+            target = self._json_object(frozenset({"id"}), required=False).get("id")
+            target = None if target is None else _node_id(target, "id")
+            self._with_member_client(lambda c: self._json(HTTPStatus.OK, {"leader": c.transfer_leader(target)}))
+        else:  # /AddVoter/IP:PORT/ID: a voter with the default client and HTTP ports
+            spec = _add_voter_spec(unquote(m["addr"]), m["voter"])
+            self._with_member_client(lambda c: self._json(HTTPStatus.OK, {"members": c.add_member(**spec)}))
+
+    def _members(self, client: Client) -> None:
+        rep = client.members()
+        self._json(HTTPStatus.OK, {"leader": rep.get("leader"), "members": rep.get("members", [])})
+
+    def _json_object(self, fields: frozenset[str], required: bool) -> dict[str, Any]:
+        """The body as a JSON object with no fields but ``fields``; an empty body is {} unless ``required``."""
+        if not self.body.strip():
+            if required:
+                raise _Invalid(f"the body must be a JSON object with {', '.join(sorted(fields))}")
+            return {}
+        try:
+            body = json.loads(self.body, object_pairs_hook=_no_duplicate_fields)
+        except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            raise _Invalid(f"the body is not JSON: {str(exc):.200}") from None
+        if not isinstance(body, dict):
+            raise _Invalid(f"the body must be a JSON object, not {type(body).__name__}")
+        unknown = sorted(set(body) - fields)
+        if unknown:
+            raise _Invalid(f"unknown field {unknown[0]!r:.60}: expected {', '.join(sorted(fields))}")
+        return body
 
     # ------------------------------------------------------------------ helpers
 
@@ -457,13 +579,33 @@ class _Handler(BaseHTTPRequestHandler):
         gw = self.gateway
         client = gw.client()
         try:
+            self._answer(op, client)
+        finally:
+            gw.release(client)
+
+    def _with_member_client(self, op: Any) -> None:
+        """``op`` on a client of the membership requests (a long deadline), or 503 busy if all are in use."""
+        gw = self.gateway
+        client = gw.member_client()
+        if client is None:
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, protocol.BUSY, f"{MEMBER_REQUESTS} membership requests "
+                                                                       "are under way through this node; retry later")
+            return
+        try:
+            self._answer(op, client)
+        finally:
+            gw.release_member(client)
+
+    def _answer(self, op: Any, client: Client) -> None:
+        """``op(client)``, its errors answered with their codes."""
+        try:
             op(client)
         except OutcomeUnknown as exc:
             self._error(HTTPStatus.GATEWAY_TIMEOUT, exc.code, str(exc))
         except ZraftError as exc:
             self._error(_ERROR_STATUS.get(exc.code, HTTPStatus.BAD_GATEWAY), exc.code, str(exc))
-        finally:
-            gw.release(client)
+        except KeysError as exc:  # a leader hint to a node the keys directory has no key for
+            self._error(HTTPStatus.BAD_GATEWAY, protocol.UNAVAILABLE, str(exc))
 
     def _own_status(self, client: Client) -> dict[str, Any] | None:
         """This node's status reply without its ``ok``, or None if its server does not answer."""
@@ -510,14 +652,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _not_found(self, path: str) -> None:
         self._error(HTTPStatus.NOT_FOUND, "not_found", f"no route {self.command} {path}; see docs/PROTOCOL.md "
-                                                       "(/v1/kv/KEY, /v1/status, /v1/cluster, /health)")
+                                                       "(/v1/kv/KEY, /v1/status, /v1/cluster, /v1/members, "
+                                                       "/v1/leader, /health)")
 
-    def _error(self, status: HTTPStatus, code: str, message: str) -> None:
-        self._json(status, {"error": code, "message": message})
+    def _error(self, status: HTTPStatus, code: str, message: str, allow: str | None = None) -> None:
+        self._json(status, {"error": code, "message": message}, allow)
 
-    def _json(self, status: HTTPStatus, body: dict[str, Any]) -> None:
+    def _json(self, status: HTTPStatus, body: dict[str, Any], allow: str | None = None) -> None:
         data = json.dumps(body).encode() + b"\n"
         self.send_response(status)
+        if allow is not None:
+            self.send_header("Allow", allow)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -551,3 +696,81 @@ def _value_fields(value: bytes | None) -> dict[str, Any]:
     except UnicodeDecodeError:
         text = None
     return {"value": text, "value_base64": base64.b64encode(value).decode()}
+
+
+class _Invalid(Exception):
+    """A membership request the gateway refuses as sent (400 bad_request, with this message)."""
+
+
+def _no_duplicate_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise ValueError(f"the field {name!r:.60} is given twice")
+        out[name] = value
+    return out
+
+
+def _node_id(value: Any, name: str) -> int:
+    if type(value) is not int or not 0 < value <= MAX_NODE_ID:
+        raise _Invalid(f"{name} must be a node id, an integer from 1 to 2**63-1, not {json.dumps(value):.60}")
+    return value
+
+
+def _path_id(text: str) -> int:
+    """The node id in a path (/v1/members/ID, /AddVoter/IP:PORT/ID), percent-encoded or not."""
+    text = unquote(text)
+    if not _DIGITS.fullmatch(text) or not 0 < int(text) <= MAX_NODE_ID:
+        raise _Invalid(f"bad node id {text!r:.60} in the path: an integer from 1 to 2**63-1")
+    return int(text)
+
+
+def _port(value: Any, name: str) -> int:
+    if type(value) is not int or not 0 < value < 65536:
+        raise _Invalid(f"{name} must be a port, an integer from 1 to 65535, not {json.dumps(value):.60}")
+    return value
+
+
+def _ip(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"ip must be the node's IPv4 or IPv6 address (text), not {json.dumps(value):.60}")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise _Invalid(f"ip must be an IPv4 or IPv6 address, not {value!r:.60}") from None
+    return value
+
+
+def _add_spec(body: dict[str, Any]) -> dict[str, Any]:
+    """add_member's arguments from a POST /v1/members body; client_port and http_port default to port+100
+    and port+200 (the node's own defaults), which must be ports too."""
+    missing = [name for name in ("id", "ip", "port") if name not in body]
+    if missing:
+        raise _Invalid(f"missing {', '.join(missing)}: the body is {{\"id\", \"ip\", \"port\"}}, optional "
+                       "\"client_port\", \"http_port\", \"learner\"")
+    port = _port(body["port"], "port")
+    spec: dict[str, Any] = {"node_id": _node_id(body["id"], "id"), "ip": _ip(body["ip"]), "port": port}
+    for name, offset in (("client_port", 100), ("http_port", 200)):
+        value = body.get(name)
+        if value is None and port + offset > 65535:
+            raise _Invalid(f"{name} defaults to port+{offset}, {port + offset}, which is no port: give {name}")
+        spec[name] = None if value is None else _port(value, name)
+    learner = body.get("learner", False)
+    if type(learner) is not bool:
+        raise _Invalid(f"learner must be true or false, not {json.dumps(learner):.60}")
+    spec["learner"] = learner
+    return spec
+
+
+def _add_voter_spec(address: str, node_id: str) -> dict[str, Any]:
+    """add_member's arguments from /AddVoter/IP:PORT/ID ([IPv6]:PORT too): a voter, default ports."""
+    host, sep, port_text = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not _DIGITS.fullmatch(port_text):
+        raise _Invalid(f"bad address {address!r:.60}: use /AddVoter/IP:PORT/ID, PORT the node's peer port")
+    port = _port(int(port_text), "the peer port")
+    if port + 200 > 65535:
+        raise _Invalid(f"peer port {port}: its HTTP port would be port+200, {port + 200}; use POST /v1/members "
+                       "with client_port and http_port")
+    return {"node_id": _path_id(node_id), "ip": _ip(host), "port": port}
