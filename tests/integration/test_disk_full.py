@@ -162,17 +162,21 @@ def test_follower_disk_full(small_disk_cluster: Callable[[], tuple[Cluster, Path
     assert "Traceback" not in output, f"the node stopped with a Python traceback:\n{output}"
 
 
-def _make_leader(c: Cluster, target: int, timeout: float = 60.0) -> int:
-    """Stop and restart leaders until ``target`` leads (there is no leadership transfer)."""
+def _make_leader(c: Cluster, target: int, timeout: float = 30.0) -> int:
+    """Hand the leadership to ``target`` (a leadership transfer, retried while a just-elected
+    leader is still committing its first entry)."""
     deadline = time.monotonic() + timeout
     while True:
         leader = c.wait_leader()
         if leader == target:
             return leader
-        assert time.monotonic() < deadline, f"node {target} did not become leader within {timeout} s"
-        assert c.stop(leader) == 0
-        c.wait_leader(ids=[i for i in c.ids if i != leader])
-        c.start(leader)
+        try:
+            with c.client(timeout=10.0) as cl:
+                if cl.transfer_leader(target) == target:
+                    return c.wait_leader()
+        except ZraftError as exc:
+            assert time.monotonic() < deadline, f"node {target} did not become leader within {timeout} s: {exc}"
+            time.sleep(0.1)
 
 
 def test_leader_disk_full(small_disk_cluster: Callable[[], tuple[Cluster, Path]]) -> None:
