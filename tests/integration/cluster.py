@@ -32,6 +32,8 @@ from typing import Any
 import msgpack
 import zmq
 
+from zraft.client import Client
+from zraft.cluster.config import NodeAddress
 from zraft.cluster.local import LocalCluster
 from zraft.cluster.procs import die_with_parent, free_ports, node_env
 
@@ -399,3 +401,34 @@ def output_of_last_start(path: Path) -> str:
     lines = path.read_bytes().decode(errors="replace").splitlines(keepends=True)
     starts = [i for i, line in enumerate(lines) if line.startswith("===== ")]
     return "".join(lines[starts[-1] + 1:] if starts else lines)
+
+
+class Joiner:
+    """A node started with --join: a Config file with its own line and one member's."""
+
+    def __init__(self, c: Cluster, node_id: int, member: int) -> None:
+        self.c, self.id = c, node_id
+        self.addr = NodeAddress(node_id, "127.0.0.1", free_port(), free_port(), free_port())
+        self.config = c.workdir / f"Config-{node_id}.txt"
+        self.config.write_text(
+            f"ip=127.0.0.1, port={c.peer_ports[member]}, id={member}, client_port={c.client_ports[member]}, "
+            f"http_port={c.http_ports[member]}\n"
+            f"ip=127.0.0.1, port={self.addr.port}, id={node_id}, client_port={self.addr.client_port}, "
+            f"http_port={self.addr.http_port}\n")
+        self.log = c.workdir / f"node{node_id}.out"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, join: bool = True) -> subprocess.Popen:
+        self.proc = spawn(zraft_cmd("node", "--id", str(self.id), "--config", str(self.config), "--data-dir",
+                                    str(self.c.data_dir), *(["--join"] if join else [])),
+                          what=f"node {self.id}", log=self.log, env=child_env(self.c.env))
+        return self.proc
+
+    def add(self, cl: Client, learner: bool = False) -> list[dict]:
+        a = self.addr
+        return cl.add_member(self.id, a.ip, a.port, a.client_port, a.http_port, learner)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

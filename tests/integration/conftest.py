@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import LOG_FILES, REGISTRY, Cluster, tail
+from .cluster import LOG_FILES, REGISTRY, Cluster, Joiner, tail
 
 
 @pytest.fixture(autouse=True)
@@ -69,3 +69,12 @@ def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
     c = make_cluster()
     c.wait_leader()
     return c
+
+
+@pytest.fixture
+def joiners() -> Iterator[list[Joiner]]:
+    """Nodes started with --join (cluster.Joiner) that the test appends; killed however it ended."""
+    made: list[Joiner] = []
+    yield made
+    for j in made:
+        j.kill()

@@ -169,6 +169,7 @@ class NodeServer(DriverEvents):
         self.backups: dict[int, BackupStream] = {}
         self._ids = random.Random()  # backup stream ids
         self.member_waits: list[_MemberWait] = []
+        self._client_change: tuple[int, int] | None = None  # (term, index) of the last change a client asked for
         self._probe: _MembershipProbe | None = _MembershipProbe(self) if raft.probation or (
             join and not raft.membership.members) else None
         self.refused: str | None = None  # why this node may not take part (it stops with that)
@@ -468,35 +469,72 @@ class NodeServer(DriverEvents):
     def _change_membership(self, envelope: Envelope, req: Request) -> None:
         """add_member, remove_member, promote_member, transfer_leader: through the leader's core; the
         reply waits until the change is committed (a voter added: promoted; a transfer: the target leads).
-        Only the leader's loop calls it."""
+
+        A change the leader cannot take *yet* for a reason no client caused (it was just elected and
+        has not committed an entry of its term, its own bookkeeping change or an earlier leader's is
+        in flight, a transfer runs) is tried again each turn for up to two election timeouts before it
+        is answered ``in_progress``: those clear within a round trip. A change another client asked
+        for and that is not committed yet is ``in_progress`` at once. Only the leader's loop calls it.
+        """
+        spec = req.member
+        assert spec is not None
+        s = self.settings
+        now = time.monotonic()
+        settle_until = now + 2 * s.election_ticks * s.tick_s
+        what = (f"node {spec['id']} to lead" if req.op == "transfer_leader" and spec["id"] is not None
+                else f"{req.op} of node {spec['id']}")
+        waiting: list[Any] = []  # once proposed: the check that the change is done
+
+        def attempt() -> bytes | None:
+            if waiting:
+                return waiting[0]()
+            if self.raft.role is not Role.LEADER:
+                return self._not_leader()
+            try:
+                waiting.append(self._propose_change(req))
+            except ConfChangeError as exc:
+                if exc.code == "not_leader":
+                    return self._not_leader()
+                if exc.code == protocol.IN_PROGRESS and not self._client_change_pending() \
+                        and time.monotonic() < settle_until:
+                    return None
+                return protocol.error(exc.code, str(exc))
+            return waiting[0]()
+
+        self._wait_member(envelope, now + MEMBER_WAIT_S, what, attempt)
+
+    def _client_change_pending(self) -> bool:
+        """Whether the configuration change not committed yet is one a client asked this leader for."""
+        raft = self.raft
+        return not raft.membership_committed and self._client_change == (raft.term, raft.config_index)
+
+    def _propose_change(self, req: Request) -> Any:
+        """Hand one membership request to the core; the check that answers it once done.
+        Raises ConfChangeError when the core refuses it."""
         raft = self.raft
         spec = req.member
         assert spec is not None
         node_id = spec["id"]
-        cur = raft.membership
-        deadline = time.monotonic() + MEMBER_WAIT_S
         if req.op == "transfer_leader":
-            self._transfer(envelope, node_id, deadline)
-            return
-        try:
-            if req.op == "add_member":
-                new = confchange.add_member(cur, node_id, spec["ip"], spec["port"], spec["client_port"],
-                                            spec["http_port"], spec["learner"])
-                want_voter = not spec["learner"]
-            elif req.op == "remove_member":
-                new = confchange.remove_member(cur, node_id)
-                want_voter = False
-            else:
-                new = confchange.promote_member(cur, node_id)
-                want_voter = True
-            index = raft.propose_membership(new)
-        except ConfChangeError as exc:
-            refused = self._not_leader() if exc.code == "not_leader" else protocol.error(exc.code, str(exc))
-            self._reply(envelope, refused)
-            return
+            target = raft.transfer_leadership(node_id)
+            log.info("node %d: handing leadership to node %d", self.me.id, target)
+            return lambda: protocol.ok(leader=target) if self.raft.leader == target else None
+        cur = raft.membership
+        if req.op == "add_member":
+            new = confchange.add_member(cur, node_id, spec["ip"], spec["port"], spec["client_port"],
+                                        spec["http_port"], spec["learner"])
+            want_voter = not spec["learner"]
+        elif req.op == "remove_member":
+            new = confchange.remove_member(cur, node_id)
+            want_voter = False
+        else:
+            new = confchange.promote_member(cur, node_id)
+            want_voter = True
+        index = raft.propose_membership(new)
+        term = raft.term
+        self._client_change = (term, index)
         log.info("node %d: membership change %s at index %d: %s", self.me.id, req.op, index,
                  _describe_membership(new))
-        term = raft.term
         removing = req.op == "remove_member"
 
         def done() -> bytes | None:
@@ -508,19 +546,10 @@ class NodeServer(DriverEvents):
                 return None
             m = n.membership.get(node_id)
             if removing or not want_voter or (m is not None and m.voter and n.membership_committed):
-                return protocol.ok(members=self._member_list())
+                return protocol.ok(members=self._member_list(), leader=self.me.id)
             return None
 
-        self._wait_member(envelope, deadline, f"{req.op} of node {node_id}", done)
-
-    def _transfer(self, envelope: Envelope, node_id: int | None, deadline: float) -> None:
-        try:
-            target = self.raft.transfer_leadership(node_id)
-        except ConfChangeError as exc:
-            self._reply(envelope, protocol.error(exc.code, str(exc)))
-            return
-        self._wait_member(envelope, deadline, f"node {target} to lead",
-                          lambda: protocol.ok(leader=target) if self.raft.leader == target else None)
+        return done
 
     def _wait_member(self, envelope: Envelope, deadline: float, what: str, done: Any) -> None:
         reply = done()
