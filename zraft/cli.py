@@ -401,12 +401,13 @@ def member_add(
 ) -> None:
     """Add a member through the leader; start it with `zraft node --id ID --join`. Returns once it is a voter
     (with --learner: once it is a learner)."""
-    members = _run_client(config, endpoints, timeout,
-                          lambda c: c.add_member(node_id, ip, port, client_port, http_port, learner), keys)
-    leader = next((m["id"] for m in members if m.get("match") is not None and m.get("behind") == 0), None)
-    if not as_json:
+    rep = _run_client(config, endpoints, timeout,
+                      lambda c: c.change_members("add_member", node_id, ip=ip, port=port, client_port=client_port,
+                                                 http_port=http_port, learner=learner), keys)
+    if as_json:
+        _print_members(rep["members"], rep.get("leader"), as_json)
+    else:
         print(f"node {node_id} is a {'learner' if learner else 'voter'} now")
-    _print_members(members, leader, as_json) if as_json else None
 
 
 @member_app.command("remove")
@@ -661,6 +662,25 @@ def keys_init(directory: Path = typer.Argument(..., help="Where to write the key
         written = init_keys(directory, _load(config))
     except (KeysError, OSError) as exc:
         raise _fail(f"keys init failed: {exc}") from None
+    for p in written:
+        print(p)
+
+
+@keys_app.command("add")
+def keys_add(directory: Path = typer.Argument(..., help="The keys directory `zraft keys init` made."),
+             node_id: int = typer.Option(..., "--id", help="The id of the member to be added.")) -> None:
+    """Write a keypair for one more node, a member to be added (`zraft member add`); never overwrites.
+
+    Copy DIR/nodeID.key (the public key) into every host's keys directory and DIR/nodeID.key_secret to
+    the new node's host only; the running nodes read the new public key when they first need it.
+    """
+    from zraft.cluster.keys import KeysError, add_node_key
+
+    _check_node_id(node_id)
+    try:
+        written = add_node_key(directory, node_id)
+    except (KeysError, OSError) as exc:
+        raise _fail(f"keys add failed: {exc}") from None
     for p in written:
         print(p)
 

@@ -48,6 +48,10 @@ CONNECT_TIMEOUT_S = 0.3
 MIN_ATTEMPT_S = 0.02
 
 
+class _NoKey(Exception):
+    """With keys: the public key of the node at an endpoint is unknown (it cannot be checked)."""
+
+
 class ZraftError(Exception):
     """A request failed. ``code`` is the protocol's error code (or ``unreachable``)."""
 
@@ -127,17 +131,23 @@ class Client:
         """The leader's membership reply (``leader``, ``members``: id, addresses, ``voter``, and how far behind)."""
         return self._call({"op": "members"}, write=False, leader_only=True)
 
+    def change_members(self, op: str, node_id: int | None, **fields: Any) -> dict[str, Any]:
+        """One membership request (``add_member``, ``remove_member``, ``promote_member``); the leader's
+        whole reply (``members`` after the change, ``leader``). Sent as a write without a session: if it
+        times out, whether it took effect is unknown (``members()`` tells)."""
+        return self._call({"op": op, "id": node_id, **fields}, write=True, session=False)
+
     def add_member(self, node_id: int, ip: str, port: int, client_port: int | None = None,
                    http_port: int | None = None, learner: bool = False) -> list[dict[str, Any]]:
         """Add a member; returns once it is committed (without ``learner``: once the leader promoted it)."""
-        return self._call({"op": "add_member", "id": node_id, "ip": ip, "port": port, "client_port": client_port,
-                           "http_port": http_port, "learner": learner}, write=True, session=False)["members"]
+        return self.change_members("add_member", node_id, ip=ip, port=port, client_port=client_port,
+                                   http_port=http_port, learner=learner)["members"]
 
     def remove_member(self, node_id: int) -> list[dict[str, Any]]:
-        return self._call({"op": "remove_member", "id": node_id}, write=True, session=False)["members"]
+        return self.change_members("remove_member", node_id)["members"]
 
     def promote_member(self, node_id: int) -> list[dict[str, Any]]:
-        return self._call({"op": "promote_member", "id": node_id}, write=True, session=False)["members"]
+        return self.change_members("promote_member", node_id)["members"]
 
     def transfer_leader(self, node_id: int | None = None) -> int:
         """Hand leadership to ``node_id`` (None: the most up-to-date voter); the new leader's id."""
@@ -181,8 +191,12 @@ class Client:
     # ------------------------------------------------------------------ plumbing
 
     def request(self, endpoint: str, req: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-        """One raw request to one node; None if it can't be reached or does not answer in time."""
-        sent, rep = self._exchange(endpoint, msgpack.packb(req, use_bin_type=True), timeout)
+        """One raw request to one node; None if it can't be reached (or, with keys, its key is unknown)
+        or does not answer in time."""
+        try:
+            _, rep = self._exchange(endpoint, msgpack.packb(req, use_bin_type=True), timeout)
+        except _NoKey:
+            return None
         return rep
 
     def _exchange(self, endpoint: str, frame: bytes, timeout: float) -> tuple[bool, dict[str, Any] | None]:
@@ -190,20 +204,41 @@ class Client:
         with self._lock:
             sock = self._socks.get(endpoint)
             if sock is None:
+                server_key = None
+                if self.keys is not None:
+                    try:
+                        server_key = self.keys.server_key(endpoint)
+                    except ValueError as exc:  # KeysError: no public key for that node (nothing cached)
+                        raise _NoKey(str(exc)) from None
                 sock = self._socks[endpoint] = self.ctx.socket(zmq.REQ)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a node we are not connected to
                 sock.setsockopt(zmq.REQ_RELAXED, 1)  # a request without a reply does not block the next
                 sock.setsockopt(zmq.REQ_CORRELATE, 1)  # ... and its late reply is dropped, not taken for ours
-                if self.keys is not None:
-                    self.keys.connect_to(sock, self.keys.server_key(endpoint))
+                if server_key is not None:
+                    self.keys.connect_to(sock, server_key)
                 sock.connect(endpoint)
             if not sock.poll(_ms(min(timeout, CONNECT_TIMEOUT_S)), zmq.POLLOUT):
                 return False, None
             sock.send(frame)
             if not sock.poll(_ms(timeout)):
                 return True, None
-            return True, msgpack.unpackb(sock.recv(), raw=False)
+            rep = msgpack.unpackb(sock.recv(), raw=False)
+        if self.keys is not None and isinstance(rep, dict):
+            self._learn_members(rep)
+        return True, rep
+
+    def _learn_members(self, rep: dict[str, Any]) -> None:
+        """With keys: which node serves each client endpoint a reply names (members, a leader hint),
+        so that a member added at runtime is checked with its own public key."""
+        keys = self.keys
+        assert keys is not None
+        for m in rep.get("members") or ():
+            if isinstance(m, dict) and isinstance(m.get("id"), int):
+                keys.learn_member(m["id"], f"tcp://{m.get('ip')}:{m.get('client_port')}")
+        hint, leader_id = rep.get("leader"), rep.get("leader_id")
+        if isinstance(hint, str) and isinstance(leader_id, int):
+            keys.learn_member(leader_id, hint)
 
     def _targets(self) -> str:
         if self.leader is not None:
@@ -234,7 +269,13 @@ class Client:
             if remaining < MIN_ATTEMPT_S:
                 raise call.given_up(self.timeout)
             endpoint = self._targets()
-            sent, rep = self._exchange(endpoint, call.frame, min(remaining, attempt_timeout))
+            try:
+                sent, rep = self._exchange(endpoint, call.frame, min(remaining, attempt_timeout))
+            except _NoKey as exc:  # a leader hint to a node we have no public key for
+                self.leader = None
+                call.last_error = str(exc)
+                call.pause()
+                continue
             if rep is None:
                 self.leader = None
                 call.no_reply(endpoint, sent)

@@ -1,6 +1,7 @@
 """Authentication and encryption: CurveZMQ keypairs for nodes and clients, and the HTTP token.
 
-``zraft keys init DIR`` writes, with ZeroMQ's certificate files (zmq.auth):
+``zraft keys init DIR`` writes, with ZeroMQ's certificate files (zmq.auth) (``zraft keys add DIR
+--id ID`` one more node's, for a member added later):
 
     DIR/node<ID>.key, DIR/node<ID>.key_secret   one keypair per node of Config.txt
     DIR/client.key, DIR/client.key_secret       the clients' keypair (more may be added: client*.key)
@@ -17,9 +18,10 @@ key and the nodes' public keys; so a host holds only the secrets it uses.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
-from collections.abc import Iterable
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +69,22 @@ def init_keys(directory: str | os.PathLike, cluster: ClusterConfig) -> list[Path
     return written
 
 
+def add_node_key(directory: str | os.PathLike, node_id: int) -> list[Path]:
+    """Write a keypair for one more node (a member to be added) into an existing keys directory,
+    refusing to overwrite; the files written. Copy its public key to every host's directory: the
+    nodes read it when they first need it."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise KeysError(f"keys directory {d} does not exist (make one with: zraft keys init {d})")
+    name = node_key_name(node_id)
+    existing = [str(p) for p in (d / f"{name}.key", d / f"{name}.key_secret") if p.exists()]
+    if existing:
+        raise KeysError(f"refusing to overwrite existing keys: {', '.join(existing)}")
+    public, secret = zmq.auth.create_certificates(str(d), name)
+    os.chmod(secret, 0o600)
+    return [Path(public), Path(secret)]
+
+
 @dataclass
 class KeyRing:
     """The keys one party (a node, or a client) uses: its own keypair and the public keys it knows."""
@@ -78,6 +96,7 @@ class KeyRing:
     client_public: set[bytes]  # z85 public keys of clients
     endpoint_nodes: dict[str, int] = field(default_factory=dict)  # client endpoint -> node id
     http_token: str | None = None
+    _refreshed: float = field(default=-math.inf, repr=False)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, cluster: ClusterConfig, node_id: int | None = None) -> KeyRing:
@@ -117,29 +136,64 @@ class KeyRing:
         sock.curve_serverkey = server_public
 
     def server_key(self, endpoint: str) -> bytes:
-        """The public key of the node serving ``endpoint`` (a client endpoint of Config.txt)."""
+        """The public key of the node serving ``endpoint`` (a client endpoint of Config.txt, or of a
+        member learned with :meth:`learn_member`)."""
         node_id = self.endpoint_nodes.get(endpoint)
         if node_id is None:
             raise KeysError(f"no node of the cluster serves {endpoint}: no key to check it with")
-        return self.node_public[node_id]
+        return self.node_key(node_id)
+
+    def node_key(self, node_id: int) -> bytes:
+        """Node ``node_id``'s public key: known since the start, or read now from the directory (a
+        member added later: ``zraft keys add DIR --id ID`` wrote it). KeysError if it is not there."""
+        key = self.node_public.get(node_id)
+        if key is None:
+            key = self.node_public[node_id] = _public(self.directory / f"{node_key_name(node_id)}.key")
+        return key
+
+    def learn_member(self, node_id: int, client_endpoint: str) -> None:
+        """A member the cluster told us of: its client endpoint is checked with its node key."""
+        self.endpoint_nodes.setdefault(client_endpoint, node_id)
+
+    def refresh_nodes(self, min_interval: float = 1.0) -> None:
+        """Read the node public keys added to the directory since (at most once per ``min_interval`` s)."""
+        now = time.monotonic()
+        if now - self._refreshed < min_interval:
+            return
+        self._refreshed = now
+        for path in sorted(self.directory.glob("node*.key")):
+            digits = path.stem[len("node"):]
+            if digits.isdigit() and int(digits) not in self.node_public:
+                try:
+                    self.node_public[int(digits)] = _public(path)
+                except KeysError:
+                    continue  # (half written: the next refresh reads it)
 
     def authenticator(self, ctx: zmq.Context) -> ThreadAuthenticator:
-        """A started ZAP handler for ``ctx``: the peer port lets in nodes, the client port clients and nodes."""
+        """A started ZAP handler for ``ctx``: the peer port lets in nodes, the client port clients and nodes.
+        A node key added to the directory later is let in too (members added at runtime)."""
         auth = _Authenticator(self, ctx)
         auth.start()
-        auth.configure_curve_callback(PEER_DOMAIN, _Allowed(self.node_public.values()))
-        auth.configure_curve_callback(CLIENT_DOMAIN, _Allowed([*self.client_public, *self.node_public.values()]))
+        auth.configure_curve_callback(PEER_DOMAIN, _Allowed(self, clients=False))
+        auth.configure_curve_callback(CLIENT_DOMAIN, _Allowed(self, clients=True))
         return auth
 
 
 class _Allowed:
-    """A ZAP credentials provider: the keys allowed in a domain."""
+    """A ZAP credentials provider: the node keys of the ring (and, ``clients``, the client keys)."""
 
-    def __init__(self, keys: Iterable[bytes]) -> None:
-        self.keys = set(keys)
+    def __init__(self, ring: KeyRing, clients: bool) -> None:
+        self.ring = ring
+        self.clients = clients
+
+    def _known(self, key: bytes) -> bool:
+        return (self.clients and key in self.ring.client_public) or key in self.ring.node_public.values()
 
     def callback(self, _domain: str, key: bytes) -> bool:
-        return key in self.keys
+        if self._known(key):
+            return True
+        self.ring.refresh_nodes()
+        return self._known(key)
 
 
 class _Authenticator(ThreadAuthenticator):
@@ -147,10 +201,13 @@ class _Authenticator(ThreadAuthenticator):
 
     def __init__(self, ring: KeyRing, ctx: zmq.Context) -> None:
         super().__init__(ctx)
-        self._users = {zmq.utils.z85.decode(k): f"node:{i}" for i, k in ring.node_public.items()}
+        self.ring = ring
 
     def curve_user_id(self, client_public_key: bytes) -> str:
-        return self._users.get(client_public_key, "client")
+        for i, k in list(self.ring.node_public.items()):
+            if zmq.utils.z85.decode(k) == client_public_key:
+                return f"node:{i}"
+        return "client"
 
 
 def _public(path: Path) -> bytes:

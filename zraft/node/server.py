@@ -169,6 +169,7 @@ class NodeServer(DriverEvents):
         self.backups: dict[int, BackupStream] = {}
         self._ids = random.Random()  # backup stream ids
         self.member_waits: list[_MemberWait] = []
+        self._next_key_retry = 0.0
         self._client_change: tuple[int, int] | None = None  # (term, index) of the last change a client asked for
         self._probe: _MembershipProbe | None = _MembershipProbe(self) if raft.probation or (
             join and not raft.membership.members) else None
@@ -241,6 +242,9 @@ class NodeServer(DriverEvents):
             self._check_probe()
         if not self._narrowed and self.raft.membership_committed:
             self._connect_members()  # a removal committed: stop talking to the node that left
+        if now >= self._next_key_retry:  # a member added at runtime whose public key had not come yet
+            self._next_key_retry = now + 1.0
+            self.transport.retry_missing_keys()
 
     def _stopped_for_good(self) -> bool:
         """Stop now? A leader asked to stop first hands leadership to an up-to-date voter (thesis 3.10),
@@ -650,7 +654,7 @@ class NodeServer(DriverEvents):
         addr = self.members.get(leader) if leader is not None and leader != self.me.id else None
         hint = addr.client_endpoint if addr is not None else None
         msg = f"node {self.me.id} is not the leader" + (f"; try node {leader}" if hint else "; leader unknown")
-        return protocol.error(protocol.NOT_LEADER, msg, leader=hint)
+        return protocol.error(protocol.NOT_LEADER, msg, leader=hint, leader_id=leader if hint else None)
 
     def _reply(self, envelope: Envelope, payload: bytes) -> None:
         try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from zraft.cluster.config import NodeAddress
-from zraft.cluster.keys import PEER_DOMAIN, KeyRing
+from zraft.cluster.keys import PEER_DOMAIN, KeyRing, KeysError
 from zraft.raft.messages import Message, decode_batch, encode_frames
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ class PeerTransport:
         self.dealers: dict[int, zmq.Socket] = {}
         self.addresses: dict[int, NodeAddress] = {}
         self._peer_ids: dict[bytes, int] = {}  # DEALER identity -> node id
+        self._wanted: list[NodeAddress] = []
+        self._no_key: dict[int, NodeAddress] = {}  # peers not connected to: no public key for them yet
+        self._warned_no_key: set[int] = set()
         self.set_peers(peers)
         self.dropped = 0
         self.faults = Faults()
@@ -95,6 +98,8 @@ class PeerTransport:
         """Talk to exactly these nodes from now on (the membership changed): connect to new ones and to
         moved ones, close the sockets of the rest; messages from a node not among them are dropped."""
         want = {p.id: p for p in peers if p.id != self.me.id}
+        self._wanted = list(peers)
+        self._no_key = {}
         for node_id in list(self.dealers):
             if want.get(node_id) != self.addresses.get(node_id):
                 self.dealers.pop(node_id).close()
@@ -102,10 +107,18 @@ class PeerTransport:
         for node_id, p in want.items():
             if node_id in self.dealers:
                 continue
-            if self.keys is not None and node_id not in self.keys.node_public:
-                log.warning("node %d: no public key for node %d in %s: it cannot be reached until its key is "
-                            "there (zraft keys init)", self.me.id, node_id, self.keys.directory)
-                continue
+            server_key = None
+            if self.keys is not None:
+                try:
+                    server_key = self.keys.node_key(node_id)
+                except KeysError:
+                    if node_id not in self._warned_no_key:
+                        self._warned_no_key.add(node_id)
+                        log.warning("node %d: no public key for node %d in %s: it cannot be reached until its "
+                                    "key is there (zraft keys add %s --id %d)", self.me.id, node_id,
+                                    self.keys.directory, self.keys.directory, node_id)
+                    self._no_key[node_id] = p
+                    continue
             d = self.ctx.socket(zmq.DEALER)
             d.setsockopt(zmq.IDENTITY, str(self.me.id).encode())
             d.setsockopt(zmq.LINGER, 0)
@@ -113,12 +126,17 @@ class PeerTransport:
             d.setsockopt(zmq.SNDHWM, 10_000)
             d.setsockopt(zmq.RECONNECT_IVL, 50)
             d.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-            if self.keys is not None:
-                self.keys.connect_to(d, self.keys.node_public[node_id])
+            if server_key is not None:
+                self.keys.connect_to(d, server_key)
             d.connect(p.peer_endpoint)
             self.dealers[node_id] = d
             self.addresses[node_id] = p
         self._peer_ids = {str(i).encode(): i for i in self.dealers}
+
+    def retry_missing_keys(self) -> None:
+        """Connect to the peers skipped for want of their public key, if it has come since."""
+        if self._no_key:
+            self.set_peers(self._wanted)
 
     def send(self, messages: list[Message]) -> None:
         by_peer: dict[int, list[Message]] = defaultdict(list)
