@@ -90,6 +90,17 @@ _ERROR_STATUS = {
 }
 
 
+def _cluster_nodes(client: Client, me: str) -> list[dict[str, Any]]:
+    """Every member's status (the members this node knows of, Config.txt's nodes if it cannot say)."""
+    rep = client.request(me, {"op": "members"}, 2.0)
+    eps = client.endpoints
+    if rep and rep.get("ok") and rep.get("members"):
+        eps = [f"tcp://{m['ip']}:{m['client_port']}" for m in rep["members"]]
+    with Client(eps, keys=client.keys) as every:
+        return [{"endpoint": ep, "answers": st is not None, **(st or {})}
+                for ep, st in zip(eps, every.statuses(), strict=True)]
+
+
 class HttpGateway:
     """The HTTP server of one node, serving in background threads until ``close()``."""
 
@@ -434,9 +445,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/v1/status":
             self._with_client(self._status)
         elif path == "/v1/cluster":
-            self._with_client(lambda c: self._json(HTTPStatus.OK, {"nodes": [
-                {"endpoint": ep, "answers": st is not None, **(st or {})}
-                for ep, st in zip(c.endpoints, c.statuses(), strict=True)]}))
+            self._with_client(lambda c: self._json(HTTPStatus.OK, {"nodes": _cluster_nodes(
+                c, self.gateway.me.client_endpoint)}))
         elif path == "/health":
             self._with_client(self._health)
         else:
