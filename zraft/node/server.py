@@ -127,8 +127,10 @@ class NodeServer(DriverEvents):
             # Config.txt for the cluster's membership.
             state = storage.state
             state.write({}, state.applied_index, None, state.applied_term, Membership().encode())
-        # Probation (zraft.raft.core): an empty data dir under an id the cluster may have seen take part.
-        raft.probation = probation and not join
+        # Probation (zraft.raft.core): an empty data dir under an id the cluster may have seen take part, or
+        # a node joining: it takes no Raft message until the probe's verdict (or the leader, replicating to
+        # it meanwhile, would mark it seen, and the probe would take that for an earlier life of this id).
+        raft.probation = probation or (join and not raft.membership.members)
         self.members: dict[int, NodeAddress] = {}
         self._narrowed = True  # the transport talks to the members only (no removal in flight)
         # Log writes in a background thread (async storage), or inline in the loop.
@@ -171,8 +173,7 @@ class NodeServer(DriverEvents):
         self.member_waits: list[_MemberWait] = []
         self._next_key_retry = 0.0
         self._client_change: tuple[int, int] | None = None  # (term, index) of the last change a client asked for
-        self._probe: _MembershipProbe | None = _MembershipProbe(self) if raft.probation or (
-            join and not raft.membership.members) else None
+        self._probe: _MembershipProbe | None = _MembershipProbe(self) if raft.probation else None
         self.refused: str | None = None  # why this node may not take part (it stops with that)
         self._handoff_until: float | None = None  # stopping: when to stop waiting for a leadership handoff
         log.info("node %d starting: term %d, log %d..%d, applied %d; clients on %s, HTTP on %s; log writes %s",
@@ -724,7 +725,8 @@ class _MembershipProbe:
     "Membership"): refused if any answer marks it seen, or a leader's answer does not list it; let
     in if a leader's answer lists it unseen, or every answer is of a cluster whose first
     configuration no leader has written yet (a new cluster: it merely started late). And a node
-    started with --join learns from the first answer whom to hear from until the leader adds it.
+    started with --join (on probation too until the verdict) is refused if its id is seen, and
+    otherwise learns from the first answer whom to hear from until the leader adds it.
     """
 
     def __init__(self, server: NodeServer) -> None:
@@ -849,7 +851,7 @@ def run_node(cluster: ClusterConfig, node_id: int, data_dir: str | os.PathLike, 
             log.warning("node %d: %s holds no data: it asks the cluster whether this id took part before "
                         "(then it refuses to vote again: remove it and add it back as a new member)", node_id, db_dir)
         server = NodeServer(cluster, node_id, storage, settings, allow_faults, keys, join=join,
-                            probation=fresh and not join)
+                            probation=fresh)
     except BaseException:
         storage.close()
         raise
