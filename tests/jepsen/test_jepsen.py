@@ -1,13 +1,14 @@
 """Jepsen-style tests: real node processes, concurrent clients, a nemesis, and the
 linearizability checker over the whole history.
 
-Each scenario runs ~32 s of faulted operation (ZRAFT_JEPSEN_DURATION overrides it),
-five scenarios in all: over two and a half minutes under faults. The seed of each run is
+Each scenario runs ~26 s of faulted operation (ZRAFT_JEPSEN_DURATION overrides it),
+six scenarios in all (the sixth changes the membership while it runs): over two and a
+half minutes under faults. The seed of each run is
 random unless ZRAFT_JEPSEN_SEED is set; it is printed in the summary (shown with -s,
 and on failure), so a failing run can be repeated:
 
     ZRAFT_JEPSEN_SEED=123 bin/test tests/jepsen -k partition -s
-    python -m zraft.jepsen --scenario partition --duration 32 --seed 123 --tick-ms 20
+    python -m zraft.jepsen --scenario partition --duration 26 --seed 123 --tick-ms 20
 
 (the timing of faults and operations is not reproducible, only the random choices).
 """
@@ -29,7 +30,7 @@ from zraft.jepsen.runner import SCENARIOS, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-DURATION = float(os.environ.get("ZRAFT_JEPSEN_DURATION", "32"))
+DURATION = float(os.environ.get("ZRAFT_JEPSEN_DURATION", "26"))
 # Faster elections than the default (50 ms ticks): more leader changes per fault, so the
 # same time under faults exercises more of the protocol. Safety does not depend on it.
 # Frequent compactions: a node that was killed, paused or cut off comes back through
@@ -83,8 +84,11 @@ def test_scenario_is_linearizable(scenario: str, tmp_path: Path) -> None:
     assert len(res.faults) >= 4, f"only {len(res.faults)} faults injected\n{summary}"
     expect = {"kill": {"kill -9", "stop"}, "pause": {"pause"}, "partition": {"partition", "isolate", "bridge"},
               "leader": {"kill -9", "pause", "isolate", "bridge"},
-              "mixed": {"kill -9", "stop", "pause", "partition", "isolate", "bridge"}}
+              "mixed": {"kill -9", "stop", "pause", "partition", "isolate", "bridge"},
+              "membership": {"add", "remove"}}
     assert kinds & expect[scenario], f"no {expect[scenario]} fault among {kinds}\n{summary}"
+    if scenario == "membership":  # the membership grew and shrank, and every change was done in time
+        assert {"add", "remove"} <= kinds, f"not both an add and a remove among {kinds}\n{summary}"
     # The cluster made progress under faults, and came back after them.
     assert res.ok_in_window(writes_only=True) >= 100, f"too little progress under faults\n{summary}"
     assert res.converged, f"the cluster did not converge after healing\n{summary}"

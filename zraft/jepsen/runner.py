@@ -33,6 +33,15 @@ leader      aimed at the current leader: kill it, pause it, cut it off, or cut i
             from all nodes but one, which still talks to everyone (a bridge)
 mixed       all of the above, plus message loss and delay between nodes, lost replies
             to applied writes (``drop_replies``), and two faults at once
+membership  membership changes (zraft/jepsen/members.py starts and retires the nodes),
+            every other fault one of the above on one node or a leadership transfer:
+            add a fresh node (a new id and ports, ``--join``); remove a voter, the leader
+            sometimes (left running a while sometimes: it must not disrupt anyone); replace
+            a killed node (add a new one, remove the dead one); lose a node's disk (kill
+            it, empty its data dir, check that it is refused under its old id, replace it).
+            A change sometimes runs during a kill, pause or isolation of another node, and
+            only when a majority of the voters stays up in every configuration it passes
+            through; 3 to 5 voters. The clients follow the membership.
 =========== ===========================================================================
 
 At the end everything is healed (paused nodes resumed, dead ones restarted, network
@@ -53,6 +62,8 @@ import argparse
 import inspect
 import itertools
 import random
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -62,7 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zraft.client import Client, OutcomeUnknown, ZraftError
+from zraft.client import Client, OutcomeUnknown, ZraftError, protocol
 from zraft.cluster.local import LocalCluster
 from zraft.jepsen.checker import CheckResult, check
 from zraft.jepsen.history import (
@@ -80,8 +91,9 @@ from zraft.jepsen.history import (
     fmt,
     load_history,
 )
+from zraft.jepsen.members import ElasticCluster
 
-SCENARIOS = ("kill", "pause", "partition", "leader", "mixed")
+SCENARIOS = ("kill", "pause", "partition", "leader", "mixed", "membership")
 # The op mix of the clients.
 OP_WEIGHTS = {GET: 40, PUT: 25, CAS: 25, DELETE: 10}
 
@@ -234,7 +246,7 @@ class Worker(threading.Thread):
 
     def __init__(self, cid: int, endpoints: list[str], keys: list[bytes], rec: Recorder, stop: threading.Event,
                  seed: int, timeout: float, seen: dict[bytes, bytes | None], exactly_once: bool | None = None,
-                 ring: Any = None) -> None:
+                 ring: Any = None, members: Callable[[], list[str]] | None = None) -> None:
         super().__init__(name=f"jepsen-client-{cid}", daemon=True)
         self.cid = cid
         self.client = make_client(endpoints, timeout, exactly_once, ring)
@@ -243,6 +255,7 @@ class Worker(threading.Thread):
         self.stop = stop
         self.rng = random.Random(seed)
         self.seen = seen  # the last value any client saw per key: cas expectations that may hit
+        self.members = members  # the current members' endpoints, when the membership changes
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -252,6 +265,8 @@ class Worker(threading.Thread):
             for n in itertools.count():
                 if self.stop.is_set():
                     return
+                if self.members is not None and (eps := self.members()) != self.client.endpoints:
+                    self.client.endpoints = eps  # between two ops: the client is this thread's alone
                 kind = self.rng.choices(kinds, weights)[0]
                 key = self.rng.choice(self.keys)
                 value = f"c{self.cid}-{n}".encode() if kind in (PUT, CAS) else None
@@ -302,6 +317,13 @@ class Nemesis(threading.Thread):
         self.net = {"drop": 0.0, "delay": 0.0}  # desired message loss rate and delay (ms), all nodes
         self.errors: list[str] = []
         self.lock = threading.RLock()
+        # The membership scenario: nodes that lost their disk (never restarted; removed in the same round),
+        # removed nodes left running for a round, the rounds so far, and the removals so far.
+        self.lost: set[int] = set()
+        self.leftover: list[int] = []
+        self.rounds = 0
+        self.removals = 0
+        self.unsure: set[int] = set()  # nodes whose removal was not done in time
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -311,6 +333,7 @@ class Nemesis(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stop.is_set():
+                self.check_exits()
                 undo = self.inject()
                 self.sleep(*self.HOLD)
                 for u in reversed(undo):
@@ -319,6 +342,20 @@ class Nemesis(threading.Thread):
         except Exception as exc:  # reported by the runner
             self.errors.append(f"nemesis: {type(exc).__name__}: {exc}")
             self.log(f"nemesis failed: {exc!r}")
+
+    def check_exits(self) -> None:
+        """A node that exited without being killed or stopped is an error (it is restarted at healing)."""
+        with self.lock:
+            for node in self.cluster.ids:
+                if node not in self.dead and not self.cluster.alive(node):
+                    proc = self.cluster.procs.get(node)
+                    code = proc.returncode if proc is not None else None
+                    self.dead.add(node)
+                    self.paused.discard(node)
+                    self.acked[node] = set()
+                    why = f"node {node} exited by itself (exit code {code}; see its log)"
+                    self.errors.append(f"nemesis: {why}, found at {self.now():.1f} s")
+                    self.log(f"[{self.now():6.1f}s] nemesis: {why}")
 
     def sleep(self, lo: float, hi: float) -> None:
         self.stop.wait(self.rng.uniform(lo, hi))
@@ -375,6 +412,280 @@ class Nemesis(threading.Thread):
         undo.append(self.kill(node) if self.rng.random() < 0.5 else self.pause(node))
         return undo
 
+    # ------------------------------------------------------------------ the membership scenario
+
+    VOTERS = (3, 5)  # the membership scenario keeps between 3 and 5 voters
+    CHANGE_TIMEOUT_S = 30.0  # a membership change asked for with a majority up must be done by then
+
+    def _inject_membership(self) -> list[Callable[[], None]]:
+        """Every other round a membership change (sometimes during a fault of another node), and in
+        between a fault of one node or a leadership transfer: a majority of the voters is always up."""
+        self.rounds += 1
+        self._retire_leftovers()
+        if self.rounds % 2 == 1:
+            return self._membership_change()
+        rng = self.rng
+        what = rng.choice(["kill", "stop", "pause", "isolate", "partition", "transfer", "transfer", "network"])
+        if what == "transfer":
+            self._transfer()
+            return []
+        if what == "partition":
+            return [self.partition_random()]
+        if what == "network":
+            return [self.network(drop=rng.choice([0.0, 0.1, 0.2]), delay=rng.choice([0.0, 20.0, 50.0]))]
+        target = self.find_leader() if rng.random() < 0.5 else None
+        label = "the leader" if target is not None else ""
+        if target is None:
+            target = rng.choice(self.cluster.ids)
+        return [self._one_node_fault(what, target, label)]
+
+    def _one_node_fault(self, what: str, node: int, detail: str = "") -> Callable[[], None]:
+        if what == "kill":
+            return self.kill(node, detail)
+        if what == "stop":
+            return self.stop_node(node)
+        if what == "pause":
+            return self.pause(node, detail)
+        return self.isolate(node, detail)
+
+    def _membership(self) -> tuple[set[int], int | None] | None:
+        """(voters, leader) by the leader's latest configuration; None if no leader answers. Brings the
+        cluster's list of members in line with it first (see _reconcile)."""
+        info = self.cluster.members(timeout=5.0)
+        if info is None:
+            return None
+        self._reconcile(info)
+        return {m["id"] for m in info["members"] if m.get("voter")}, info.get("leader")
+
+    def _reconcile(self, info: dict[str, Any]) -> None:
+        """A removal left not done (an error already) may have taken effect later: a node the leader's
+        committed configuration no longer lists is retired."""
+        if not info.get("committed"):
+            return
+        listed = {m["id"] for m in info["members"]}
+        for node in sorted(self.unsure & (set(self.cluster.ids) - listed)):
+            self.unsure.discard(node)
+            self._forget(node)
+            self.cluster.retire(node, "no longer a member")
+            self.log(f"[{self.now():6.1f}s] nemesis: node {node} turned out to be removed after all: retired")
+
+    def _retire_leftovers(self) -> None:
+        for node in self.leftover:
+            self.cluster.retire(node, "removed")
+        self.leftover = []
+
+    @staticmethod
+    def _majority_up(configs: list[set[int]], down: set[int]) -> bool:
+        return all(len(v - down) * 2 > len(v) for v in configs)
+
+    def _membership_change(self) -> list[Callable[[], None]]:
+        """One change, chosen to keep 3 to 5 voters: add, remove (the leader sometimes), replace a
+        killed node, or lose a node's disk and replace it. Returns the undo of a fault of another node
+        held during the change, if there was one."""
+        rng = self.rng
+        got = self._membership()
+        if got is None:
+            self.log(f"[{self.now():6.1f}s] nemesis: no leader to ask for a membership change")
+            return []
+        voters, leader = got
+        lo, hi = self.VOTERS
+        r = rng.random()
+        if len(voters) <= lo:
+            op = "add" if r < 0.5 else "replace" if r < 0.8 else "wipe"
+        elif len(voters) >= hi:
+            op = "remove"
+        else:
+            op = "remove" if self.removals == 0 or r < 0.5 else "add"
+        target = None
+        if op != "add":
+            target = leader if leader in voters and rng.random() < 0.4 else rng.choice(sorted(voters))
+        # The configurations the change passes through, and the nodes it takes down itself.
+        new = -1  # a node to be added
+        configs = {"add": [voters, voters | {new}], "remove": [voters, voters - {target}],
+                   "replace": [voters, voters | {new}, (voters | {new}) - {target}]}
+        configs["wipe"] = configs["replace"]
+        down = {target} if op in ("replace", "wipe") else set()
+        undo: list[Callable[[], None]] = []
+        if rng.random() < 0.4:  # ... during a fault of another node (the leader, sometimes)
+            others = [i for i in self.cluster.ids if i != target]
+            node = leader if leader in others and rng.random() < 0.3 else rng.choice(others)
+            if self._majority_up(configs[op], down | {node}):
+                what = rng.choice(["kill", "pause", "isolate"])
+                detail = "during a change" + ("; the leader" if node == leader else "")
+                undo.append(self._one_node_fault(what, node, detail))
+        label = "; the leader" if target == leader else ""
+        if op == "add":
+            self._add()
+        elif op == "remove":
+            self._remove(target, label[2:], leave_running=rng.random() < 0.5)
+        elif op == "replace":
+            ended = self.kill(target, "to be replaced" + label)
+            added = self._add(f"; replaces node {target}")
+            self._remove(target, f"dead; replaced by node {added}" if added else "dead")
+            ended()
+        else:
+            self._wipe(target, label)
+        return undo
+
+    def _track(self, node: int) -> None:
+        with self.lock:
+            self.cut.setdefault(node, set())
+            self.acked.setdefault(node, set())
+
+    def _forget(self, node: int) -> None:
+        """A node that left: no faults of it or for it any more."""
+        with self.lock:
+            self.dead.discard(node)
+            self.paused.discard(node)
+            self.lost.discard(node)
+            self.cut.pop(node, None)
+            self.acked.pop(node, None)
+            for peers in self.cut.values():
+                peers.discard(node)
+            for peers in self.acked.values():
+                if peers is not None:
+                    peers.discard(node)
+
+    def _add(self, detail: str = "") -> int | None:
+        """Start a fresh node with --join and add it (a voter once caught up); its id, if it was added."""
+        c = self.cluster
+        node = c.new_node()
+        self._track(node)
+        c.start(node)
+        f = self._record("add", [node], "a fresh node, --join" + detail)
+        ok, how = self._change("add", node, lambda cl: cl.add_member(node, **c.address(node)))
+        if ok:
+            c.admit(node)
+        elif node in c.joining:
+            self._forget(node)
+            c.retire(node, "its add was not done", grace=0)
+        f.detail += f"; {how}"
+        self._end(f)
+        return node if ok else None
+
+    def _remove(self, node: int, detail: str = "", leave_running: bool = False) -> bool:
+        """Remove a member; once done, stop it (or, ``leave_running``, in the next round: a removed node
+        must not disrupt anyone meanwhile)."""
+        f = self._record("remove", [node], detail)
+        ok, how = self._change("remove", node, lambda cl: cl.remove_member(node))
+        if ok:
+            self.removals += 1
+            running = self.cluster.alive(node) and node not in self.paused
+            self._forget(node)
+            if leave_running and running:
+                self.leftover.append(node)
+                self.cluster.ids = [i for i in self.cluster.ids if i != node]
+                self.cluster.n = len(self.cluster.ids)
+                how += "; left running for a round"
+            else:
+                self.cluster.retire(node, "removed")
+        else:
+            self.unsure.add(node)
+        f.detail += ("; " if f.detail else "") + how
+        self._end(f)
+        return ok
+
+    def _wipe(self, node: int, label: str = "") -> None:
+        """A node loses its disk: killed, its data dir emptied (its log file kept), restarted under its
+        old id, which must be refused; then replaced by a fresh node and removed."""
+        c = self.cluster
+        with self.lock:
+            c.kill(node)
+            self.dead.add(node)
+            self.paused.discard(node)
+            self.lost.add(node)
+        f = self._record("wipe disk", [node], "kill -9, data dir emptied, restarted under its old id" + label)
+        node_dir = c.data_dir / str(node)
+        for p in node_dir.iterdir():
+            if p.name != "node.log":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        c.write_config(node)  # the current members: the ones it asks about itself
+        proc = c.start(node)
+        try:
+            code = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            code = None
+        if code == 4:
+            f.detail += "; refused (exit 4)"
+        else:
+            st = c.status(node) if code is None else None
+            how = (f"exited with code {code}" if code is not None else
+                   "still on probation after 20 s" if st is not None and st.get("probation") else
+                   f"it takes part: {st}" if st is not None else "still running after 20 s, not answering")
+            c.kill(node)
+            f.detail += f"; NOT refused: {how}"
+            self.errors.append(f"nemesis: node {node} restarted with an emptied data dir under its old id was not "
+                               f"refused (exit code 4): {how}")
+        self._end(f)
+        added = self._add(f"; replaces node {node}")
+        self._remove(node, "its disk was lost" + (f"; replaced by node {added}" if added else ""))
+
+    def _transfer(self) -> None:
+        """Hand leadership to a random other voter that is up (or, sometimes, let the leader choose)."""
+        got = self._membership()
+        if got is None or got[1] is None:
+            self.log(f"[{self.now():6.1f}s] nemesis: no leader to transfer leadership from")
+            return
+        voters, leader = got
+        up = [i for i in sorted(voters) if i != leader and i in self.cluster.ids and i not in self.dead
+              and i not in self.paused]
+        target = self.rng.choice(up) if up and self.rng.random() < 0.7 else None
+        f = self._record("transfer", [leader] + ([target] if target is not None else []),
+                         f"from node {leader} to " + (f"node {target}" if target is not None else "its choice"))
+        t = time.monotonic()
+        try:
+            with self.cluster.client(timeout=5.0) as cl:
+                new = cl.transfer_leader(target)
+            f.detail += f"; node {new} leads after {time.monotonic() - t:.2f} s"
+        except ZraftError as exc:  # a transfer may be given up (after an election timeout): no harm done
+            f.detail += f"; not done: {exc.code}"
+        self._end(f)
+
+    def _change(self, what: str, node: int, call: Callable[[Client], Any]) -> tuple[bool, str]:
+        """Ask for a membership change until it is done, certainly refused, or CHANGE_TIMEOUT_S have
+        passed (then it counts as an error: a majority of the voters was up all along); (done, how it
+        went). Whatever the cluster did not take (``in_progress``, no leader, ``busy``) is asked again,
+        and so is a change whose outcome is unknown: a repeat of one that took effect is refused
+        (``bad_request``), and the membership tells whether it is done."""
+        t0 = time.monotonic()
+        deadline = t0 + self.CHANGE_TIMEOUT_S
+        tries, last = 0, ""
+        while True:
+            tries += 1
+            try:
+                with self.cluster.client(timeout=min(10.0, max(1.0, deadline - time.monotonic()))) as cl:
+                    call(cl)
+                return True, f"done in {time.monotonic() - t0:.1f} s" + (f", {tries} tries" if tries > 1 else "")
+            except ZraftError as exc:
+                last = f"{exc.code}: {exc.message}"
+                if exc.code == protocol.BAD_REQUEST:
+                    break  # refused as asked; done already, if an earlier attempt took effect
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        done = self._done(what, node, deadline)
+        if done:
+            return True, f"done in {time.monotonic() - t0:.1f} s, {tries} tries (the last: {last})"
+        why = (f"{what} of node {node} not done within {self.CHANGE_TIMEOUT_S:g} s, {tries} tries, the last: "
+               f"{last}" if time.monotonic() >= deadline else f"{what} of node {node} refused: {last}")
+        self.errors.append(f"nemesis: {why}")
+        self.log(f"[{self.now():6.1f}s] nemesis: {why}")
+        return False, why
+
+    def _done(self, what: str, node: int, deadline: float) -> bool:
+        """Whether the leader's configuration has the change (for an add: the node a voter), waiting
+        until ``deadline`` (at least a few seconds) for it."""
+        until = max(deadline, time.monotonic() + 5.0)
+        while True:
+            info = self.cluster.members(timeout=2.0)
+            if info is not None:
+                m = next((m for m in info["members"] if m["id"] == node), None)
+                if (what == "add" and m is not None and m.get("voter")) or (what == "remove" and m is None):
+                    return True
+            if time.monotonic() >= until:
+                return False
+            time.sleep(0.2)
+
     _INJECT: dict[str, Callable[[Nemesis], list[Callable[[], None]]]] = {
         "kill": _inject_kill,
         "pause": _inject_pause,
@@ -385,6 +696,7 @@ class Nemesis(threading.Thread):
         "replies": lambda self: [self.drop_replies(self.find_leader() or self.rng.choice(self.cluster.ids),
                                                    self.rng.randint(2, 10))],
         "double": _inject_double,
+        "membership": _inject_membership,
     }
 
     # ------------------------------------------------------------------ faults
@@ -617,10 +929,12 @@ class Nemesis(threading.Thread):
 
     def heal_all(self) -> None:
         """Undo everything: resume the paused, restart the dead, clear every network fault."""
+        self.check_exits()
         with self.lock:
+            self._retire_leftovers()
             for node in sorted(self.paused):
                 self.resume(node)
-            for node in sorted(self.dead):
+            for node in sorted(self.dead - self.lost):
                 self.restart(node)
             self.cut = {i: set() for i in self.cluster.ids}
             self.net = {"drop": 0.0, "delay": 0.0}
@@ -656,7 +970,11 @@ def run(scenario: str = "mixed", duration: float = 60.0, clients: int = 5, nodes
         f"{duration:g} s, seed {seed}" + (", with keys (CURVE)" if with_keys else ""))
     rec = Recorder()
     errors: list[str] = []
-    cluster = LocalCluster(nodes, workdir=workdir, env=env, keep=keep, keys=with_keys)
+    if scenario == "membership" and with_keys:
+        raise ValueError("the membership scenario runs without keys (a new node's key would be unknown to the "
+                         "others)")
+    cluster = (ElasticCluster if scenario == "membership" else LocalCluster)(nodes, workdir=workdir, env=env,
+                                                                              keep=keep, keys=with_keys)
     stop = threading.Event()
     workers: list[Worker] = []
     nemesis: Nemesis | None = None
@@ -669,7 +987,8 @@ def run(scenario: str = "mixed", duration: float = 60.0, clients: int = 5, nodes
         log(f"cluster up in {cluster.workdir}: leader {leader[0]}, term {leader[1]}")
         seen: dict[bytes, bytes | None] = {}
         workers = [Worker(c, cluster.endpoints, key_names, rec, stop, rng.randrange(1 << 31), client_timeout, seen,
-                          sessions == "on" or (sessions == "mixed" and c % 2 == 0), cluster.ring)
+                          sessions == "on" or (sessions == "mixed" and c % 2 == 0), cluster.ring,
+                          (lambda: cluster.endpoints) if isinstance(cluster, ElasticCluster) else None)
                    for c in range(clients)]
         t0 = time.monotonic()
         nemesis = Nemesis(cluster, scenario, random.Random(rng.randrange(1 << 31)), t0, stop, log)
@@ -718,7 +1037,7 @@ def _operate(rec: Recorder, nemesis: Nemesis, end: float, progress_every: float,
 def _stop(workers: list[Worker], nemesis: Nemesis, client_timeout: float) -> list[str]:
     """Wait for the clients and the nemesis to stop (``stop`` is set); what went wrong with them."""
     errors = []
-    nemesis.join(30)
+    nemesis.join(30 + 3 * Nemesis.CHANGE_TIMEOUT_S)  # a membership round may be under way: let it finish
     for w in workers:
         w.join(2 * client_timeout + 5)
         if w.is_alive():
@@ -739,6 +1058,8 @@ def _converge(cluster: LocalCluster) -> tuple[bool, str]:
         converged = True
         convergence = (f"converged in {time.monotonic() - t_heal:.1f} s: leader {lead['id']}, term {lead['term']},"
                        f" commit index {lead['commit_index']} on every node")
+        if isinstance(cluster, ElasticCluster):
+            convergence += f"; voters {lead.get('voters')}, learners {lead.get('learners')}"
     except TimeoutError as exc:
         converged, convergence = False, f"did NOT converge: {exc}"
     return converged, convergence + "; " + _snapshot_counts(cluster.data_dir)
