@@ -853,11 +853,13 @@ class Nemesis(threading.Thread):
         self.sync_all()
 
         def undo() -> None:
-            with self.lock:
+            with self.lock:  # (a node removed from the cluster meanwhile has no entry any more)
                 for a in side_a:
-                    self.cut[a] -= set(side_b)
+                    if a in self.cut:
+                        self.cut[a] -= set(side_b)
                 for b in side_b:
-                    self.cut[b] -= set(side_a)
+                    if b in self.cut:
+                        self.cut[b] -= set(side_a)
             self.sync_all()
             self._end(f)
 
