@@ -521,40 +521,57 @@ class NodeServer(DriverEvents):
         assert spec is not None
         node_id = spec["id"]
         if req.op == "transfer_leader":
-            target = raft.transfer_leadership(node_id)
-            log.info("node %d: handing leadership to node %d", self.me.id, target)
-            return lambda: protocol.ok(leader=target) if self.raft.leader == target else None
+            return self._propose_transfer(node_id)
         cur = raft.membership
         if req.op == "add_member":
             new = confchange.add_member(cur, node_id, spec["ip"], spec["port"], spec["client_port"],
                                         spec["http_port"], spec["learner"])
-            want_voter = not spec["learner"]
         elif req.op == "remove_member":
             new = confchange.remove_member(cur, node_id)
-            want_voter = False
         else:
             new = confchange.promote_member(cur, node_id)
-            want_voter = True
         index = raft.propose_membership(new)
-        term = raft.term
-        self._client_change = (term, index)
+        self._client_change = (raft.term, index)
         log.info("node %d: membership change %s at index %d: %s", self.me.id, req.op, index,
                  _describe_membership(new))
-        removing = req.op == "remove_member"
+        want_voter = req.op == "promote_member" or (req.op == "add_member" and not spec["learner"])
+        term = raft.term
+        return lambda: self._change_done(index, term, node_id, want_voter)
 
-        def done() -> bytes | None:
-            n = self.raft
-            if n.log.committed < index:
-                if n.term != term and n.log.term_at(index) not in (None, term):
-                    return protocol.error(protocol.NOT_LEADER, "the change was lost with a change of leader; "
-                                                               "see `zraft member list` and retry")
-                return None
-            m = n.membership.get(node_id)
-            if removing or not want_voter or (m is not None and m.voter and n.membership_committed):
-                return protocol.ok(members=self._member_list(), leader=self.me.id)
+    def _change_done(self, index: int, term: int, node_id: int, want_voter: bool) -> bytes | None:
+        """The reply to a membership change proposed at (index, term), once it is due."""
+        n = self.raft
+        if n.log.committed < index:
+            if n.term != term and n.log.term_at(index) not in (None, term):
+                return protocol.error(protocol.NOT_LEADER, "the change was lost with a change of leader; "
+                                                           "see `zraft member list` and retry")
+            if n.term != term or n.role is not Role.LEADER:
+                return protocol.error(protocol.TIMEOUT, f"node {self.me.id} lost its leadership before the change "
+                                                        "committed: it may or may not take effect; see `zraft "
+                                                        "member list`")
             return None
+        m = n.membership.get(node_id)
+        if not want_voter or (m is not None and m.voter and n.membership_committed):
+            return protocol.ok(members=self._member_list(), leader=self.me.id)
+        return None
 
-        return done
+    def _propose_transfer(self, node_id: int | None) -> Any:
+        target = self.raft.transfer_leadership(node_id)
+        log.info("node %d: handing leadership to node %d", self.me.id, target)
+
+        def led() -> bytes | None:
+            n = self.raft
+            if n.leader == target:
+                return protocol.ok(leader=target)
+            if n.role is Role.LEADER and n.transferring or n.leader is None:  # (None: the election is on)
+                return None
+            if n.role is Role.LEADER:  # aborted after an election timeout: this node leads on
+                why = f"the transfer to node {target} was given up: it did not take over within an election timeout"
+            else:
+                why = f"node {target} did not take over: node {n.leader} leads now"
+            return protocol.error(protocol.UNAVAILABLE, why)
+
+        return led
 
     def _wait_member(self, envelope: Envelope, deadline: float, what: str, done: Any) -> None:
         reply = done()
