@@ -262,8 +262,9 @@ class Client:
             call.encode(self.client_id, self.seq)
         else:
             call.encode()
-        # With a session, an attempt that gets no answer is retried, so don't wait the whole deadline on one.
-        attempt_timeout = max(1.0, self.timeout / 4) if call.session else self.timeout
+        # A read, or a write with a session, that gets no answer is retried (a node that stopped with the
+        # request unread never answers), so don't wait the whole deadline on one attempt.
+        attempt_timeout = max(1.0, self.timeout / 4) if call.session or not write else self.timeout
         while True:
             remaining = call.deadline - time.monotonic()
             if remaining < MIN_ATTEMPT_S:

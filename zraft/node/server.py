@@ -705,6 +705,8 @@ class NodeServer(DriverEvents):
 
     def _shutdown(self, clean: bool = True, raise_refused: bool = False) -> None:
         self._answer_all_waiting()
+        if self.stopping:  # what came in meanwhile gets an answer too (`unavailable`), not silence
+            self._serve_clients()
         if self._probe is not None:
             self._probe.stop()
         self.driver.close()
