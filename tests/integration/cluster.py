@@ -32,10 +32,8 @@ from typing import Any
 import msgpack
 import zmq
 
-from zraft.client import Client
-from zraft.cluster.config import NodeAddress
 from zraft.cluster.local import LocalCluster
-from zraft.cluster.procs import die_with_parent, free_ports, node_env
+from zraft.cluster.procs import NodeProcesses, die_with_parent, free_ports, node_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -403,32 +401,72 @@ def output_of_last_start(path: Path) -> str:
     return "".join(lines[starts[-1] + 1:] if starts else lines)
 
 
-class Joiner:
-    """A node started with --join: a Config file with its own line and one member's."""
+IP = "127.0.0.1"
 
-    def __init__(self, c: Cluster, node_id: int, member: int) -> None:
-        self.c, self.id = c, node_id
-        self.addr = NodeAddress(node_id, "127.0.0.1", free_port(), free_port(), free_port())
-        self.config = c.workdir / f"Config-{node_id}.txt"
-        self.config.write_text(
-            f"ip=127.0.0.1, port={c.peer_ports[member]}, id={member}, client_port={c.client_ports[member]}, "
-            f"http_port={c.http_ports[member]}\n"
-            f"ip=127.0.0.1, port={self.addr.port}, id={node_id}, client_port={self.addr.client_port}, "
-            f"http_port={self.addr.http_port}\n")
-        self.log = c.workdir / f"node{node_id}.out"
-        self.proc: subprocess.Popen | None = None
 
-    def start(self, join: bool = True) -> subprocess.Popen:
-        self.proc = spawn(zraft_cmd("node", "--id", str(self.id), "--config", str(self.config), "--data-dir",
-                                    str(self.c.data_dir), *(["--join"] if join else [])),
-                          what=f"node {self.id}", log=self.log, env=child_env(self.c.env))
-        return self.proc
+class MCluster(Cluster):
+    """A :class:`Cluster` that also runs nodes that are not in its Config.txt: :meth:`new_node`
+    gives one free ports and a config file of its own (its line and the lines of ``via``),
+    :meth:`start` starts it (``join=True``: with ``--join``). Its processes die with the cluster."""
 
-    def add(self, cl: Client, learner: bool = False) -> list[dict]:
-        a = self.addr
-        return cl.add_member(self.id, a.ip, a.port, a.client_port, a.http_port, learner)
+    def __init__(self, workdir: Path, n: int = 3, env: dict[str, str] | None = None, long_lived: bool = False,
+                 keys: bool = False) -> None:
+        super().__init__(workdir, n=n, env=env, long_lived=long_lived, keys=keys)
+        self.extra: dict[int, NodeProcesses] = {}
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+    def new_node(self, node_id: int, via: Iterable[int] | None = None) -> Path:
+        """Ports and a config file for a new node; returns the file's path."""
+        assert node_id not in self.peer_ports, f"node {node_id} exists"
+        base = free_base(1)
+        self.peer_ports[node_id], self.client_ports[node_id], self.http_ports[node_id] = base, base + 100, base + 200
+        via = list(self.ids if via is None else via)
+        cfg = self.workdir / f"Config-{node_id}.txt"
+        cfg.write_text("".join(self.line(i) for i in [node_id, *via]))
+        self.extra[node_id] = NodeProcesses(cfg, self.data_dir, self.log_path, env=node_env(self.env),
+                                            cwd=self.workdir, own_group=True, on_start=self._register)
+        return cfg
+
+    def line(self, node_id: int) -> str:
+        return (f'ip="{IP}",port="{self.peer_ports[node_id]}",id="{node_id}",'
+                f'client_port="{self.client_ports[node_id]}",http_port="{self.http_ports[node_id]}"\n')
+
+    def add_args(self, node_id: int) -> list[str]:
+        """`zraft member add` arguments for a node made by :meth:`new_node`."""
+        return ["member", "add", str(node_id), "--ip", IP, "--port", str(self.peer_ports[node_id]),
+                "--client-port", str(self.client_ports[node_id]), "--http-port", str(self.http_ports[node_id])]
+
+    def add_member(self, node_id: int, learner: bool = False, timeout: float = 60.0) -> list[dict[str, Any]]:
+        with self.client(timeout=timeout, ids=self.running()) as cl:
+            return cl.add_member(node_id, IP, self.peer_ports[node_id], self.client_ports[node_id],
+                                 self.http_ports[node_id], learner)
+
+    def _procs_of(self, node_id: int) -> NodeProcesses:
+        return self.extra.get(node_id, self.nodes)
+
+    def start(self, node_id: int, join: bool = False) -> subprocess.Popen:  # type: ignore[override]
+        assert not self.alive(node_id), f"node {node_id} runs"
+        return self._procs_of(node_id).start(node_id, ["--join"] if join else [])
+
+    def alive(self, node_id: int) -> bool:
+        return self._procs_of(node_id).alive(node_id)
+
+    def pid(self, node_id: int) -> int | None:
+        return self._procs_of(node_id).pid(node_id)
+
+    def kill(self, node_id: int, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int | None:
+        return self._procs_of(node_id).kill(node_id, sig, timeout)
+
+    def stop(self, node_id: int, grace: float = 5.0) -> int | None:
+        return self._procs_of(node_id).stop(node_id, grace)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return sorted(self.peer_ports)
+
+    def running(self) -> list[int]:
+        return [i for i in self.all_ids if self.alive(i)]
+
+    def close(self) -> None:
+        for p in self.extra.values():
+            p.close()
+        super().close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import LOG_FILES, REGISTRY, Cluster, Joiner, tail
+from .cluster import LOG_FILES, REGISTRY, Cluster, MCluster, tail
 
 
 @pytest.fixture(autouse=True)
@@ -72,9 +72,21 @@ def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
 
 
 @pytest.fixture
-def joiners() -> Iterator[list[Joiner]]:
-    """Nodes started with --join (cluster.Joiner) that the test appends; killed however it ended."""
-    made: list[Joiner] = []
-    yield made
-    for j in made:
-        j.kill()
+def make_mcluster(tmp_path: Path) -> Iterator[Callable[..., MCluster]]:
+    """``make_mcluster(n=3, env=None, start=True, keys=False)``: clusters that also run nodes not in their
+    Config.txt (cluster.MCluster); every cluster (and every extra node) is killed
+    when the test ends, however it ends."""
+    made: list[MCluster] = []
+
+    def make(n: int = 3, env: dict[str, str] | None = None, start: bool = True, keys: bool = False) -> MCluster:
+        c = MCluster(tmp_path / f"cluster{len(made)}", n=n, env=env, keys=keys)
+        made.append(c)
+        if start:
+            c.start_all()
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in made:
+            c.close()

@@ -17,7 +17,7 @@ import zmq.auth
 
 from zraft.client import Client, ZraftError
 
-from .cluster import Cluster, Joiner, ctx, run_zraft
+from .cluster import Cluster, MCluster, ctx, run_zraft
 
 pytestmark = pytest.mark.integration
 
@@ -111,24 +111,22 @@ def test_a_nodes_key_cannot_speak_for_another_node(make_cluster) -> None:
     assert c.status(b)["term"] == term and c.wait_leader(ids=[leader, b]) == leader
 
 
-def test_with_keys_a_member_added_at_runtime_gets_its_key_with_keys_add_and_takes_part(make_cluster, joiners
-                                                                                      ) -> None:
-    c: Cluster = make_cluster(keys=True)
+def test_with_keys_a_member_added_at_runtime_gets_its_key_with_keys_add_and_takes_part(make_mcluster) -> None:
+    c: MCluster = make_mcluster(keys=True)
     leader = c.wait_leader()
     assert c.keys_dir is not None and c.ring is not None
     r = run_zraft("keys", "add", str(c.keys_dir), "--id", "4", cwd=c.workdir)
     assert r.rc == 0 and [Path(p).name for p in r.out.split()] == ["node4.key", "node4.key_secret"], str(r)
     r = run_zraft("keys", "add", str(c.keys_dir), "--id", "4", cwd=c.workdir)
     assert r.rc == 1 and "refusing to overwrite" in r.err and "Traceback" not in r.err, str(r)
-    j = Joiner(c, 4, leader)
-    joiners.append(j)
-    j.start()  # with ZRAFT_KEYS: the cluster's nodes read node4.key when they first need it
+    c.new_node(4, via=[leader])
+    c.start(4, join=True)  # with ZRAFT_KEYS: the cluster's nodes read node4.key when they first need it
     with Client(c.endpoints, keys=c.ring, timeout=20) as cl:
-        rows = j.add(cl)  # returns once it is a voter: it replicated over CURVE both ways
-        assert any(m["id"] == 4 and m["voter"] for m in rows), rows
+        rows = cl.add_member(4, "127.0.0.1", c.peer_ports[4], c.client_ports[4], c.http_ports[4])
+        assert any(m["id"] == 4 and m["voter"] for m in rows), rows  # a voter: it replicated over CURVE
         cl.put(b"k4", b"v")
         assert cl.transfer_leader(4) == 4
     # A client of the first three nodes only follows the hint to node 4, checked with node 4's key.
     with Client(c.endpoints, keys=c.ring, timeout=20) as cl:
         assert cl.get(b"k4") == b"v"
-        assert cl.leader == f"tcp://127.0.0.1:{j.addr.client_port}"
+        assert cl.leader == c.endpoint(4)
