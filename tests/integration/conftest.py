@@ -90,3 +90,33 @@ def make_mcluster(tmp_path: Path) -> Iterator[Callable[..., MCluster]]:
     finally:
         for c in made:
             c.close()
+
+
+@pytest.fixture(scope="module")
+def _module_cluster(tmp_path_factory):
+    """One cluster for every test of a module that asks for ``shared_cluster`` (tests that leave it as
+    they found it: independent requests), killed at the end of the module."""
+    c = Cluster(tmp_path_factory.mktemp("shared"), long_lived=True)
+    try:
+        c.start_all()
+        c.wait_leader()
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def shared_cluster(_module_cluster: Cluster, request: pytest.FixtureRequest):
+    """The module's cluster, every node running (a node an earlier case crashed is started
+    again, so one crash fails one case, not all that follow); each case fails if it
+    leaves a node dead."""
+    c = _module_cluster
+    LOG_FILES.extend(c.log_path(i) for i in c.ids)
+    for i in c.ids:
+        if not c.alive(i):
+            c.start(i)
+    c.wait_leader(c.ids)
+    yield c
+    dead = {i: c.procs[i].poll() for i in c.ids if not c.alive(i)}
+    assert not dead or getattr(request.node, "zraft_failed", False), (
+        f"node(s) died (id: exit code): {dead}; see the tails of their output")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+from collections.abc import Callable
 from urllib.parse import quote_from_bytes
 
 import pytest
@@ -11,6 +12,13 @@ import pytest
 from .cluster import Cluster
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cluster(shared_cluster: Cluster) -> Cluster:
+    """The tests here run on the module's one cluster (independent requests), but for the one that
+    kills nodes."""
+    return shared_cluster
 
 
 def call(c: Cluster, node_id: int, method: str, path: str, body: bytes | None = None,
@@ -65,7 +73,8 @@ def test_keys_through_any_node(cluster: Cluster) -> None:
     assert status == 404 and json.loads(body)["error"] == "not_found"
 
 
-def test_status_cluster_and_health(cluster: Cluster) -> None:
+def test_status_cluster_and_health(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster()  # its own: it kills two nodes
     leader = cluster.wait_leader()
     for node in cluster.ids:
         status, _, body = call(cluster, node, "GET", "/v1/status")

@@ -20,6 +20,12 @@ from .test_http import call, kv
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture
+def cluster(shared_cluster: Cluster) -> Cluster:
+    """Every test here runs on the module's one cluster (each case leaves it as it found it)."""
+    return shared_cluster
+
 SMUGGLED = b"DELETE /v1/kv/base HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
 
 

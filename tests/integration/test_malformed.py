@@ -9,7 +9,7 @@ import msgpack
 import pytest
 import zmq
 
-from .cluster import LOG_FILES, Cluster, ctx, pack, request, unpack
+from .cluster import Cluster, ctx, pack, request, unpack
 
 pytestmark = pytest.mark.integration
 
@@ -69,36 +69,6 @@ BAD_REQUESTS = [
     ("frame over 2 MiB", pack({"op": "put", "key": b"k", "value": b"v" * (2 * MIB + 10)}), "too_large"),
     ("frame over 2 MiB of garbage", b"\x00" * (2 * MIB + 1), "too_large"),
 ]
-
-
-@pytest.fixture(scope="module")
-def _module_cluster(tmp_path_factory):
-    """One cluster for every case here (they are independent requests), killed at the end
-    of the module."""
-    c = Cluster(tmp_path_factory.mktemp("malformed"), long_lived=True)
-    try:
-        c.start_all()
-        c.wait_leader()
-        yield c
-    finally:
-        c.close()
-
-
-@pytest.fixture
-def shared_cluster(_module_cluster: Cluster, request: pytest.FixtureRequest):
-    """The module's cluster, every node running (a node an earlier case crashed is started
-    again, so one crash fails one case, not all that follow); each case fails if it
-    leaves a node dead."""
-    c = _module_cluster
-    LOG_FILES.extend(c.log_path(i) for i in c.ids)
-    for i in c.ids:
-        if not c.alive(i):
-            c.start(i)
-    c.wait_leader(c.ids)
-    yield c
-    dead = {i: c.procs[i].poll() for i in c.ids if not c.alive(i)}
-    assert not dead or getattr(request.node, "zraft_failed", False), (
-        f"node(s) died (id: exit code): {dead}; see the tails of their output")
 
 
 def ask(c: Cluster, node_id: int, raw: bytes, timeout: float = 5.0):
