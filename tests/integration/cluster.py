@@ -373,6 +373,23 @@ class Cluster(LocalCluster):
         reqs = [{"op": "put", "key": k, "value": v} for k, v in items.items()]
         return pipeline(self.endpoint(leader), reqs, window=window, timeout=timeout)
 
+    def state_of(self, node_id: int) -> tuple[int, dict[bytes, bytes]]:
+        """(applied index, every key and value) of one running node, read through its `snapshot` op."""
+        from zraft.node.statemachine import REC_DATA, decode_chunk
+
+        ep = self.endpoint(node_id)
+        rep = request(ep, {"op": "snapshot", "stream": None}, timeout=10)
+        assert rep and rep.get("ok"), rep
+        index, items = rep["index"], {}
+        while True:
+            for kind, k, v in decode_chunk(rep["data"]):
+                if kind == REC_DATA:
+                    items[k] = v
+            if rep["done"]:
+                return index, items
+            rep = request(ep, {"op": "snapshot", "stream": rep["stream"]}, timeout=10)
+            assert rep and rep.get("ok"), rep
+
     def get_many(self, node_id: int, keys: Sequence[bytes], window: int = 32,
                  timeout: float = 120.0) -> dict[bytes, Any]:
         reps = pipeline(self.endpoint(node_id), [{"op": "get", "key": k} for k in keys], window=window,

@@ -43,14 +43,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture
-def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
-    """A factory: ``make_cluster(n=3, env={...}, start=True)``. Every cluster it made is
-    killed (SIGKILL, by pid) when the test ends, however it ends."""
-    clusters: list[Cluster] = []
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., MCluster]]:
+    """A factory: ``make_cluster(n=3, env={...}, start=True, name=None, keys=False)``. Its clusters can
+    also run nodes that are not in their Config.txt (cluster.MCluster). Every cluster it made is
+    killed (SIGKILL, by pid), extra nodes included, when the test ends, however it ends."""
+    clusters: list[MCluster] = []
 
     def make(n: int = 3, env: dict[str, str] | None = None, start: bool = True, name: str | None = None,
-             keys: bool = False) -> Cluster:
-        c = Cluster(tmp_path / (name or f"cluster{len(clusters)}"), n=n, env=dict(env or {}), keys=keys)
+             keys: bool = False) -> MCluster:
+        c = MCluster(tmp_path / (name or f"cluster{len(clusters)}"), n=n, env=dict(env or {}), keys=keys)
         clusters.append(c)
         if start:
             c.start_all()
@@ -72,31 +73,16 @@ def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
 
 
 @pytest.fixture
-def make_mcluster(tmp_path: Path) -> Iterator[Callable[..., MCluster]]:
-    """``make_mcluster(n=3, env=None, start=True, keys=False)``: clusters that also run nodes not in their
-    Config.txt (cluster.MCluster); every cluster (and every extra node) is killed
-    when the test ends, however it ends."""
-    made: list[MCluster] = []
-
-    def make(n: int = 3, env: dict[str, str] | None = None, start: bool = True, keys: bool = False) -> MCluster:
-        c = MCluster(tmp_path / f"cluster{len(made)}", n=n, env=env, keys=keys)
-        made.append(c)
-        if start:
-            c.start_all()
-        return c
-
-    try:
-        yield make
-    finally:
-        for c in made:
-            c.close()
+def make_mcluster(make_cluster: Callable[..., MCluster]) -> Callable[..., MCluster]:
+    """``make_cluster`` under the name the membership tests use (its clusters are MClusters)."""
+    return make_cluster
 
 
 @pytest.fixture(scope="module")
 def _module_cluster(tmp_path_factory):
     """One cluster for every test of a module that asks for ``shared_cluster`` (tests that leave it as
     they found it: independent requests), killed at the end of the module."""
-    c = Cluster(tmp_path_factory.mktemp("shared"), long_lived=True)
+    c = MCluster(tmp_path_factory.mktemp("shared"), long_lived=True)
     try:
         c.start_all()
         c.wait_leader()

@@ -29,7 +29,7 @@ from zraft.jepsen.checker import check
 from zraft.jepsen.history import GET, OK, PUT, Op
 from zraft.jepsen.runner import Recorder, run_op
 
-from .cluster import IP, LOG_FILES, MCluster, free_base, output_of_last_start, request
+from .cluster import IP, LOG_FILES, MCluster, free_base, output_of_last_start
 
 pytestmark = pytest.mark.integration
 
@@ -108,24 +108,6 @@ def cli_error(c: MCluster, *args: str, rc: int = 2, message: str = "") -> None:
     assert r.rc == rc, str(r)
     assert "Traceback" not in r.err, str(r)
     assert f"error: {message}" in r.err.replace("\n", " "), str(r)
-
-
-def state_of(c: MCluster, node_id: int) -> tuple[int, dict[bytes, bytes]]:
-    """(applied index, every key and value) of a node, read through its `snapshot` op (any node answers)."""
-    from zraft.node.statemachine import REC_DATA, decode_chunk
-
-    ep = c.endpoint(node_id)
-    rep = request(ep, {"op": "snapshot", "stream": None}, timeout=10)
-    assert rep and rep.get("ok"), rep
-    index, items = rep["index"], {}
-    while True:
-        for kind, k, v in decode_chunk(rep["data"]):
-            if kind == REC_DATA:
-                items[k] = v
-        if rep["done"]:
-            return index, items
-        rep = request(ep, {"op": "snapshot", "stream": rep["stream"]}, timeout=10)
-        assert rep and rep.get("ok"), rep
 
 
 def put_all(c: MCluster, leader: int, items: dict[bytes, bytes]) -> None:
@@ -418,8 +400,8 @@ def test_learner_added_after_compaction_gets_a_snapshot(make_mcluster: Callable[
     # It holds exactly what the leader holds; and once promoted (CLI), it can even lead.
     put_all(c, leader, {b"after-learner": b"1"})
     c.wait_caught_up(4, leader)
-    ia, sa = state_of(c, leader)
-    ib, sb = state_of(c, 4)
+    ia, sa = c.state_of(leader)
+    ib, sb = c.state_of(4)
     assert sa == sb, (ia, ib, len(sa), len(sb))
     assert len(sa) == 1501
     out = cli_ok(c, "member", "promote", "4")
@@ -478,22 +460,11 @@ def test_membership_comes_back_from_disk_after_restarting_every_node(make_mclust
 # ------------------------------------------------------------------------------------ 7. bad input
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MCluster]:
-    """Three nodes for the bad-input checks (each leaves the membership as it found it)."""
-    c = MCluster(tmp_path_factory.mktemp("membership-shared"), long_lived=True)
-    try:
-        c.start_all()
-        c.wait_leader()
-        yield c
-    finally:
-        c.close()
-
-
 @pytest.fixture
-def bad(shared: MCluster) -> Iterator[tuple[MCluster, int, dict[str, Any]]]:
+def bad(_module_cluster: MCluster) -> Iterator[tuple[MCluster, int, dict[str, Any]]]:
     """The shared cluster, settled: (cluster, leader, its membership); afterwards the membership
     must be what it was."""
+    shared = _module_cluster
     for i in shared.all_ids:
         LOG_FILES.append(shared.log_path(i))
     leader = shared.wait_leader(ids=shared.ids)

@@ -16,7 +16,6 @@ import pytest
 
 from zraft.client import Client
 from zraft.cluster.config import load_config
-from zraft.node.statemachine import REC_DATA, decode_chunk
 
 from .cluster import Cluster, child_env, free_port, request, run_zraft, spawn, tail, zraft_cmd
 
@@ -27,28 +26,12 @@ KEEP = 200
 SNAP_ENV = {"ZRAFT_SNAPSHOT_THRESHOLD": str(THRESHOLD), "ZRAFT_SNAPSHOT_KEEP": str(KEEP)}
 
 
-def state_of(c: Cluster, node_id: int) -> tuple[int, dict[bytes, bytes]]:
-    """(applied index, every key and value) of one running node, read through its snapshot op."""
-    ep = c.endpoint(node_id)
-    rep = request(ep, {"op": "snapshot", "stream": None}, timeout=10)
-    assert rep and rep.get("ok"), rep
-    index, items = rep["index"], {}
-    while True:
-        for kind, k, v in decode_chunk(rep["data"]):
-            if kind == REC_DATA:
-                items[k] = v
-        if rep["done"]:
-            return index, items
-        rep = request(ep, {"op": "snapshot", "stream": rep["stream"]}, timeout=10)
-        assert rep and rep.get("ok"), rep
-
-
 def wait_same_state(c: Cluster, a: int, b: int, timeout: float = 30.0) -> dict[bytes, bytes]:
     """Wait until nodes a and b have applied the same index, then compare every key."""
     deadline = time.monotonic() + timeout
     while True:
-        ia, sa = state_of(c, a)
-        ib, sb = state_of(c, b)
+        ia, sa = c.state_of(a)
+        ib, sb = c.state_of(b)
         if ia == ib:
             break
         assert time.monotonic() < deadline, f"nodes {a} and {b} stay at applied {ia} and {ib}"
@@ -260,7 +243,7 @@ def test_save_restore_into_a_fresh_cluster_and_corrupt_backups_are_refused(make_
     assert r.rc != 0 and "already exists" in r.err and "Traceback" not in r.err, str(r)
     fresh.start_all()
     new_leader = fresh.wait_leader()
-    _, data = state_of(fresh, new_leader)
+    _, data = fresh.state_of(new_leader)
     assert data == expected
     fresh.check_all_present(new_leader, {**expected, b"key-0000": None})
     with fresh.client() as cl:
