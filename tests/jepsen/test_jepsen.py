@@ -40,8 +40,9 @@ FAST = {"ZRAFT_TICK_MS": "20", "ZRAFT_SNAPSHOT_THRESHOLD": "300", "ZRAFT_SNAPSHO
 # The kill scenario runs with the Raft log written from the background thread (async storage,
 # off by default): kill -9 with writes in flight is what that mode must survive.
 ASYNC_STORAGE_SCENARIOS = {"kill"}
-# The mixed scenario runs with keys on (CURVE on every socket, as a production cluster would).
-KEYED_SCENARIOS = {"mixed"}
+# The mixed and membership scenarios run with keys on (CURVE on every socket, as a production cluster
+# would; a node added at runtime gets its keypair as `zraft keys add` makes one).
+KEYED_SCENARIOS = {"mixed", "membership"}
 
 
 def _seed() -> int:

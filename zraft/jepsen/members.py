@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from zraft.client import Client
+from zraft.cluster.keys import add_node_key
 from zraft.cluster.local import LocalCluster
 from zraft.cluster.procs import NodeProcesses, free_ports
 
@@ -46,11 +47,10 @@ class _Procs(NodeProcesses):
 class ElasticCluster(LocalCluster):
     """A LocalCluster of ``n`` nodes to begin with, which nodes join and leave (see the module docstring).
 
-    Without keys only: a cluster with keys knows every node's public key from the start."""
+    With keys, a new node's keypair is written (as ``zraft keys add`` does) before it starts: the
+    others read its public key when they first meet it."""
 
     def __init__(self, n: int = 3, **kwargs: Any) -> None:
-        if kwargs.get("keys"):
-            raise ValueError("an elastic cluster runs without keys (every node's key is made before the start)")
         super().__init__(n, **kwargs)
         old = self.nodes
         self.nodes = _Procs(old.config_path, old.data_dir, old.log_path, env=old.env, cwd=old.cwd,
@@ -70,6 +70,8 @@ class ElasticCluster(LocalCluster):
             self._next_id += 1
             peer, client, http = free_ports(3)
             self.peer_ports[node_id], self.client_ports[node_id], self.http_ports[node_id] = peer, client, http
+            if self.keys_dir is not None:
+                add_node_key(self.keys_dir, node_id)
             self.write_config(node_id)
             self.joining.add(node_id)
             return node_id

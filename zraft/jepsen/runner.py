@@ -972,9 +972,6 @@ def run(scenario: str = "mixed", duration: float = 60.0, clients: int = 5, nodes
         f"{duration:g} s, seed {seed}" + (", with keys (CURVE)" if with_keys else ""))
     rec = Recorder()
     errors: list[str] = []
-    if scenario == "membership" and with_keys:
-        raise ValueError("the membership scenario runs without keys (a new node's key would be unknown to the "
-                         "others)")
     cluster = (ElasticCluster if scenario == "membership" else LocalCluster)(nodes, workdir=workdir, env=env,
                                                                               keep=keep, keys=with_keys)
     stop = threading.Event()
