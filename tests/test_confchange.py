@@ -8,6 +8,9 @@ import pytest
 from zraft.client.protocol import BAD_REQUEST, Limits, RequestError, parse_request
 from zraft.raft import confchange
 from zraft.raft.confchange import ConfChangeError, Member, Membership
+from zraft.raft.core import HardState, RaftConfig, RaftNode, Role
+from zraft.raft.log import RaftLog
+from zraft.raft.messages import AppendEntries, AppendEntriesResponse, Entry, RequestVote, RequestVoteResponse
 
 
 def three() -> Membership:
@@ -98,3 +101,62 @@ def test_bad_member_requests_are_bad_requests(req: dict) -> None:
     with pytest.raises(RequestError) as exc:
         _parse(req)
     assert exc.value.code == BAD_REQUEST
+
+
+# ---------------------------------------------------------------------- votes across configurations (the core)
+
+
+def _vote(node, src: int, term: int, last_index: int, last_term: int) -> bool:
+    node.step(RequestVote(term, src, node.id, last_index, last_term, pre_vote=False))
+    return any(m.granted for m in node.ready().messages if isinstance(m, RequestVoteResponse))
+
+
+def test_a_node_that_joined_votes_for_a_candidate_whose_log_is_ahead() -> None:
+    """Thesis 4.1: add a fourth server to three, lose one, and the new server's vote is needed. Found by the
+    simulation (tests/sim, seed 860 of the membership runs): a promoted node that had not received its
+    configuration yet refused every candidate, and with one voter holding an uncommitted removal of itself
+    (it may not campaign) no one could be elected."""
+    fresh = RaftNode(RaftConfig(4, ()), membership=Membership())
+    assert not fresh.membership.voters
+    assert _vote(fresh, src=2, term=5, last_index=10, last_term=3)
+
+
+def test_a_node_votes_for_a_non_voter_of_its_configuration_only_if_its_log_is_ahead() -> None:
+    """A candidate whose log is ahead may hold the change that made it a voter (seed 2354: stale voters refused
+    the only electable candidates); one whose log is not ahead is what a removed node looks like."""
+    log = RaftLog([Entry(1, i, b"") for i in (1, 2, 3)])
+    node = RaftNode(RaftConfig(1, (1, 2, 3), pre_vote=False), HardState(1), log)
+    assert not _vote(node, src=4, term=2, last_index=3, last_term=1)  # as up to date, not a voter: refused
+    assert _vote(node, src=4, term=3, last_index=4, last_term=1)  # ahead: its configuration may be newer
+    assert _vote(RaftNode(RaftConfig(1, (1, 2, 3), pre_vote=False), HardState(1), RaftLog(list(log.entries))),
+                 src=2, term=2, last_index=3, last_term=1)  # a voter, as up to date: granted as ever
+
+
+def test_a_node_tells_a_stale_leader_it_does_not_know_its_term_without_pre_vote_or_check_quorum() -> None:
+    """Found by the simulation (seed 3227 of the membership runs, neither pre-vote nor check-quorum): a voter
+    that campaigned alone up to a high term, with a configuration older than the cluster's, never reached
+    the leader (its RequestVotes go to the members it knows) and dropped the leader's lower-term appends
+    without a word: it never caught up, the leader never learned the term."""
+    node = RaftNode(RaftConfig(8, (2, 8, 15), pre_vote=False, check_quorum=False), HardState(134))
+    node.step(AppendEntries(71, 22, 8, 0, 0, [], 0))  # from a leader its configuration does not know
+    assert [(type(m), m.term) for m in node.ready().messages] == [(AppendEntriesResponse, 134)]
+    node.step(AppendEntries(71, 2, 8, 0, 0, [], 0))  # from a member: its own campaigns reach it (as before)
+    assert not node.ready().messages
+
+
+def test_a_leader_takes_the_notice_of_a_newer_term_for_no_rejection() -> None:
+    """A notice of a term (AppendEntriesResponse, not success, reject_index 0) sent to a node that has
+    become leader of that very term must not move a probe back: the match went to -1 (found by a mutated
+    run: then a Heartbeat carried commit -1, which the wire refuses)."""
+    log = RaftLog([Entry(1, 1, b"")])
+    leader = RaftNode(RaftConfig(1, (1, 2, 3), pre_vote=False), HardState(1), log)
+    leader.campaign()
+    leader.step(RequestVoteResponse(2, 2, 1, granted=True))
+    assert leader.role is Role.LEADER
+    leader.ready()
+    pr = leader.progress[3]
+    leader.step(AppendEntriesResponse(2, 3, 1, success=False, reject_index=pr.next - 1, conflict_index=1))
+    assert (pr.match, pr.next) == (0, 1)  # its log is empty: probing from the start
+    leader.step(AppendEntriesResponse(2, 3, 1, success=False))  # the notice, of an older append of ours
+    assert (pr.match, pr.next) == (0, 1)
+    assert all(getattr(m, "commit", 0) >= 0 for m in leader.ready().messages)

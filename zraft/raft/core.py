@@ -439,9 +439,11 @@ class RaftNode:
 
     def _older_term(self, m: Message) -> None:
         """A message of an older term is dropped; some are answered so the sender learns the term."""
-        if isinstance(m, _FROM_LEADER) and (self.config.check_quorum or self.config.pre_vote):
+        if isinstance(m, _FROM_LEADER) and (self.config.check_quorum or self.config.pre_vote
+                                            or m.src not in self.membership):
             # A stale leader (or one cut off while we moved on): tell it our term so it steps
-            # down. Without this, pre-vote could leave a node with a higher term stuck forever.
+            # down. Without this, pre-vote could leave a node with a higher term stuck forever;
+            # so could a configuration of ours older than the leader's (our campaigns never reach it).
             self._send(AppendEntriesResponse(self.term, self.id, m.src, success=False))
         elif isinstance(m, RequestVote) and m.pre_vote:
             self._send(RequestVoteResponse(self.term, self.id, m.src, granted=False, pre_vote=True))
@@ -585,8 +587,13 @@ class RaftNode:
             or (m.pre_vote and m.term > self.term)
         )
         # Only for a voter of our latest configuration (a removed node can't win anyone's vote, so it
-        # can't disrupt), and never while on probation (this node may have voted in this term already).
-        may_grant = m.src in self.membership.voters and not self.probation
+        # can't disrupt), or for a candidate whose log is ahead of ours: our configuration may be older than
+        # its own (we may lack the entry that made it a voter; a node that joined knows none yet, and its vote
+        # may be needed, thesis 4.1). A removed node's log is behind its committed removal, which a majority of
+        # the new configuration holds, so it wins no majority that way either. Never while on probation (this
+        # node may have voted in this term already).
+        ahead = (m.last_log_term, m.last_log_index) > (self.log.last_term, self.log.last_index)
+        may_grant = (m.src in self.membership.voters or ahead) and not self.probation
         if can_vote and may_grant and self.log.is_up_to_date(m.last_log_index, m.last_log_term):
             # A granted pre-vote answers in the term asked about; see step().
             self._send(RequestVoteResponse(m.term, self.id, m.src, granted=True, pre_vote=m.pre_vote))
@@ -727,7 +734,8 @@ class RaftNode:
             return
         pr.recent_active = True
         if not m.success:
-            self._handle_append_reject(pr, m)
+            if m.reject_index:  # (0 always matches: this is no rejection but the notice of a newer term, _older_term)
+                self._handle_append_reject(pr, m)
             return
         if pr.maybe_update(m.match_index):
             if pr.state is ProgressState.REPLICATE:
