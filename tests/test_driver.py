@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from zraft.node.driver import Driver, DriverConfig, DriverEvents, new_raft_node
 from zraft.node.memory import MemoryStateStore, MemoryStorage
 from zraft.node.statemachine import KVStateMachine, encode_put
-from zraft.raft.core import HardState, RaftConfig, SnapshotMeta
+from zraft.raft import confchange
+from zraft.raft.core import HardState, RaftConfig, Role, SnapshotMeta
 from zraft.raft.messages import (
     AppendEntries,
     AppendEntriesResponse,
@@ -268,3 +269,29 @@ def test_any_peer_messages_never_raise_and_never_replace_a_committed_entry(frame
             if e.index > log.snapshot_index:
                 assert log.term_at(e.index) == e.term, (e, log.entries)
         assert d.raft.commit_index >= 3 and d.sm.applied_index <= d.raft.commit_index
+
+
+def test_a_snapshot_stream_to_a_member_being_removed_ends_with_its_removal() -> None:
+    """The core drops a removed member's Progress when the change is appended; the stream to it ends then too,
+    not at its give-up (found by the simulation's membership runs: a leader kept streaming to a node that
+    was gone)."""
+    storage = MemoryStorage()
+    raft = new_raft_node(RaftConfig(1, (1,), election_ticks=2), storage, random.Random(0))
+    wire = Wire()
+    d = Driver(raft, storage, KVStateMachine(storage.state), wire, Recorder(), DriverConfig(snapshot_threshold=0),
+               rng=random.Random(1))
+    while raft.role is not Role.LEADER:
+        d.tick()
+        d.process()
+    d.propose([encode_put(b"k", b"v")])
+    d.process()
+    assert d.compact_now() == raft.log.last_index
+    raft.propose_membership(confchange.add_member(raft.membership, 2, "127.0.0.1", 7002, 7102, 7202, learner=True))
+    d.process()
+    prev = raft.progress[2].next - 1  # (its probe: the new member's log is empty)
+    d.receive([AppendEntriesResponse(raft.term, 2, 1, success=False, reject_index=prev, conflict_index=1)])
+    d.process()
+    assert 2 in d.outgoing and wire.take(SnapshotChunk)
+    raft.propose_membership(confchange.remove_member(raft.membership, 2))
+    d.process()
+    assert 2 not in d.outgoing and d.stats["snap_dropped"] == 1

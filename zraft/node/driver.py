@@ -266,6 +266,8 @@ class Driver:
             self.role, self.term, self.leader = rd.role, rd.term, rd.leader
             self.events.role_changed(rd.role, rd.term, rd.leader)
         if rd.membership is not None:
+            for peer in [p for p in self.outgoing if p not in rd.membership]:
+                self._end_snapshot(peer, None, report=False)  # no longer a member: the core dropped its Progress
             self.events.membership_changed(rd.membership)
 
     def _write(self, rd: Ready, deciding: bool) -> None:
