@@ -17,6 +17,13 @@ events before the failure.
 
 Time is counted in units; a node ticks every ``TICK`` units (each node with its own
 phase), and a message takes between 1 and ``2 * TICK`` units unless a fault delays it.
+
+With ``membership`` on, a nemesis changes the cluster through the leader's core (zraft/raft/core.py's
+``propose_membership`` and ``transfer_leadership``): it adds fresh nodes (a new id, an empty disk,
+joining with no voters, as ``zraft node --join`` starts), removes voters (sometimes the leader itself)
+and learners, promotes learners, hands leadership over, keeping 3 to 5 voters. A node whose removal
+is committed keeps running for a while, then is stopped for good; so is a fresh node whose addition
+was lost. The network delivers to any live node, member or not, as the server's transport does.
 """
 
 from __future__ import annotations
@@ -36,10 +43,13 @@ from simnode import SimCrash, SimNode
 
 from zraft.node.driver import DriverConfig
 from zraft.node.statemachine import PUT, encode_put
-from zraft.raft.core import HardState, RaftConfig, Ready, Role, SnapshotMeta
+from zraft.raft import confchange
+from zraft.raft.confchange import ConfChangeError, Membership
+from zraft.raft.core import HardState, RaftConfig, RaftNode, Ready, Role, SnapshotMeta
 from zraft.raft.messages import (
     AppendEntriesResponse,
     Entry,
+    EntryType,
     HeartbeatResponse,
     InstallSnapshot,
     Message,
@@ -55,7 +65,8 @@ _KV_EVERY = 128  # the checker keeps the committed log's KV every this many entr
 TRACE_LEN = int(os.environ.get("ZRAFT_SIM_TRACE", "0"))  # events kept for a failure report (0: 60, abridged)
 
 # Event kinds in the scheduler's heap.
-_MSG, _TICK, _CLIENT, _PARTITION, _CRASH, _RESTART, _TURN, _PERSIST = range(8)
+_MSG, _TICK, _CLIENT, _PARTITION, _CRASH, _RESTART, _TURN, _PERSIST, _MEMBER, _RETIRE = range(10)
+MAX_VOTERS, MIN_VOTERS = 5, 3  # what the membership nemesis keeps the cluster within
 
 
 class SimulationFailure(AssertionError):
@@ -166,21 +177,28 @@ class Cluster:
                  turn_delay: int = 0, trace: int = 0, snapshot_threshold: int = 0, snapshot_keep: int = 0,
                  chunk_items: int = 2, snapshot_window: int = 4, snapshot_retry_ticks: int = 4,
                  snapshot_give_up_ticks: int = 100, async_writes: bool = False,
-                 write_delay: tuple[int, int] = (1, TICK)) -> None:
+                 write_delay: tuple[int, int] = (1, TICK), membership: bool = False, member_every: int = 20,
+                 promote_lag: int = 250, linger: int = 6) -> None:
         self.seed = seed
-        self.n = n
+        self.n = n  # the nodes it starts with (the membership nemesis adds and removes others)
         self.mix = mix
         self.rng = random.Random(seed)
-        self.ids = tuple(range(1, n + 1))
+        self.ids = tuple(range(1, n + 1))  # every node not stopped for good, in the order they came
         self.election_ticks = election_ticks
-        self.configs = {
-            i: RaftConfig(id=i, voters=self.ids, election_ticks=election_ticks,
-                          heartbeat_ticks=heartbeat_ticks, pre_vote=pre_vote, check_quorum=check_quorum,
-                          max_inflight_msgs=max_inflight_msgs, max_msg_bytes=max_msg_bytes,
-                          async_storage=async_writes)
-            for i in self.ids
-        }
+        self._raft_kw = dict(election_ticks=election_ticks, heartbeat_ticks=heartbeat_ticks, pre_vote=pre_vote,
+                             check_quorum=check_quorum, max_inflight_msgs=max_inflight_msgs,
+                             max_msg_bytes=max_msg_bytes, async_storage=async_writes, promote_lag=promote_lag)
+        self.configs = {i: RaftConfig(id=i, voters=self.ids, **self._raft_kw) for i in self.ids}
         self.nodes = {i: SimNode(i, self.configs[i], self) for i in self.ids}
+        # Membership changes (see the module docstring): a nemesis action every member_every ticks on
+        # average; a removed node keeps running up to linger election timeouts (0: it stops at once).
+        self.membership = membership
+        self.member_every = member_every
+        self.linger = linger
+        self.next_id = n + 1
+        self.committed_config = Membership.of_voters(self.ids)  # the latest configuration known committed
+        self.removed_ids: set[int] = set()  # nodes a committed configuration removed
+        self.on_leader: Callable[[SimNode], None] | None = None  # a scenario's hook, called at each election
         self.wire = wire
         self.batch = batch
         self.latency = latency
@@ -222,7 +240,15 @@ class Cluster:
                       "snap_installed": 0, "snap_reset_log": 0, "snap_refused": 0, "install_crashes": 0,
                       # async storage: Readys written in the background; crashes that lost some in flight;
                       # drains (a snapshot Ready waits for every earlier write)
-                      "async_writes": 0, "lost_writes": 0, "drains": 0}
+                      "async_writes": 0, "lost_writes": 0, "drains": 0,
+                      # membership: the nemesis's changes the leader's core accepted (adds, removals, of the
+                      # leader itself among them, explicit promotions, leadership transfers) and those it
+                      # refused; configurations seen committed and what they changed (learners added,
+                      # promoted, members removed); removed leaders that stepped down; nodes stopped for good
+                      "nem_add": 0, "nem_remove": 0, "nem_remove_leader": 0, "nem_promote": 0,
+                      "nem_transfer": 0, "conf_refused": 0, "conf_committed": 0, "members_added": 0,
+                      "members_promoted": 0, "members_removed": 0, "removed_leader_stepped_down": 0,
+                      "retired": 0}
         # Snapshots: each node compacts when its log holds about snapshot_threshold applied entries
         # (0: never), keeping a random few; the leader streams about chunk_items KV records per chunk,
         # snapshot_window unacknowledged.
@@ -250,6 +276,7 @@ class Cluster:
         # Each node's clock: ticks every period units (skewed clocks run fast or slow).
         self.period = {i: max(2, round(TICK * (1 + mix.skew * (2 * self.rng.random() - 1))))
                        for i in self.ids}
+        self._snapshot_keep = snapshot_keep
         if snapshot_threshold:  # (no draws otherwise: runs without snapshots replay as they always did)
             for node in self.nodes.values():
                 node.compact_every = max(1, round(snapshot_threshold * (0.5 + self.rng.random())))
@@ -263,6 +290,8 @@ class Cluster:
             self._push(self._gap(mix.partition_every), _PARTITION)
         if mix.crash_every:
             self._push(self._gap(mix.crash_every), _CRASH)
+        if membership:
+            self._push(self._gap(member_every), _MEMBER)
 
     def _start(self, node: SimNode) -> None:
         config = DriverConfig(**{**self.driver_config.__dict__, "snapshot_threshold": node.compact_every,
@@ -297,7 +326,9 @@ class Cluster:
         out = []
         for n in self.nodes.values():
             r = n.raft
-            if r is None:
+            if n.retired:
+                out.append(f"{n.id}:stopped for good")
+            elif r is None:
                 out.append(f"{n.id}:down(disk term={n.disk.hard_state.term} snap={n.disk.snap_index} "
                            f"last={n.disk.last_index})")
             else:
@@ -305,7 +336,9 @@ class Cluster:
                 out.append(f"{n.id}:{r.role.value} t={r.term} lead={r.leader} snap={r.log.snapshot_index} "
                            f"last={r.log.last_index}/{r.log.last_term} commit={r.commit_index} "
                            f"applied={r.applied_index}" + (f" streams={streams}" if streams else "")
-                           + (" receiving" if n.receiver.active else ""))
+                           + (" receiving" if n.receiver.active else "")
+                           + (f" voters={sorted(r.membership.voters)} learners={sorted(r.membership.learners)}"
+                              f"@{r.config_index}" if self.membership else ""))
         return "; ".join(out)
 
     # ------------------------------------------------------------------ running
@@ -336,9 +369,12 @@ class Cluster:
         """The scheduler's event kinds and what each does."""
         return {_MSG: self._deliver, _TICK: self._on_tick, _CLIENT: self._on_client,
                 _PARTITION: lambda _a, _b: self._partition_event(), _CRASH: lambda _a, _b: self._crash_event(),
-                _RESTART: self._on_restart, _TURN: self._on_turn, _PERSIST: self._on_persist}
+                _RESTART: self._on_restart, _TURN: self._on_turn, _PERSIST: self._on_persist,
+                _MEMBER: lambda _a, _b: self._member_event(), _RETIRE: lambda a, _b: self.retire(a, "removed")}
 
     def _on_tick(self, node_id: int, _: Any) -> None:
+        if self.nodes[node_id].retired:
+            return
         self._push(self.now + self.period[node_id], _TICK, node_id)
         self._tick(self.nodes[node_id])
 
@@ -349,7 +385,7 @@ class Cluster:
 
     def _on_restart(self, node_id: int, incarnation: int) -> None:
         node = self.nodes[node_id]
-        if not node.up and node.incarnation == incarnation:
+        if not node.up and node.incarnation == incarnation and not node.retired:
             self.restart(node_id)
 
     def _on_turn(self, node_id: int, incarnation: int) -> None:
@@ -456,10 +492,10 @@ class Cluster:
         elif kind < 0.8:
             ids = list(self.ids)
             rng.shuffle(ids)
-            k = rng.randint(1, self.n - 1)
+            k = rng.randint(1, len(ids) - 1)
             self.partition([ids[:k], ids[k:]])
         else:
-            for _ in range(rng.randint(1, self.n)):
+            for _ in range(rng.randint(1, len(self.ids))):
                 a, b = rng.sample(self.ids, 2)
                 self.cut(a, b)
         self._push(self._gap(mix.partition_for), _PARTITION)
@@ -472,6 +508,10 @@ class Cluster:
         assert node.raft is not None, f"node {node_id} is already down"
         self.trace.append((self.now, node_id, "crash", None))
         self.stats["crashes"] += 1
+        self._take_down(node)
+
+    def _take_down(self, node: SimNode) -> None:
+        node_id = node.id
         if node.receiver.active or node.disk.staged is not None:
             self.stats["install_crashes"] += 1
         for read in list(self.open_reads.values()):
@@ -486,6 +526,7 @@ class Cluster:
     def restart(self, node_id: int) -> None:
         node = self.nodes[node_id]
         assert node.raft is None, f"node {node_id} is up"
+        assert not node.retired, f"node {node_id} was stopped for good"
         self._start(node)
         self.trace.append((self.now, node_id, "restart", node.incarnation))
         # What the crash left behind is whole: the KV is the committed log's at the applied index
@@ -501,8 +542,10 @@ class Cluster:
         mix, rng = self.mix, self.rng
         self._push(self._gap(mix.crash_every), _CRASH)
         up = [n for n in self.nodes.values() if n.up and not n.crash_on_write]
-        max_down = self.n - 1 if mix.max_down_majority and rng.random() < 0.3 else (self.n - 1) // 2
-        if self.n - len(up) >= max_down or not up:
+        voters = self.committed_config.voters
+        down = sum(1 for i in voters if not (self.nodes[i].up and not self.nodes[i].crash_on_write))
+        max_down = len(voters) - 1 if mix.max_down_majority and rng.random() < 0.3 else (len(voters) - 1) // 2
+        if down >= max_down or not up:
             return
         leaders = [n for n in up if n.raft.role is Role.LEADER]
         receiving = [n for n in up if n.receiver.active]
@@ -613,6 +656,162 @@ class Cluster:
     def _read_call(self, node: SimNode, read: Read) -> None:
         self.trace.append((self.now, node.id, "read_index", read.rid))
         node.driver.read_index([read.rid])
+
+    # ------------------------------------------------------------------ membership changes
+
+    def add_node(self, via: int | None = None, learner: bool = False) -> SimNode | None:
+        """A fresh node (a new id, an empty disk, joining: no voters of its own) that the leader ``via``
+        (default: the current one) adds as a learner, to be promoted by its core once caught up (not
+        with ``learner``: then only promote_node makes it a voter). The node, or None if refused."""
+        leader = self.nodes[via] if via is not None else self.leader()
+        nid = self.next_id
+        node = SimNode(nid, RaftConfig(id=nid, voters=(), **self._raft_kw), self, join=True)
+        self.nodes[nid] = node  # (first: the leader's messages to it are checked as they are sent)
+        ip = f"10.{nid >> 16 & 255}.{nid >> 8 & 255}.{nid & 255}"
+
+        def change(r: RaftNode) -> tuple[int, int]:
+            new = confchange.add_member(r.membership, nid, ip, 7000, 7100, 7200, learner)
+            return r.propose_membership(new), r.term
+
+        added = self._member_call(leader, f"add node {nid}" + (" as a learner" if learner else ""), change)
+        if added is None:
+            del self.nodes[nid]
+            return None
+        self.next_id += 1
+        self.stats["nem_add"] += 1
+        self.configs[nid] = node.config
+        node.add_entry = added
+        skew = self.mix.skew if self.faults_on else 0.0
+        self.period[nid] = max(2, round(TICK * (1 + skew * (2 * self.rng.random() - 1))))
+        if self.snapshot_threshold:
+            node.compact_every = max(1, round(self.snapshot_threshold * (0.5 + self.rng.random())))
+            node.compact_keep = min(self._snapshot_keep, node.compact_every - 1)
+        self._start(node)
+        self._push(self.now + self.rng.randrange(TICK), _TICK, nid)
+        self.ids = (*self.ids, nid)
+        return node
+
+    def remove_node(self, node_id: int, via: int | None = None) -> int | None:
+        """The leader ``via`` (default: the current one) proposes removing a member; the entry's index."""
+        leader = self.nodes[via] if via is not None else self.leader()
+        index = self._member_call(leader, f"remove node {node_id}",
+                                  lambda r: r.propose_membership(confchange.remove_member(r.membership, node_id)))
+        if index is not None:
+            self.stats["nem_remove"] += 1
+            self.stats["nem_remove_leader"] += node_id == leader.id
+        return index
+
+    def promote_node(self, node_id: int, via: int | None = None) -> int | None:
+        leader = self.nodes[via] if via is not None else self.leader()
+        index = self._member_call(leader, f"promote node {node_id}",
+                                  lambda r: r.propose_membership(confchange.promote_member(r.membership, node_id)))
+        self.stats["nem_promote"] += index is not None
+        return index
+
+    def transfer_leader(self, target: int | None = None, via: int | None = None) -> int | None:
+        """The leader hands over to ``target`` (None: the most up-to-date other voter); the target."""
+        leader = self.nodes[via] if via is not None else self.leader()
+        chosen = self._member_call(leader, f"transfer leadership to {target}", lambda r: r.transfer_leadership(target))
+        self.stats["nem_transfer"] += chosen is not None
+        return chosen
+
+    def _member_call(self, node: SimNode | None, what: str, call: Callable[[RaftNode], Any]) -> Any:
+        """One membership call into a node's core, in a turn of its own; its result, None if refused."""
+        if node is None or node.raft is None:
+            return None
+        out: list[Any] = []
+
+        def events_in() -> None:
+            try:
+                out.append(call(node.raft))
+            except ConfChangeError as exc:
+                self.stats["conf_refused"] += 1
+                self.trace.append((self.now, node.id, f"{what}: refused", f"{exc.code}: {exc}"))
+            else:
+                self.trace.append((self.now, node.id, what, out[0]))
+
+        self._drive(node, events_in)
+        return out[0] if out else None
+
+    def _member_event(self) -> None:
+        """The membership nemesis: one random change through the leader, sometimes a second one at once
+        (which the core must refuse: one change at a time, until the first is committed)."""
+        self._push(self._gap(self.member_every), _MEMBER)
+        if not self.faults_on:
+            return
+        self._retire_orphans()
+        leader = self.leader()
+        if leader is None:
+            return
+        self._random_change(leader)
+        if self.rng.random() < 0.25 and leader.up and leader.raft.role is Role.LEADER:
+            self._random_change(leader)
+
+    def _random_change(self, leader: SimNode) -> None:
+        rng = self.rng
+        cur = leader.raft.membership
+        voters = sorted(cur.voters)
+        coming = [m.id for m in cur.members if not m.voter and m.promote]  # learners the core will promote
+        kept = [m.id for m in cur.members if not m.voter and not m.promote]
+        room = len(voters) + len(coming) < MAX_VOTERS
+        others = [v for v in voters if v != leader.id]
+        options = ["add", "add"] if room else []
+        if room and kept:
+            options.append("promote")
+        if len(voters) > MIN_VOTERS:
+            options += ["remove", "remove"]
+        if coming or kept:
+            options.append("remove learner")
+        if others:
+            options.append("transfer")
+        what = rng.choice(options)
+        if what == "add":
+            self.add_node(leader.id, learner=rng.random() < 0.2)
+        elif what == "promote":
+            self.promote_node(rng.choice(kept), leader.id)
+        elif what == "remove":
+            itself = leader.id in cur.voters and rng.random() < 0.35
+            self.remove_node(leader.id if itself else rng.choice(others), leader.id)
+        elif what == "remove learner":
+            self.remove_node(rng.choice(coming + kept), leader.id)
+        else:
+            self.transfer_leader(rng.choice([None, *others]), leader.id)
+
+    def _config_committed(self, new: Membership) -> None:
+        """A configuration entry is seen committed: a member it removed is stopped for good after a while."""
+        old, self.committed_config = self.committed_config, new
+        st = self.stats
+        st["conf_committed"] += 1
+        st["members_added"] += len(new.ids - old.ids)
+        st["members_promoted"] += len(new.voters & old.learners)
+        gone = sorted(old.ids - new.ids)
+        st["members_removed"] += len(gone)
+        for i in gone:
+            self.removed_ids.add(i)
+            linger = self.linger * self.election_ticks * TICK if self.faults_on else 0
+            self._push(self.now + 1 + (self.rng.randrange(linger) if linger else 0), _RETIRE, i)
+
+    def _retire_orphans(self) -> None:
+        """Stop for good a fresh node whose addition was lost (another entry was committed at its index)."""
+        committed = self.committed
+        for node in list(self.nodes.values()):
+            if node.add_entry is not None and node.add_entry[0] <= len(committed):
+                index, term = node.add_entry
+                node.add_entry = None
+                if committed[index - 1][0] != term and not node.retired:
+                    self.retire(node.id, "its addition was lost")
+
+    def retire(self, node_id: int, why: str) -> None:
+        """Stop a node for good (it is no longer a member): down, never restarted."""
+        node = self.nodes[node_id]
+        if node.retired:
+            return
+        if node.up:
+            self._take_down(node)
+        node.retired = True
+        self.ids = tuple(i for i in self.ids if i != node_id)
+        self.stats["retired"] += 1
+        self.trace.append((self.now, node_id, "stopped for good", why))
 
     # ------------------------------------------------------------------ driving the nodes
 
@@ -844,20 +1043,24 @@ class Cluster:
         self.stats["served"] += 1
 
     def after_call(self, node: SimNode, observe: bool = True) -> None:
-        """After every call into a core: election safety, leader completeness, terms."""
+        """After every call into a core: election safety, leader completeness, terms, membership."""
         raft = node.raft
         if raft is None:
             return
         self.calls += 1
+        term = raft.term
+        leading = raft.role is Role.LEADER
+        if leading:
+            if node.leader_term != term:
+                self._new_leader(node)
+            self._read_leader_configs(node)  # (first: a commit in this call counts under the latest one)
         if observe:
             self.observe_commit(node)
-        term = raft.term
         if term < node.last_term:
             self.fail(f"node {node.id}: term goes back from {node.last_term} to {term}")
         node.last_term = term
-        if raft.role is Role.LEADER:
-            if node.leader_term != term:
-                self._new_leader(node)
+        if leading:
+            self._check_leader_configs(node)
             log = raft.log
             last = node.leader_last
             # Leader append-only (Figure 3): a leader never overwrites or deletes entries in its log.
@@ -866,9 +1069,64 @@ class Cluster:
                     last.index > log.snapshot_index and log.entries[last.index - log.snapshot_index - 1] is not last)):
                 self.fail(f"leader append-only: leader {node.id} of term {term} lost or replaced {last}")
             node.leader_last = log.entries[-1] if log.entries else None
-        else:
-            node.leader_term = 0
-            node.leader_last = None
+        elif node.leader_term:
+            if node.lead_config is not None and node.id not in node.lead_config.voters:
+                self.stats["removed_leader_stepped_down"] += 1
+            node._reset_leader_view()
+
+    # --- membership: what the checker reads of a leader's configurations
+
+    def _own_config(self, node: SimNode) -> tuple[Membership, int]:
+        """A node's latest configuration and its index, read from its log and disk (not from its core):
+        the last configuration entry in its log, else the state room's (as of its snapshot), else the
+        bootstrap one."""
+        for e in reversed(node.raft.log.entries):
+            if e.type == EntryType.CONFIG:
+                return Membership.decode(e.data), e.index
+        stored = node.disk.state.membership
+        if stored is not None:
+            return Membership.decode(stored), 0
+        return (Membership() if node.join else Membership.of_voters(node.config.voters)), 0
+
+    def _read_leader_configs(self, node: SimNode) -> None:
+        """Follow the configuration entries a leader appends (its log only grows while it leads)."""
+        log = node.raft.log
+        last = log.last_index
+        if last > node.lead_scanned:
+            for e in log.slice(max(node.lead_scanned, log.snapshot_index) + 1, last + 1):
+                if e.type == EntryType.CONFIG:
+                    node.lead_config, node.lead_config_index = Membership.decode(e.data), e.index
+                    node.lead_pending.append(e.index)
+            node.lead_scanned = last
+
+    def _check_leader_configs(self, node: SimNode) -> None:
+        """One change at a time: at most one configuration entry in a leader's log is not committed; the
+        core uses its log's latest; a leader whose own removal committed steps down (within a bound)."""
+        raft = node.raft
+        pending = node.lead_pending
+        if pending and pending[0] <= len(self.committed):
+            pending[:] = [i for i in pending if i > len(self.committed)]
+        if len(pending) > 1:
+            self.fail(f"one change at a time: leader {node.id} of term {raft.term} holds configuration entries "
+                      f"at {pending}, none of them committed ({len(self.committed)} entries are)")
+        cfg = node.lead_config
+        if raft.membership is not node.lead_core_config:
+            # (Index 0: the log holds no configuration entry; the core's is then one compacted away, if any.)
+            at = node.lead_config_index
+            moved = raft.config_index != at if at else raft.config_index > raft.log.snapshot_index
+            if raft.membership != cfg or moved:
+                self.fail(f"leader {node.id}: its core's configuration ({raft.membership}, at {raft.config_index}) "
+                          f"is not the latest in its log ({cfg}, at {node.lead_config_index})")
+            node.lead_core_config = raft.membership
+        if node.id not in cfg.voters and node.lead_config_index <= raft.commit_index:
+            # Its own removal is committed: it must stop leading (the core steps down at once, in the call
+            # that commits it, handing over with TimeoutNow).
+            if node.removed_since is None:
+                node.removed_since = self.now
+            elif self.now - node.removed_since > 2 * self.election_ticks * TICK:
+                self.fail(f"removed leader: node {node.id} still leads term {raft.term} "
+                          f"{(self.now - node.removed_since) // TICK} ticks after its removal committed "
+                          f"(index {node.lead_config_index})")
 
     def _new_leader(self, node: SimNode) -> None:
         raft = node.raft
@@ -879,6 +1137,14 @@ class Cluster:
         node.leader_term, node.leader_last = term, None
         self.stats["elections"] += 1
         self.trace.append((self.now, node.id, "leader", term))
+        # The configuration it won under: it must be a voter of it (and never one a committed change removed).
+        cfg, cfg_index = self._own_config(node)
+        node.lead_config, node.lead_config_index = cfg, cfg_index
+        node.lead_scanned = raft.log.last_index
+        node.lead_core_config = None
+        known = max(len(self.committed), raft.log.snapshot_index)
+        node.lead_pending = [e.index for e in raft.log.entries[known - raft.log.snapshot_index:]
+                             if e.type == EntryType.CONFIG]
         log = raft.log
         snap = log.snapshot_index
         entries = list(log.entries)
@@ -895,6 +1161,16 @@ class Cluster:
                 self.fail(f"leader completeness: leader {node.id} of term {term} lacks entry {i} "
                           f"({t}, {data!r}) committed in term {seen_in}; it has {e}")
         self.leaders.append((term, node.id, snap, entries))
+        # Only a voter of its latest configuration campaigns, so only one wins: a learner, a node not yet
+        # added, or one whose removal is committed (every later leader's log holds that removal) never does.
+        cfg = node.lead_config
+        if node.id not in cfg.voters:
+            self.fail(f"a non-voter leads: node {node.id} wins term {term}, but its latest configuration (at "
+                      f"{node.lead_config_index}) has voters {sorted(cfg.voters)}")
+        if node.id in self.removed_ids:
+            self.fail(f"a removed node leads: node {node.id} wins term {term} after its removal was committed")
+        if self.on_leader is not None:
+            self.on_leader(node)
 
     def check_ready(self, node: SimNode, rd: Ready, had: bool) -> None:
         raft = node.raft
@@ -975,11 +1251,10 @@ class Cluster:
                 continue
             if i != len(committed) + 1:
                 self.fail(f"node {node.id}: commits {i} with only {len(committed)} known committed")
-            # Committed means durable on a majority: disks that hold it (or a snapshot past it).
-            held = sum(1 for n in self.nodes.values() if n.disk.snap_index >= i or n.disk.entry(i) == e)
-            if held < self.n // 2 + 1:
-                self.fail(f"durability: node {node.id} commits {e}, which only {held} of {self.n} disks hold")
+            self._check_durable(node, e)
             committed.append((e.term, e.data, raft.term))
+            if e.type == EntryType.CONFIG:
+                self._config_committed(Membership.decode(e.data))
             put = _parse_put(e.data)
             if put is not None:
                 self.value_index[put[1]] = i
@@ -990,6 +1265,18 @@ class Cluster:
                     self.fail(f"leader completeness: {e} committed in term {raft.term} is not in the log "
                               f"of node {lid}, leader of term {term}")
         node.seen_commit = c
+
+    def _check_durable(self, node: SimNode, e: Entry) -> None:
+        """Committed means durable on a majority of the voters it was committed under (the configuration in
+        force on the leader that commits it, the first to see it committed: its latest, as the checker read
+        its log): their disks hold it (or a snapshot past it)."""
+        cfg = node.lead_config if node.leader_term == node.raft.term and node.lead_config is not None else None
+        voters = sorted((cfg or node.raft.membership).voters)
+        nodes, i = self.nodes, e.index
+        held = sum(1 for v in voters if (d := nodes[v].disk).snap_index >= i or d.entry(i) == e)
+        if 2 * held <= len(voters):
+            self.fail(f"durability: node {node.id} commits {e}, which only {held} of the voters {voters} of "
+                      f"its configuration hold on disk")
 
     def _check_node(self, node: SimNode) -> None:
         raft = node.raft
@@ -1020,13 +1307,19 @@ class Cluster:
     # ------------------------------------------------------------------ the end
 
     def quiet(self) -> bool:
-        """One leader everybody follows, every log equally long, committed and applied; no stream running."""
+        """One leader every member of its (committed) configuration follows, every member's log equally
+        long, committed and applied; no stream running, no leadership transfer. (Non-members don't count.)"""
         leaders = self.leaders_now()
         if len(leaders) != 1 or self.partitioned or self.open_reads:
             return False
         lr = leaders[0].raft
+        if not lr.membership_committed or lr.transferring:
+            return False
+        members = lr.membership.ids
         last = lr.log.last_index
         for n in self.nodes.values():
+            if n.id not in members:
+                continue
             r = n.raft
             if r is None or r.term != lr.term or r.leader != lr.id or r.log.last_index != last:
                 return False
@@ -1047,10 +1340,12 @@ class Cluster:
         self.faults_on = False
         self.clients_on = False
         self.heal()
-        self.period = dict.fromkeys(self.ids, TICK)  # clocks back in step
+        self.period = dict.fromkeys(self.nodes, TICK)  # clocks back in step
+        for i in sorted(self.removed_ids):
+            self.retire(i, "removed")  # (no longer lingering; a removal committed from now on: at once)
         for n in self.nodes.values():
             n.crash_on_write = False
-            if not n.up:
+            if not n.up and not n.retired:
                 self.restart(n.id)
         start = self.now
         self._settle(stall_ticks, max_ticks)
@@ -1067,6 +1362,11 @@ class Cluster:
             for read in self.reads.values():
                 if read.issued_at >= calm_since and read.node == leader.id and read.state != "served":
                     self.fail(f"read {read} sent to leader {leader.id} after the cluster healed")
+        # Whoever is not a member of the settled cluster's configuration (all of it committed: no change can
+        # bring it in any more) is stopped for good: a fresh node whose addition was lost.
+        members = self.leader().raft.membership.ids
+        for i in [i for i in self.ids if i not in members]:
+            self.retire(i, "not a member at the end")
         self.check_final()
 
     def _settle(self, stall_ticks: int, max_ticks: int) -> None:
@@ -1074,8 +1374,8 @@ class Cluster:
         progress: list[tuple[int, int, int]] = []
         since = self.now
         while not self.run_until(self.quiet, 10):
-            state = [(n.raft.applied_index, n.raft.log.last_index, n.raft.log.last_term)
-                     for n in self.nodes.values()]
+            state = [(n.id, n.raft.applied_index, n.raft.log.last_index, n.raft.log.last_term)
+                     for n in self.nodes.values() if n.raft is not None]
             if state != progress:
                 progress, since = state, self.now
             if self.now - since >= stall_ticks * TICK or self.now - start >= max_ticks * TICK:
@@ -1092,7 +1392,9 @@ class Cluster:
             self.fail(f"the checker saw {len(self.committed)} committed, the leader commits {last}")
         expected = self._kv_at(last)
         for n in self.nodes.values():
-            self._check_final_node(n, ref, expected)
+            if not n.retired:
+                self._check_final_node(n, ref, expected)
+        self._check_final_membership(ref)
         for p in self.proposals:
             if p.acked:
                 t, data, _ = self.committed[p.index - 1]
@@ -1101,6 +1403,24 @@ class Cluster:
         for read in self.reads.values():
             if read.state in ("pending", "ready"):
                 self.fail(f"read {read.rid} on node {read.node} was neither served nor dropped")
+
+    def _check_final_membership(self, ref: SimNode) -> None:
+        """Every member agrees on the membership: its core, its state room (as of its applied index: all of
+        the log) and the checker's latest committed configuration; the nodes still running are the members."""
+        final = ref.raft.membership
+        for n in self.nodes.values():
+            if n.retired:
+                continue
+            stored = n.disk.state.membership
+            if n.raft.membership != final or (Membership.decode(stored) if stored is not None else
+                                              Membership.of_voters(self.configs[1].voters)) != final:
+                self.fail(f"node {n.id} ends with the membership {n.raft.membership} (stored: "
+                          f"{stored and Membership.decode(stored)}), the leader {ref.id} with {final}")
+        if final != self.committed_config:
+            self.fail(f"the cluster ends with the membership {final}, the last one committed is "
+                      f"{self.committed_config}")
+        if set(self.ids) != final.ids:
+            self.fail(f"nodes {sorted(self.ids)} run at the end, the members are {sorted(final.ids)}")
 
     def _check_final_node(self, n: SimNode, ref: SimNode, expected: dict[bytes, bytes]) -> None:
         log, d, ref_log = n.raft.log, n.disk, ref.raft.log
@@ -1127,6 +1447,7 @@ class Cluster:
 
 
 DEFAULT_STEPS = int(os.environ.get("ZRAFT_SIM_STEPS", "6000"))
+MEMBERSHIP_SHARE = 0.35  # of the random seeds run the membership nemesis
 
 
 def random_cluster(seed: int) -> Cluster:
@@ -1166,6 +1487,11 @@ def random_cluster(seed: int) -> Cluster:
     # the background, with a write taking from a fraction of a tick to a few ticks.
     if knobs.random() < 0.5:
         kw.update(async_writes=True, write_delay=knobs.choice(((1, TICK // 2), (1, 2 * TICK), (TICK, 4 * TICK))))
+    # Membership changes (drawn last, for the same reason): in about a third of the seeds a nemesis adds,
+    # removes and promotes nodes and hands leadership over; learners are promoted at once or close behind.
+    if knobs.random() < MEMBERSHIP_SHARE:
+        kw.update(membership=True, member_every=knobs.choice((8, 15, 30)), promote_lag=knobs.choice((0, 3, 250)),
+                  linger=knobs.choice((0, 3, 10)))
     return Cluster(n, seed, mix=mix, **kw)
 
 

@@ -15,6 +15,10 @@ checker (the :class:`raftsim.Cluster`), through the hooks named in :class:`Check
 * :class:`SimEvents`: on every apply (state machine safety, acknowledgements) and served read
   (linearizability).
 
+A node that joins (``join``: a fresh id with an empty disk, added by the membership nemesis) starts
+as ``zraft node --join`` does: no voters of its own (``RaftConfig.voters`` empty) and an empty
+membership written to its state room, so that it takes part only once a leader adds it.
+
 A node told to crash at its next write (``crash_on_write``) raises :class:`SimCrash` from the disk
 or the writer, before anything of that write lands: the Ready being written is lost, as in a
 crash during its fsync. The cluster catches it and takes the node down.
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from zraft.node.driver import Driver, DriverConfig, DriverEvents
 from zraft.node.memory import MemoryLogStore, MemoryStateStore, MemoryStorage
 from zraft.node.statemachine import KVStateMachine, check_command
+from zraft.raft.confchange import Membership
 from zraft.raft.core import HardState, RaftConfig, RaftNode, Ready, SnapshotMeta
 from zraft.raft.log import RaftLog
 from zraft.raft.messages import Entry, InstallSnapshot, Message, StreamMessage
@@ -251,6 +256,16 @@ class CheckedRaftNode(RaftNode):
         super().persisted(index, term)
         self.sim.checker.after_call(self.sim)
 
+    def propose_membership(self, new: Membership) -> int:
+        index = super().propose_membership(new)
+        self.sim.checker.after_call(self.sim)
+        return index
+
+    def transfer_leadership(self, target: int | None = None) -> int:
+        chosen = super().transfer_leadership(target)
+        self.sim.checker.after_call(self.sim)
+        return chosen
+
     def ready(self) -> Ready:
         # Whatever the last Ready committed is on disk by now (the driver wrote it before asking again).
         self.sim.checker.observe_commit(self.sim)
@@ -269,11 +284,16 @@ class CheckedRaftNode(RaftNode):
 class SimNode:
     """A node of the simulated cluster: its disk, and (while it is up) its core and driver."""
 
-    def __init__(self, node_id: int, config: RaftConfig, checker: Checker) -> None:
+    def __init__(self, node_id: int, config: RaftConfig, checker: Checker, join: bool = False) -> None:
         self.id = node_id
         self.config = config
         self.checker = checker
         self.disk = SimDisk(self)
+        self.join = join
+        if join:  # (as the server does for --join: not a member yet, durably; a restart must not forget it)
+            self.disk.state.write({}, 0, None, 0, Membership().encode())
+        self.retired = False  # stopped for good (removed from the cluster, or its addition was lost)
+        self.add_entry: tuple[int, int] | None = None  # (index, term) of the entry that adds it, until decided
         self.raft: CheckedRaftNode | None = None
         self.driver: Driver | None = None
         self.writer: SimWriter | None = None
@@ -292,6 +312,18 @@ class SimNode:
         self.install_pending: tuple[InstallSnapshot, tuple[int, int] | None] | None = None
         self.compact_every = 0  # compact once the log holds this many applied entries (0: never)
         self.compact_keep = 0  # keep up to this many applied entries when compacting
+        self._reset_leader_view()
+
+    def _reset_leader_view(self) -> None:
+        """What the checker follows of this node's current leadership (see raftsim's membership checks)."""
+        self.leader_term = 0
+        self.leader_last = None
+        self.lead_config: Membership | None = None  # the latest configuration in its log, as the checker reads it
+        self.lead_config_index = 0
+        self.lead_scanned = 0  # its log is read for configuration entries up to here
+        self.lead_pending: list[int] = []  # indexes of configuration entries in its log not known committed
+        self.lead_core_config: Membership | None = None  # the core's own, once found equal to lead_config
+        self.removed_since: int | None = None  # when it was first seen leading after its own removal committed
 
     @property
     def up(self) -> bool:
@@ -325,13 +357,15 @@ class SimNode:
         persisted = d.log.load_log()
         log = RaftLog(persisted.entries, persisted.snapshot_index, persisted.snapshot_term,
                       applied=d.state.applied_index)
-        raft = CheckedRaftNode(self.config, d.log.load_hard_state(), log, rng)
+        # The membership as zraft.node.driver.new_raft_node finds it: the state room's, else the bootstrap.
+        stored = d.state.membership
+        membership = Membership.decode(stored) if stored is not None else (Membership() if self.join else None)
+        raft = CheckedRaftNode(self.config, d.log.load_hard_state(), log, rng, membership)
         raft.sim = self
         self.raft = raft
         self.seen_commit = self.last_commit = d.applied
         self.last_term = d.hard_state.term
-        self.leader_term = 0
-        self.leader_last = None
+        self._reset_leader_view()
         self.pending = {}
         self.crash_on_write = False
         self.inbox = []
@@ -349,5 +383,5 @@ class SimNode:
         self.raft = self.driver = self.writer = None
         self.inbox, self.turn_due = [], False
         self.pending = {}
-        self.leader_term, self.leader_last = 0, None
+        self._reset_leader_view()
         self.crash_on_write = False
