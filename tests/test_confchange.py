@@ -10,7 +10,14 @@ from zraft.raft import confchange
 from zraft.raft.confchange import ConfChangeError, Member, Membership
 from zraft.raft.core import HardState, RaftConfig, RaftNode, Role
 from zraft.raft.log import RaftLog
-from zraft.raft.messages import AppendEntries, AppendEntriesResponse, Entry, RequestVote, RequestVoteResponse
+from zraft.raft.messages import (
+    AppendEntries,
+    AppendEntriesResponse,
+    Entry,
+    RequestVote,
+    RequestVoteResponse,
+    TimeoutNow,
+)
 
 
 def three() -> Membership:
@@ -160,3 +167,60 @@ def test_a_leader_takes_the_notice_of_a_newer_term_for_no_rejection() -> None:
     leader.step(AppendEntriesResponse(2, 3, 1, success=False))  # the notice, of an older append of ours
     assert (pr.match, pr.next) == (0, 1)
     assert all(getattr(m, "commit", 0) >= 0 for m in leader.ready().messages)
+
+
+def test_a_removed_leader_brings_a_voter_up_to_date_before_it_hands_over() -> None:
+    """A leader that removed itself and took writes after the removal: when the removal commits, no voter
+    holds its whole log yet. It hands over as a transfer does (no election timeout lost), not by stepping
+    down and leaving the others to time out."""
+    leader = RaftNode(RaftConfig(1, (1, 2, 3), pre_vote=False), HardState(1), RaftLog([Entry(1, 1, b"")]),
+                      membership=three())
+
+    def flush() -> list:
+        rd = leader.ready()
+        if rd.entries:
+            leader.persisted(rd.entries[-1].index, rd.entries[-1].term)
+        return rd.messages
+
+    leader.campaign()
+    leader.step(RequestVoteResponse(2, 2, 1, granted=True))
+    assert leader.role is Role.LEADER
+    flush()
+    for peer in (2, 3):
+        leader.step(AppendEntriesResponse(2, peer, 1, success=True, match_index=leader.log.last_index))
+    flush()
+    removal = leader.propose_membership(confchange.remove_member(leader.membership, 1))
+    write = leader.propose([b"after the removal"])
+    assert write == removal + 1
+    flush()
+    for peer in (2, 3):  # both hold the removal, neither the write
+        leader.step(AppendEntriesResponse(2, peer, 1, success=True, match_index=removal))
+    msgs = flush()
+    assert leader.commit_index >= removal and leader.role is Role.LEADER and leader.lead_transferee == 2
+    assert not any(isinstance(m, TimeoutNow) for m in msgs)
+    assert leader.propose([b"no more"]) is None  # it takes no writes while it hands over
+    leader.step(AppendEntriesResponse(2, 2, 1, success=True, match_index=write))
+    msgs = flush()
+    assert [m.dst for m in msgs if isinstance(m, TimeoutNow)] == [2]
+    assert leader.role is Role.FOLLOWER
+
+
+def test_a_removed_leader_that_cannot_hand_over_steps_down_after_an_election_timeout() -> None:
+    leader = RaftNode(RaftConfig(1, (1, 2, 3), pre_vote=False, election_ticks=10), HardState(1),
+                      RaftLog([Entry(1, 1, b"")]), membership=three())
+    leader.campaign()
+    leader.step(RequestVoteResponse(2, 2, 1, granted=True))
+    rd = leader.ready()
+    leader.persisted(rd.entries[-1].index, rd.entries[-1].term)
+    for peer in (2, 3):
+        leader.step(AppendEntriesResponse(2, peer, 1, success=True, match_index=leader.log.last_index))
+    removal = leader.propose_membership(confchange.remove_member(leader.membership, 1))
+    leader.propose([b"after the removal"])
+    rd = leader.ready()
+    leader.persisted(rd.entries[-1].index, rd.entries[-1].term)
+    for peer in (2, 3):
+        leader.step(AppendEntriesResponse(2, peer, 1, success=True, match_index=removal))
+    assert leader.role is Role.LEADER and leader.transferring
+    for _ in range(10):  # the transferee never answers again
+        leader.tick()
+    assert leader.role is Role.FOLLOWER

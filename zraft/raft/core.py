@@ -694,6 +694,9 @@ class RaftNode:
             self._transfer_elapsed += 1
             if self._transfer_elapsed >= self.config.election_ticks:
                 self.lead_transferee = None  # it did not happen within an election timeout: lead on
+                if self._removed():  # ... unless this leader was removed: then it only steps down
+                    self._become_follower(self.term, None)
+                    return
         if self.election_elapsed >= self.config.election_ticks:
             self.election_elapsed = 0
             if self.config.check_quorum:
@@ -747,8 +750,8 @@ class RaftNode:
                 return  # it committed its own removal and stepped down
         elif pr.state is ProgressState.PROBE:
             pr.probe_sent = False
-        if m.src == self.lead_transferee and pr.match == self.log.last_index:
-            self._send(TimeoutNow(self.term, self.id, m.src))
+        if m.src == self.lead_transferee and pr.match == self.log.last_index and self._send_timeout_now(m.src):
+            return
         pr.next = max(pr.next, pr.match + 1)
         while self._send_append(m.src, allow_empty=False):
             pass
@@ -843,7 +846,7 @@ class RaftNode:
             if self._reads_before_commit:
                 waiting, self._reads_before_commit = self._reads_before_commit, []
                 self._start_read_round(waiting)
-            if self.id not in self.membership.voters and self.membership_committed:
+            if self._removed():
                 self._hand_over_and_step_down()
 
     # ------------------------------------------------------------------ membership
@@ -908,12 +911,36 @@ class RaftNode:
             self.propose_membership(new)
 
     def _hand_over_and_step_down(self) -> None:
-        """This leader's removal is committed: hand over to an up-to-date voter, if one is, and step down."""
+        """This leader's removal is committed: hand over to an up-to-date voter and step down. If no voter
+        holds its whole log yet (writes came after the removal), it first brings the most up-to-date one
+        up to date, as a leadership transfer does (no writes meanwhile): so the handover costs no
+        election timeout. It steps down when it sends TimeoutNow, or after an election timeout."""
+        if self.lead_transferee is not None:
+            return  # handing over already
         last = self.log.last_index
-        ready = sorted(i for i, pr in self.tracker.progress.items() if i in self.membership.voters and pr.match == last)
-        if ready:
-            self._send(TimeoutNow(self.term, self.id, ready[0]))
-        self._become_follower(self.term, None)
+        voters = [(pr.match, -i) for i, pr in self.tracker.progress.items() if i in self.membership.voters]
+        if not voters:
+            self._become_follower(self.term, None)
+            return
+        match, target = max(voters)
+        if match == last:
+            self._send_timeout_now(-target)  # (and steps down)
+            return
+        self.lead_transferee, self._transfer_elapsed = -target, 0
+        self._send_append(-target)
+
+    def _send_timeout_now(self, target: int) -> bool:
+        """The transferee holds the whole log: tell it to campaign. True if this leader stepped down
+        with it (a removed leader's handover)."""
+        self._send(TimeoutNow(self.term, self.id, target))
+        if self._removed():
+            self._become_follower(self.term, None)
+            return True
+        return False
+
+    def _removed(self) -> bool:
+        """Whether this leader's own removal is committed (it only hands over now)."""
+        return self.id not in self.membership.voters and self.membership_committed
 
     # ------------------------------------------------------------------ reads
 
