@@ -102,7 +102,6 @@ class Writer:
                     self.counter = None
 
 
-@pytest.mark.slow
 def test_eight_clients_leader_killed_no_acknowledged_write_lost(make_cluster) -> None:
     c: Cluster = make_cluster()
     leader = c.wait_leader()

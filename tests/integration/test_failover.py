@@ -40,7 +40,6 @@ def first_acknowledged_write(c: Cluster, alive: list[int], tag: str, t0: float,
                          f"last statuses {c.statuses(ids=alive)}")
 
 
-@pytest.mark.slow
 def test_leader_kill_new_leader_serves_writes_within_2s(make_cluster) -> None:
     c = make_cluster()  # default settings: 50 ms ticks, election timeout 0.5..1 s
     leader = c.wait_leader()

@@ -12,7 +12,6 @@ from .cluster import NOT_SENT, Cluster, pipeline
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("async_storage", ["1", "0"], ids=["writer-thread", "inline-writes"])
 def test_kill_all_nodes_restart_keeps_every_acknowledged_write(make_cluster, async_storage: str) -> None:
     c: Cluster = make_cluster(env={"ZRAFT_ASYNC_STORAGE": async_storage})

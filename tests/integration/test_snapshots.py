@@ -177,7 +177,6 @@ def _check_replacement(c: Cluster, leader: int, other: int, new_id: int, new_ep:
             assert cl.get(k) == v
 
 
-@pytest.mark.slow
 def test_follower_killed_in_the_middle_of_an_install_ends_consistent(make_cluster) -> None:
     """Small chunks, one in flight, and every message of the leader held 20 ms (fault injection):
     an install of ~8 MB takes over 20 s, so the follower is surely killed -9 mid-stream.

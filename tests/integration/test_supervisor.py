@@ -90,7 +90,6 @@ def supervised(tmp_path: Path):
         s.kill()  # its nodes die with it (PR_SET_PDEATHSIG); the leftover check makes sure
 
 
-@pytest.mark.slow
 def test_supervisor_control_commands_and_sigterm(supervised: Supervised) -> None:
     s, c = supervised, supervised.c
     pids = s.up()

@@ -1,14 +1,14 @@
 """Jepsen-style tests: real node processes, concurrent clients, a nemesis, and the
 linearizability checker over the whole history.
 
-Each scenario runs ~26 s of faulted operation (ZRAFT_JEPSEN_DURATION overrides it),
+Each scenario runs ~24 s of faulted operation (ZRAFT_JEPSEN_DURATION overrides it),
 six scenarios in all (the sixth changes the membership while it runs): over two and a
 half minutes under faults. The seed of each run is
 random unless ZRAFT_JEPSEN_SEED is set; it is printed in the summary (shown with -s,
 and on failure), so a failing run can be repeated:
 
     ZRAFT_JEPSEN_SEED=123 bin/test tests/jepsen -k partition -s
-    python -m zraft.jepsen --scenario partition --duration 26 --seed 123 --tick-ms 20
+    python -m zraft.jepsen --scenario partition --duration 24 --seed 123 --tick-ms 20
 
 (the timing of faults and operations is not reproducible, only the random choices).
 """
@@ -28,9 +28,9 @@ from zraft.cluster.local import LocalCluster
 from zraft.jepsen.history import dump_history
 from zraft.jepsen.runner import SCENARIOS, run
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = pytest.mark.integration
 
-DURATION = float(os.environ.get("ZRAFT_JEPSEN_DURATION", "26"))
+DURATION = float(os.environ.get("ZRAFT_JEPSEN_DURATION", "24"))
 # Faster elections than the default (50 ms ticks): more leader changes per fault, so the
 # same time under faults exercises more of the protocol. Safety does not depend on it.
 # Frequent compactions: a node that was killed, paused or cut off comes back through
