@@ -10,7 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import LOG_FILES, REGISTRY, CliResult, Cluster, child_env, pid_alive, run_zraft, spawn, zraft_cmd
+from zraft.client import Client
+
+from .cluster import (
+    LOG_FILES,
+    REGISTRY,
+    CliResult,
+    Cluster,
+    child_env,
+    free_port,
+    pid_alive,
+    run_zraft,
+    spawn,
+    zraft_cmd,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -228,3 +241,33 @@ def test_second_supervisor_on_the_same_data_dir_refuses(supervised: Supervised) 
     r = s.ctl("kill-node", "1")
     assert r.rc == 0 and "SIGKILL" in r.out, f"the control socket no longer reaches the first supervisor: {r}"
     assert not pid_alive(pids[1])
+
+
+def test_cluster_reload_adds_the_new_lines_and_removes_the_dropped_ones(supervised: Supervised) -> None:
+    """Config.txt edited under a running `cluster up`: `zraft cluster reload` starts the new node with
+    --join and adds it (a voter once caught up), then removes the dropped node and stops its process;
+    nothing written before is lost, and the membership is the file's."""
+    s = supervised
+    c = s.c
+    pids = s.up()
+    with c.client(timeout=10) as cl:
+        for i in range(50):
+            cl.put(b"before-%02d" % i, b"v")
+    new = free_port()
+    c.config_path.write_text("".join(f'Ip="127.0.0.1",port="{c.peer_ports[i]}",id="{i}"\n' for i in (1, 2))
+                             + f'Ip="127.0.0.1",port="{new}",id="4"\n')
+    r = s.ctl("reload", timeout=120)
+    assert r.rc == 0 and r.out.strip() == "reload: added node 4; removed node 3", str(r)
+    s.wait_gone([pids[3]], timeout=10)
+    endpoints = [c.endpoint(1), c.endpoint(2), f"tcp://127.0.0.1:{new + 100}"]
+    with Client(endpoints, timeout=10) as cl:
+        rep = cl.members()
+        assert sorted((m["id"], m["voter"]) for m in rep["members"]) == [(1, True), (2, True), (4, True)], rep
+        assert all(cl.get(b"before-%02d" % i) == b"v" for i in range(50))
+        cl.put(b"after", b"reload")
+        st = cl.status(endpoints[2])
+        assert st is not None and st["voters"] == [1, 2, 4] and st["role"] in ("follower", "leader"), st
+    REGISTRY.track_pid(st["pid"], "node 4 of a supervisor")
+    assert _ppid(st["pid"]) == s.proc.pid, "node 4 is not the supervisor's child"
+    r = s.ctl("reload", timeout=60)
+    assert r.rc == 0 and "already matches" in r.out, str(r)
