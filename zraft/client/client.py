@@ -159,24 +159,33 @@ class Client:
         return rep if rep and rep.get("ok") else None
 
     def statuses(self, timeout: float = 1.0) -> list[dict[str, Any] | None]:
-        """Every endpoint's status, asked all at once; None for a node that does not answer in time."""
+        """Every endpoint's status, asked all at once; None for a node that does not answer in time (or,
+        with keys, whose public key is unknown)."""
         frame = msgpack.packb({"op": "status"}, use_bin_type=True)
-        socks = []
+        socks: list[zmq.Socket | None] = []
         for ep in self.endpoints:
+            server_key = None
+            if self.keys is not None:
+                try:
+                    server_key = self.keys.server_key(ep)
+                except ValueError:  # KeysError: no public key for that node: it can't be asked
+                    socks.append(None)
+                    continue
             s = self.ctx.socket(zmq.REQ)
             s.setsockopt(zmq.LINGER, 0)
-            if self.keys is not None:
-                self.keys.connect_to(s, self.keys.server_key(ep))
+            if server_key is not None:
+                self.keys.connect_to(s, server_key)
             s.connect(ep)
             s.send(frame)
             socks.append(s)
+        asked = [s for s in socks if s is not None]
         poller = zmq.Poller()
-        for s in socks:
+        for s in asked:
             poller.register(s, zmq.POLLIN)
-        out: dict[zmq.Socket, dict[str, Any] | None] = dict.fromkeys(socks)
+        out: dict[zmq.Socket, dict[str, Any] | None] = dict.fromkeys(asked)
         deadline = time.monotonic() + timeout
         try:
-            pending = len(socks)
+            pending = len(asked)
             while pending and (left := deadline - time.monotonic()) > 0:
                 for s, _ in poller.poll(int(left * 1000) + 1):
                     rep = msgpack.unpackb(s.recv(), raw=False)
@@ -184,9 +193,9 @@ class Client:
                     poller.unregister(s)
                     pending -= 1
         finally:
-            for s in socks:
+            for s in asked:
                 s.close()
-        return [out[s] for s in socks]
+        return [None if s is None else out[s] for s in socks]
 
     # ------------------------------------------------------------------ plumbing
 
