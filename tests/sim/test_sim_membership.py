@@ -108,11 +108,9 @@ def test_a_leader_that_removes_itself_leads_until_the_removal_commits_then_hands
     assert old.id not in c.leader().raft.membership
 
 
-@pytest.mark.parametrize("pre_vote, check_quorum", [(True, True), (True, False), (False, True)])
-def test_a_removed_node_that_missed_its_removal_neither_leads_nor_disrupts(pre_vote: bool,
-                                                                          check_quorum: bool) -> None:
-    c = Cluster(3, seed=5, clients=False, election_ticks=ET, pre_vote=pre_vote, check_quorum=check_quorum,
-                linger=1000)
+def _remove_an_isolated_follower(c: Cluster):
+    """Four nodes; a follower cut off, then removed: (the leader, the removed node, the leader's term),
+    once the removal committed (the removed node does not know of it: it still takes itself for a voter)."""
     _settle(c)
     c.add_node()
     leader = _settle(c)
@@ -121,7 +119,15 @@ def test_a_removed_node_that_missed_its_removal_neither_leads_nor_disrupts(pre_v
     index = c.remove_node(outcast.id)
     assert c.run_until(lambda: leader.raft.commit_index >= index, 5 * ET)
     assert outcast.id in outcast.raft.membership.voters  # it does not know: it campaigns
-    term = leader.raft.term
+    return leader, outcast, leader.raft.term
+
+
+@pytest.mark.parametrize("pre_vote, check_quorum", [(True, True), (True, False), (False, True)])
+def test_a_removed_node_that_missed_its_removal_neither_leads_nor_disrupts(pre_vote: bool,
+                                                                          check_quorum: bool) -> None:
+    c = Cluster(3, seed=5, clients=False, election_ticks=ET, pre_vote=pre_vote, check_quorum=check_quorum,
+                linger=1000)
+    leader, outcast, term = _remove_an_isolated_follower(c)
     c.run(10 * ET)
     c.heal()
     c.run(10 * ET)
@@ -133,14 +139,7 @@ def test_a_removed_node_that_missed_its_removal_neither_leads_nor_disrupts(pre_v
 def test_without_pre_vote_and_check_quorum_a_removed_node_raises_terms_but_never_leads() -> None:
     """The counterpart: nothing keeps its higher terms out, so it deposes leaders; it still cannot win."""
     c = Cluster(3, seed=5, clients=False, election_ticks=ET, pre_vote=False, check_quorum=False, linger=1000)
-    _settle(c)
-    c.add_node()
-    leader = _settle(c)
-    outcast = next(n for n in c.nodes.values() if n is not leader)
-    c.isolate(outcast.id)
-    index = c.remove_node(outcast.id)
-    assert c.run_until(lambda: leader.raft.commit_index >= index, 5 * ET)
-    term = leader.raft.term
+    leader, outcast, term = _remove_an_isolated_follower(c)
     c.run(10 * ET)
     c.heal()
     c.run(10 * ET)
