@@ -341,7 +341,7 @@ class RaftNode:
         self.lead_transferee, self._transfer_elapsed = target, 0
         pr = self.tracker.progress[target]
         if pr.match == self.log.last_index:
-            self._send(TimeoutNow(self.term, self.id, target))
+            self._send_timeout_now(target)
         else:
             self._send_append(target)
         return target
@@ -911,23 +911,16 @@ class RaftNode:
             self.propose_membership(new)
 
     def _hand_over_and_step_down(self) -> None:
-        """This leader's removal is committed: hand over to an up-to-date voter and step down. If no voter
-        holds its whole log yet (writes came after the removal), it first brings the most up-to-date one
-        up to date, as a leadership transfer does (no writes meanwhile): so the handover costs no
-        election timeout. It steps down when it sends TimeoutNow, or after an election timeout."""
+        """This leader's removal is committed: hand leadership to the most up-to-date voter, as a
+        leadership transfer does (no writes meanwhile; a voter that lacks entries written after the removal
+        is brought up to date first), so the handover costs no election timeout. It steps down when it
+        sends TimeoutNow (_send_timeout_now), or when the transfer is given up after an election timeout."""
         if self.lead_transferee is not None:
             return  # handing over already
-        last = self.log.last_index
-        voters = [(pr.match, -i) for i, pr in self.tracker.progress.items() if i in self.membership.voters]
-        if not voters:
+        try:
+            self.transfer_leadership()
+        except ConfChangeError:  # no voter to hand to
             self._become_follower(self.term, None)
-            return
-        match, target = max(voters)
-        if match == last:
-            self._send_timeout_now(-target)  # (and steps down)
-            return
-        self.lead_transferee, self._transfer_elapsed = -target, 0
-        self._send_append(-target)
 
     def _send_timeout_now(self, target: int) -> bool:
         """The transferee holds the whole log: tell it to campaign. True if this leader stepped down
