@@ -51,16 +51,10 @@ def init_keys(directory: str | os.PathLike, cluster: ClusterConfig) -> list[Path
     d = Path(directory)
     names = [node_key_name(i) for i in cluster.ids] + ["client"]
     targets = [d / f"{n}.key" for n in names] + [d / f"{n}.key_secret" for n in names] + [d / HTTP_TOKEN_FILE]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing:
-        raise KeysError(f"refusing to overwrite existing keys: {', '.join(existing)}")
+    _refuse_overwrite(targets)
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
-    written = []
-    for n in names:
-        public, secret = zmq.auth.create_certificates(str(d), n)
-        os.chmod(secret, 0o600)
-        written += [Path(public), Path(secret)]
+    written = [p for n in names for p in _write_keypair(d, n)]
     token = d / HTTP_TOKEN_FILE
     fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -77,9 +71,18 @@ def add_node_key(directory: str | os.PathLike, node_id: int) -> list[Path]:
     if not d.is_dir():
         raise KeysError(f"keys directory {d} does not exist (make one with: zraft keys init {d})")
     name = node_key_name(node_id)
-    existing = [str(p) for p in (d / f"{name}.key", d / f"{name}.key_secret") if p.exists()]
+    _refuse_overwrite([d / f"{name}.key", d / f"{name}.key_secret"])
+    return _write_keypair(d, name)
+
+
+def _refuse_overwrite(paths: list[Path]) -> None:
+    existing = [str(p) for p in paths if p.exists()]
     if existing:
         raise KeysError(f"refusing to overwrite existing keys: {', '.join(existing)}")
+
+
+def _write_keypair(d: Path, name: str) -> list[Path]:
+    """``d/name.key`` and ``d/name.key_secret`` (mode 0600), ZeroMQ's certificate files."""
     public, secret = zmq.auth.create_certificates(str(d), name)
     os.chmod(secret, 0o600)
     return [Path(public), Path(secret)]
