@@ -614,8 +614,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.GATEWAY_TIMEOUT, exc.code, str(exc))
         except ZraftError as exc:
             self._error(_ERROR_STATUS.get(exc.code, HTTPStatus.BAD_GATEWAY), exc.code, str(exc))
-        except KeysError as exc:  # a leader hint to a node the keys directory has no key for
-            self._error(HTTPStatus.BAD_GATEWAY, protocol.UNAVAILABLE, str(exc))
 
     def _own_status(self, client: Client) -> dict[str, Any] | None:
         """This node's status reply without its ``ok``, or None if its server does not answer."""

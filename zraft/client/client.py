@@ -164,13 +164,11 @@ class Client:
         frame = msgpack.packb({"op": "status"}, use_bin_type=True)
         socks: list[zmq.Socket | None] = []
         for ep in self.endpoints:
-            server_key = None
-            if self.keys is not None:
-                try:
-                    server_key = self.keys.server_key(ep)
-                except ValueError:  # KeysError: no public key for that node: it can't be asked
-                    socks.append(None)
-                    continue
+            try:
+                server_key = self._server_key(ep)
+            except _NoKey:  # it can't be asked
+                socks.append(None)
+                continue
             s = self.ctx.socket(zmq.REQ)
             s.setsockopt(zmq.LINGER, 0)
             if server_key is not None:
@@ -213,12 +211,7 @@ class Client:
         with self._lock:
             sock = self._socks.get(endpoint)
             if sock is None:
-                server_key = None
-                if self.keys is not None:
-                    try:
-                        server_key = self.keys.server_key(endpoint)
-                    except ValueError as exc:  # KeysError: no public key for that node (nothing cached)
-                        raise _NoKey(str(exc)) from None
+                server_key = self._server_key(endpoint)  # (before anything is cached)
                 sock = self._socks[endpoint] = self.ctx.socket(zmq.REQ)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a node we are not connected to
@@ -236,6 +229,15 @@ class Client:
         if self.keys is not None and isinstance(rep, dict):
             self._learn_members(rep)
         return True, rep
+
+    def _server_key(self, endpoint: str) -> bytes | None:
+        """With keys, the public key of the node at ``endpoint`` (_NoKey if unknown); None without."""
+        if self.keys is None:
+            return None
+        try:
+            return self.keys.server_key(endpoint)
+        except ValueError as exc:  # KeysError (not imported here: the keys module loads zmq.auth)
+            raise _NoKey(str(exc)) from None
 
     def _learn_members(self, rep: dict[str, Any]) -> None:
         """With keys: which node serves each client endpoint a reply names (members, a leader hint),

@@ -84,7 +84,7 @@ class PeerTransport:
         self.addresses: dict[int, NodeAddress] = {}
         self._peer_ids: dict[bytes, int] = {}  # DEALER identity -> node id
         self._wanted: list[NodeAddress] = []
-        self._no_key: dict[int, NodeAddress] = {}  # peers not connected to: no public key for them yet
+        self._no_key: set[int] = set()  # peers not connected to: no public key for them yet
         self._warned_no_key: set[int] = set()
         self.set_peers(peers)
         self.dropped = 0
@@ -99,7 +99,7 @@ class PeerTransport:
         moved ones, close the sockets of the rest; messages from a node not among them are dropped."""
         want = {p.id: p for p in peers if p.id != self.me.id}
         self._wanted = list(peers)
-        self._no_key = {}
+        self._no_key = set()
         for node_id in list(self.dealers):
             if want.get(node_id) != self.addresses.get(node_id):
                 self.dealers.pop(node_id).close()
@@ -117,7 +117,7 @@ class PeerTransport:
                         log.warning("node %d: no public key for node %d in %s: it cannot be reached until its "
                                     "key is there (zraft keys add %s --id %d)", self.me.id, node_id,
                                     self.keys.directory, self.keys.directory, node_id)
-                    self._no_key[node_id] = p
+                    self._no_key.add(node_id)
                     continue
             d = self.ctx.socket(zmq.DEALER)
             d.setsockopt(zmq.IDENTITY, str(self.me.id).encode())
