@@ -122,6 +122,46 @@ def test_flipped_bytes_in_a_table_file_are_caught_by_leveldb_checksums(tmp_path)
     assert caught, "no read saw the damage"
 
 
+def test_a_flipped_table_block_is_leveldbs_finding_wherever_it_lands(tmp_path) -> None:
+    """Bytes flipped anywhere in a table's log blocks are reported by LevelDB's block checksum, never
+    first by a record's seal: no read at open may put an unverified block into LevelDB's cache, where
+    a later verified read would take it as it is (a CI run saw exactly that: the reverse seek for the
+    log's end cached the damaged block, and the start-up check met the damage only in a record's seal).
+    The blocks must be compressed for that (LevelDB caches a decompressed copy; an uncompressed block
+    is read from the mapped file every time): values of a random part repeated, so that snappy keeps
+    the random part as a literal, where a flip decompresses without complaint."""
+    import random
+    import shutil
+
+    rng = random.Random(5)
+    src = tmp_path / "src"
+    s = LevelDBStorage(src)
+    s.log.save(HardState(3, 1), [Entry(1, i + 1, rng.randbytes(24) * 4) for i in range(300)])
+    s.state.write({b"k": b"v"}, 300, {}, applied_term=1)
+    s.db.compact_range()
+    s.close()
+    (table,) = glob.glob(str(src / "*.ldb"))
+    size = os.path.getsize(table)
+    found = []
+    for offset in range(0, size - 8, 101):
+        case = tmp_path / f"case{offset}"
+        shutil.copytree(src, case)
+        with open(case / os.path.basename(table), "r+b") as f:
+            f.seek(offset)
+            b = f.read(8)
+            f.seek(offset)
+            f.write(bytes(x ^ 0xFF for x in b))
+        with pytest.raises(DamageError) as caught:
+            s = LevelDBStorage(case)
+            try:
+                s.check()
+            finally:
+                s.close()
+        found.append((offset, str(caught.value)))
+    assert len(found) > 100
+    assert all("LevelDB: Corruption" in text for _, text in found), [f for f in found if "LevelDB" not in f[1]]
+
+
 def test_format_3_is_upgraded_to_sealed_records_in_a_new_generation(tmp_path) -> None:
     path = str(tmp_path / "db")
     db = plyvel.DB(path, create_if_missing=True)

@@ -197,7 +197,7 @@ class LevelDBLogStore:
         start = _get(db, _LOG_START)
         self._snapshot_index, self._snapshot_term = msgpack.unpackb(start) if start else (0, 0)
         self._last_index = self._snapshot_index
-        with db.iterator(prefix=_LOG, reverse=True, include_value=False) as it:
+        with db.iterator(prefix=_LOG, reverse=True, include_value=False, verify_checksums=True) as it:
             for key in it:
                 self._last_index = _U64.unpack(key[len(_LOG):])[0]
                 break
@@ -433,7 +433,7 @@ class LevelDBStateStore(AppliedMark):
                 prefix = _gen_prefix(kind, gen)
                 start = self._gc_resume.get(prefix, prefix)
                 stop = _gen_prefix(kind, gen + 1) if gen < _MAX_GEN else bytes([kind[0] + 1])
-                with self.db.iterator(start=start, stop=stop, include_value=False) as it:
+                with self.db.iterator(start=start, stop=stop, include_value=False, verify_checksums=True) as it:
                     for k in it:
                         if n >= max_keys:
                             self._gc_resume[prefix] = k
@@ -453,7 +453,7 @@ def _generations(db: plyvel.DB) -> list[int]:
     for kind in _KINDS:
         seek = kind
         while True:
-            with db.iterator(start=seek, include_value=False) as it:
+            with db.iterator(start=seek, include_value=False, verify_checksums=True) as it:
                 k = next(it, None)
             if k is None or not k.startswith(kind) or len(k) < len(kind) + 4:
                 break
@@ -632,7 +632,7 @@ class LevelDBStorage:
     def _check_format(self) -> None:
         fmt = self.db.get(_FORMAT, verify_checksums=True)
         if fmt is None:
-            if next(self.db.iterator(include_value=False), None) is not None:
+            if next(self.db.iterator(include_value=False, verify_checksums=True), None) is not None:
                 raise StorageError(f"{self.path} holds data of an older zraft (no m/format); "
                                    "move it away, or restore a snapshot into a fresh data dir")
             self.db.put(_FORMAT, FORMAT, sync=True)
@@ -651,7 +651,7 @@ class LevelDBStorage:
         garbage, collected later), after it the new one; the old generation is garbage then.
         """
         db = self.db
-        old_gen_raw = db.get(_GEN)
+        old_gen_raw = db.get(_GEN, verify_checksums=True)
         old_gen = _U32.unpack(old_gen_raw)[0] if old_gen_raw else 0
         new_gen = max([old_gen, *_generations(db)]) + 1
         if new_gen > _MAX_GEN:
@@ -660,7 +660,7 @@ class LevelDBStorage:
         for kind in (_DATA, _SESSION):
             src, dst = _gen_prefix(kind, old_gen), _gen_prefix(kind, new_gen)
             wb, size = db.write_batch(), 0
-            with db.iterator(prefix=src) as it:
+            with db.iterator(prefix=src, verify_checksums=True) as it:
                 for k, v in it:
                     key = dst + k[len(src):]
                     wb.put(key, _seal(key, v))
@@ -671,12 +671,12 @@ class LevelDBStorage:
                         wb, size = db.write_batch(), 0
             wb.write()
         with db.write_batch(sync=True) as wb:
-            with db.iterator(prefix=_LOG) as it:
+            with db.iterator(prefix=_LOG, verify_checksums=True) as it:
                 for key, value in it:
                     payload = value[:8] + _TYPE_BYTES[0] + value[8:] if fmt == b"2" else value
                     wb.put(key, _seal(key, payload))
             for meta in (_HARD_STATE, _LOG_START, _APPLIED):
-                raw = db.get(meta)
+                raw = db.get(meta, verify_checksums=True)
                 if raw is not None:
                     wb.put(meta, _seal(meta, raw))
             wb.put(_GEN, _seal(_GEN, _U32.pack(new_gen)))
