@@ -58,9 +58,15 @@ def entries_after(index: int, *commands: bytes, term: int = 1) -> list[Entry]:
     return [Entry(term, index + 1 + i, c) for i, c in enumerate(commands)]
 
 
+def plain(results: list) -> list:
+    """Results without their revision (revisions are checked by the model below and in test_mvcc.py)."""
+    return [{k: v for k, v in r.items() if k != "revision"} if isinstance(r, dict) else r for r in results]
+
+
 def apply(sm: KVStateMachine, *commands: bytes) -> list:
-    """Apply the commands as one batch right after the state machine's applied index."""
-    return sm.apply(entries_after(sm.applied_index, *commands))
+    """Apply the commands as one batch right after the state machine's applied index (results without
+    their revision)."""
+    return plain(sm.apply(entries_after(sm.applied_index, *commands)))
 
 
 @pytest.fixture(params=["memory", "leveldb"])
@@ -227,7 +233,7 @@ def test_empty_apply_changes_nothing(sm, backend) -> None:
 
 
 def test_terms_do_not_matter_to_the_state_machine(sm) -> None:
-    results = sm.apply([Entry(1, 1, put(b"k", b"a")), Entry(5, 2, cas(b"k", b"a", b"b")), Entry(9, 3, NOOP)])
+    results = plain(sm.apply([Entry(1, 1, put(b"k", b"a")), Entry(5, 2, cas(b"k", b"a", b"b")), Entry(9, 3, NOOP)]))
     assert results == [{}, {"swapped": True, "value": b"b"}, None]
     assert sm.applied_index == 3
 
@@ -270,13 +276,13 @@ def test_state_machine_starts_from_the_backend_applied_index() -> None:
     assert sm.applied_index == 41
     with pytest.raises(AssertionError):
         apply_at(sm, 41, put(b"k", b"x"))
-    assert sm.apply(entries_after(41, cas(b"k", b"v", b"w"))) == [{"swapped": True, "value": b"w"}]
+    assert sm.apply(entries_after(41, cas(b"k", b"v", b"w"))) == [{"swapped": True, "value": b"w", "revision": 2}]
     assert sm.applied_index == kv.applied_index == 42
     assert kv.data == {b"k": b"w"}
 
 
 def apply_at(sm: KVStateMachine, first_index: int, *commands: bytes) -> list:
-    return sm.apply(entries_after(first_index - 1, *commands))
+    return plain(sm.apply(entries_after(first_index - 1, *commands)))
 
 
 # --- exactly-once sessions -------------------------------------------------------------------
@@ -304,7 +310,7 @@ def test_duplicate_gets_the_remembered_result_and_is_not_applied_again(sm, backe
     assert apply(sm, put(b"k", b"c", (7, 2))) == [{"deleted": True}]
     assert sm.get(b"k") is None
     assert sm.applied_index == backend.applied_index == 6  # duplicates still advance the applied index
-    assert sm.sessions == {7: SessionRecord(2, {"deleted": True}, 4)}
+    assert sm.sessions == {7: SessionRecord(2, {"deleted": True, "revision": 4}, 4)}
     assert backend.load_sessions() == sm.sessions
 
 
@@ -313,7 +319,7 @@ def test_older_sequence_number_is_refused(sm) -> None:
     [result] = apply(sm, put(b"k", b"2", (3, 2)))
     assert expired(result)
     assert sm.get(b"k") == b"3"
-    assert sm.sessions[3] == SessionRecord(3, {}, 2)
+    assert sm.sessions[3] == SessionRecord(3, {"revision": 3}, 2)
 
 
 def test_unknown_client_must_start_at_one(sm, backend) -> None:
@@ -334,7 +340,7 @@ def test_sequence_numbers_may_skip_and_clients_are_separate(sm) -> None:
     assert expired(result)
     assert apply(sm, put(b"b", b"2", (2, 2))) == [{}]
     assert (sm.get(b"a"), sm.get(b"b")) == (b"2", b"2")
-    assert sm.sessions == {1: SessionRecord(5, {}, 3), 2: SessionRecord(2, {}, 5)}
+    assert sm.sessions == {1: SessionRecord(5, {"revision": 4}, 3), 2: SessionRecord(2, {"revision": 5}, 5)}
 
 
 def test_duplicate_within_one_batch(sm, backend) -> None:
@@ -342,7 +348,7 @@ def test_duplicate_within_one_batch(sm, backend) -> None:
     # The third is the first one's remembered result; the fourth deletes what the put wrote.
     assert results == [{"deleted": False}, {}, {"deleted": False}, {"deleted": True}]
     assert sm.get(b"k") is None
-    assert backend.load_sessions() == {4: SessionRecord(2, {"deleted": True}, 4)}
+    assert backend.load_sessions() == {4: SessionRecord(2, {"deleted": True, "revision": 3}, 4)}
 
 
 def test_sessions_survive_reopen(tmp_path) -> None:
@@ -356,8 +362,8 @@ def test_sessions_survive_reopen(tmp_path) -> None:
     storage = LevelDBStorage(path)
     sm = KVStateMachine(storage.state)
     assert sm.sessions == before == {
-        1: SessionRecord(2, {"deleted": True}, 3),
-        2**63 - 1: SessionRecord(1, {"swapped": True, "value": b"\x00w"}, 2),
+        1: SessionRecord(2, {"deleted": True, "revision": 4}, 3),
+        2**63 - 1: SessionRecord(1, {"swapped": True, "value": b"\x00w", "revision": 3}, 2),
     }
     big = 2**63 - 1
     results = apply(sm, cas(b"k", b"v", b"\x00w", (big, 1)), delete(b"k", (1, 2)), put(b"k", b"z", (1, 1)))
@@ -545,6 +551,7 @@ class Model:
         self.data = dict(data)
         self.sessions = {c: (r.seq, r.result, r.last_index) for c, r in sessions.items()}
         self.max_sessions = max_sessions
+        self.revision = 1  # an empty store's; one more for each command that changes something
 
     def apply(self, index: int, cmd: tuple):
         op = cmd[0]
@@ -571,16 +578,20 @@ class Model:
         op, key = cmd[0], cmd[1]
         if op == "put":
             self.data[key] = cmd[2]
-            return {}
-        if op == "delete":
+            result: dict = {}
+            self.revision += 1
+        elif op == "delete":
             existed = key in self.data
             self.data.pop(key, None)
-            return {"deleted": existed}
-        current = self.data.get(key)
-        if current == cmd[2]:  # both None: absent and expected absent
+            result = {"deleted": existed}
+            self.revision += existed
+        elif self.data.get(key) == cmd[2]:  # cas; both None: absent and expected absent
             self.data[key] = cmd[3]
-            return {"swapped": True, "value": cmd[3]}
-        return {"swapped": False, "value": current}
+            result = {"swapped": True, "value": cmd[3]}
+            self.revision += 1
+        else:
+            result = {"swapped": False, "value": self.data.get(key)}
+        return {**result, "revision": self.revision}
 
 
 def normalized(result):

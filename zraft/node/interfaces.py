@@ -83,10 +83,21 @@ class StateStore(Protocol):
 
     def get(self, key: bytes) -> bytes | None: ...
 
+    def data_scan(self, start: bytes, end: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        """The keys in [start, end) (None: to the last) and their values, in key order, read lazily."""
+
+    def table_get(self, kind: int, key: bytes) -> bytes | None:
+        """A record of one of the tables beside the data (zraft.node.statemachine.TABLE_KINDS)."""
+
+    def table_scan(self, kind: int, start: bytes = b"", end: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """A table's records with keys in [start, end), in key order, read lazily."""
+
     def write(self, updates: dict[bytes, bytes | None], applied_index: int,
-              sessions: dict[int, Any] | None = None, applied_term: int = 0, membership: bytes | None = None) -> None:
-        """Apply updates, session changes, the new applied index and (if not None) the membership applied
-        atomically (need not be durable: the log holds the entries, and a lost apply is replayed)."""
+              sessions: dict[int, Any] | None = None, applied_term: int = 0, membership: bytes | None = None,
+              tables: dict[int, dict[bytes, bytes | None]] | None = None) -> None:
+        """Apply updates, session changes, the new applied index, (if not None) the membership applied and
+        the tables' updates atomically (need not be durable: the log holds the entries, and a lost apply
+        is replayed)."""
 
     @property
     def membership(self) -> bytes | None:

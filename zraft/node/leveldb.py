@@ -17,6 +17,9 @@ Key layout (one keyspace; prefixes keep the parts apart and in order):
     d<gen><key>       the key-value data of state machine generation <gen> (4 bytes)
     s<gen><client>    8-byte client id -> msgpack [seq, result, last index]: a client session
     c<gen>            the latest membership applied (zraft.raft.confchange), absent if none ever was
+    k<gen><key>       a key's metadata (zraft.node.mvcc.KeyMeta: revisions, version, lease)
+    r<gen>            the store's revision and how far its watch history was trimmed (mvcc.StoreMeta)
+    w<gen><rev><seq>  the watch history: one event per change (mvcc.encode_event)
 
 Every value but m/format is sealed: a 4-byte big-endian CRC-32 over the key and the payload,
 then the payload (what is described above). A record is checked when it is read, and one that
@@ -65,6 +68,7 @@ import msgpack
 import plyvel
 
 from zraft.node.interfaces import LogState
+from zraft.node.mvcc import REC_EVENT, REC_KEYMETA, REC_META
 from zraft.node.statemachine import (
     REC_CONFIG,
     REC_DATA,
@@ -90,7 +94,12 @@ _LOG = b"l/"
 _DATA = b"d"
 _SESSION = b"s"
 _CONFIG = b"c"
-_KINDS = (_CONFIG, _DATA, _SESSION)  # the prefixes a state machine generation has keys under
+_TABLES = {REC_META: b"r", REC_EVENT: b"w", REC_KEYMETA: b"k"}  # the coordination API's tables
+# The prefixes a state machine generation has keys under, by their snapshot record kind.
+_PREFIXES = {REC_DATA: _DATA, REC_SESSION: _SESSION, REC_CONFIG: _CONFIG, **_TABLES}
+_KINDS = tuple(sorted(_PREFIXES.values()))
+_NAMES = {_DATA: "key", _SESSION: "session", _CONFIG: "membership", b"r": "store metadata",
+          b"w": "watch event", b"k": "metadata of key"}
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _U64X2 = struct.Struct(">QQ")
@@ -129,7 +138,7 @@ def _describe(key: bytes) -> str:
     if key.startswith(_LOG) and len(key) == len(_LOG) + 8:
         return f"of log entry {_U64.unpack_from(key, len(_LOG))[0]}"
     if key[:1] in _KINDS and len(key) >= 5:
-        what = "key" if key[:1] == _DATA else "session"
+        what = _NAMES[key[:1]]
         return f"of {what} {key[5:65]!r} (generation {_U32.unpack_from(key, 1)[0]})"
     return repr(key[:64])
 
@@ -167,6 +176,28 @@ def _scan(db: plyvel.DB | plyvel.Snapshot, prefix: bytes, sealed: bool = True) -
                 yield k, (_unseal(k, v) if sealed else v)
     except plyvel.CorruptionError as exc:
         raise DamageError(damage_text(exc)) from None
+
+
+def _scan_range(db: plyvel.DB | plyvel.Snapshot, prefix: bytes, start: bytes, end: bytes | None
+                ) -> Iterator[tuple[bytes, bytes]]:
+    """(key without ``prefix``, payload) of the sealed records under ``prefix`` with keys in [start, end)."""
+    cut = len(prefix)
+    stop = prefix + end if end is not None else _after_prefix(prefix)
+    try:
+        with db.iterator(start=prefix + start, stop=stop, verify_checksums=True) as it:
+            for k, v in it:
+                yield k[cut:], _unseal(k, v)
+    except plyvel.CorruptionError as exc:
+        raise DamageError(damage_text(exc)) from None
+
+
+def _after_prefix(prefix: bytes) -> bytes:
+    """The first key after every key under ``prefix`` (a generation prefix never ends in 0xff bytes only)."""
+    p = bytearray(prefix)
+    while p[-1] == 0xFF:
+        p.pop()
+    p[-1] += 1
+    return bytes(p)
 
 
 def damage_text(exc: DamageError | plyvel.CorruptionError) -> str:
@@ -283,8 +314,8 @@ class LevelDBSnapshotView:
         return reader
 
     def _records(self) -> Generator[tuple[int, bytes, bytes], None, None]:
-        for kind, prefix in ((REC_DATA, _gen_prefix(_DATA, self.gen)), (REC_SESSION, _gen_prefix(_SESSION, self.gen)),
-                             (REC_CONFIG, _gen_prefix(_CONFIG, self.gen))):
+        for kind, letter in _PREFIXES.items():
+            prefix = _gen_prefix(letter, self.gen)
             cut = len(prefix)
             for k, v in _scan(self._snap, prefix):
                 yield kind, k[cut:], v
@@ -325,11 +356,27 @@ class LevelDBStateStore(AppliedMark):
     def get(self, key: bytes) -> bytes | None:
         return _get(self.db, self._data + key)
 
+    def data_scan(self, start: bytes, end: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        return _scan_range(self.db, self._data, start, end)
+
+    def table_get(self, kind: int, key: bytes) -> bytes | None:
+        return _get(self.db, _gen_prefix(_TABLES[kind], self.gen) + key)
+
+    def table_scan(self, kind: int, start: bytes = b"", end: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        return _scan_range(self.db, _gen_prefix(_TABLES[kind], self.gen), start, end)
+
     def write(self, updates: dict[bytes, bytes | None], applied_index: int,
               sessions: dict[int, SessionRecord | None] | None = None, applied_term: int = 0,
-              membership: bytes | None = None) -> None:
+              membership: bytes | None = None, tables: dict[int, dict[bytes, bytes | None]] | None = None) -> None:
         data = self._data
         with self.db.write_batch() as wb:
+            for kind, rows in (tables or {}).items():
+                prefix = _gen_prefix(_TABLES[kind], self.gen)
+                for k, v in rows.items():
+                    if v is None:
+                        wb.delete(prefix + k)
+                    else:
+                        wb.put(prefix + k, _seal(prefix + k, v))
             if membership is not None:
                 key = _gen_prefix(_CONFIG, self.gen)
                 wb.put(key, _seal(key, membership))
@@ -483,8 +530,7 @@ def _write_durably(path: str, data: bytes) -> None:
 def _write_chunk(db: plyvel.DB, data: bytes, gen: int) -> int:
     """Write one snapshot chunk's records into state machine generation ``gen``, unsynced; their count."""
     records = decode_chunk(data)
-    prefixes = {REC_DATA: _gen_prefix(_DATA, gen), REC_SESSION: _gen_prefix(_SESSION, gen),
-                REC_CONFIG: _gen_prefix(_CONFIG, gen)}
+    prefixes = {kind: _gen_prefix(letter, gen) for kind, letter in _PREFIXES.items()}
     with db.write_batch() as wb:
         for kind, k, v in records:
             key = prefixes[kind] + k

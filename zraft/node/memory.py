@@ -12,10 +12,12 @@ import struct
 from collections.abc import Iterable, Iterator
 
 from zraft.node.interfaces import LogState
+from zraft.node.mvcc import in_range
 from zraft.node.statemachine import (
     REC_CONFIG,
     REC_DATA,
     REC_SESSION,
+    TABLE_KINDS,
     AppliedMark,
     SessionRecord,
     chunked,
@@ -86,12 +88,14 @@ class MemorySnapshotView:
     """A copy of the state at the moment it was taken (what a LevelDB snapshot gives)."""
 
     def __init__(self, index: int, term: int, data: dict[bytes, bytes], sessions: dict[int, SessionRecord],
-                 membership: bytes | None = None) -> None:
+                 membership: bytes | None = None, tables: dict[int, dict[bytes, bytes]] | None = None) -> None:
         self.index, self.term = index, term
         self._records = [(REC_DATA, k, v) for k, v in sorted(data.items())]
         self._records += [(REC_SESSION, _U64.pack(c), encode_session(r)) for c, r in sorted(sessions.items())]
         if membership is not None:
             self._records.append((REC_CONFIG, b"", membership))
+        for kind, rows in sorted((tables or {}).items()):
+            self._records += [(kind, k, v) for k, v in sorted(rows.items())]
 
     def chunks(self, chunk_bytes: int) -> Iterator[bytes]:
         return chunked(iter(self._records), chunk_bytes)
@@ -110,17 +114,35 @@ class MemoryStateStore(AppliedMark):
         self._applied_term = applied_term
         self.sessions: dict[int, SessionRecord] = {}
         self.membership: bytes | None = None
+        self.tables: dict[int, dict[bytes, bytes]] = {kind: {} for kind in TABLE_KINDS}
         self.staged: tuple[dict[bytes, bytes], dict[int, SessionRecord]] | None = None
         self._staged_membership: bytes | None = None
+        self._staged_tables: dict[int, dict[bytes, bytes]] = {}
 
     def get(self, key: bytes) -> bytes | None:
         return self.data.get(key)
 
+    def data_scan(self, start: bytes, end: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        return _scan(self.data, start, end)
+
+    def table_get(self, kind: int, key: bytes) -> bytes | None:
+        return self.tables[kind].get(key)
+
+    def table_scan(self, kind: int, start: bytes = b"", end: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        return _scan(self.tables[kind], start, end)
+
     def write(self, updates: dict[bytes, bytes | None], applied_index: int,
               sessions: dict[int, SessionRecord | None] | None = None, applied_term: int = 0,
-              membership: bytes | None = None) -> None:
+              membership: bytes | None = None, tables: dict[int, dict[bytes, bytes | None]] | None = None) -> None:
         if membership is not None:
             self.membership = membership
+        for kind, rows in (tables or {}).items():
+            table = self.tables[kind]
+            for k, v in rows.items():
+                if v is None:
+                    table.pop(k, None)
+                else:
+                    table[k] = v
         for k, v in updates.items():
             if v is None:
                 self.data.pop(k, None)
@@ -140,7 +162,8 @@ class MemoryStateStore(AppliedMark):
         return sorted(self.data.items())
 
     def open_snapshot(self) -> MemorySnapshotView:
-        return MemorySnapshotView(self._applied, self._applied_term, self.data, self.sessions, self.membership)
+        return MemorySnapshotView(self._applied, self._applied_term, self.data, self.sessions, self.membership,
+                                  self.tables)
 
     def staged_membership(self) -> bytes | None:
         return self._staged_membership
@@ -148,6 +171,7 @@ class MemoryStateStore(AppliedMark):
     def begin_staging(self) -> None:
         self.staged = ({}, {})
         self._staged_membership = None
+        self._staged_tables = {kind: {} for kind in TABLE_KINDS}
 
     def stage(self, data: bytes) -> int:
         records = decode_chunk(data)
@@ -159,6 +183,8 @@ class MemoryStateStore(AppliedMark):
                 staged_data[k] = v
             elif kind == REC_CONFIG:
                 self._staged_membership = v
+            elif kind in TABLE_KINDS:
+                self._staged_tables[kind][k] = v
             else:
                 staged_sessions[_U64.unpack(k)[0]] = decode_session(v)
         return len(records)
@@ -172,6 +198,7 @@ class MemoryStateStore(AppliedMark):
             raise ValueError("nothing is staged")
         self.data, self.sessions = self.staged
         self.membership = self._staged_membership
+        self.tables = self._staged_tables
         self.staged = None
         self._applied, self._applied_term = index, term
 
@@ -181,6 +208,11 @@ class MemoryStateStore(AppliedMark):
 
     def collect_garbage(self, max_keys: int) -> int:
         return 0
+
+
+def _scan(rows: dict[bytes, bytes], start: bytes, end: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+    """A dict's items with keys in [start, end), in key order (a sort per scan: fine for tests)."""
+    return iter([(k, rows[k]) for k in sorted(k for k in rows if in_range(k, start, end))])
 
 
 class MemoryStorage:
