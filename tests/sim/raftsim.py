@@ -159,8 +159,9 @@ def _parse_put(data: bytes) -> tuple[bytes, bytes] | None:
 
 
 def _record_bytes(key_len: int = 3, value_len: int = 6) -> int:
-    """What one KV record counts for when the driver cuts snapshot chunks (zraft.node.statemachine.chunked)."""
-    return key_len + value_len + 8
+    """What one key counts for when the driver cuts snapshot chunks (zraft.node.statemachine.chunked): its
+    value's record and its metadata's (zraft.node.mvcc.KeyMeta, 32 bytes)."""
+    return (key_len + value_len + 8) + (key_len + 32 + 8)
 
 
 # ---------------------------------------------------------------------- the cluster
@@ -250,11 +251,11 @@ class Cluster:
                       "members_promoted": 0, "members_removed": 0, "removed_leader_stepped_down": 0,
                       "retired": 0}
         # Snapshots: each node compacts when its log holds about snapshot_threshold applied entries
-        # (0: never), keeping a random few; the leader streams about chunk_items KV records per chunk,
+        # (0: never), keeping a random few; the leader streams about chunk_items keys' records per chunk,
         # snapshot_window unacknowledged.
         self.snapshot_threshold = snapshot_threshold
         self.driver_config = DriverConfig(
-            snapshot_threshold=0, snapshot_keep=0, snapshot_chunk_bytes=1 + _record_bytes() * (chunk_items - 1),
+            snapshot_threshold=0, snapshot_keep=0, snapshot_chunk_bytes=_record_bytes() * chunk_items,
             snapshot_window=snapshot_window, snapshot_retry_ticks=snapshot_retry_ticks,
             snapshot_give_up_ticks=snapshot_give_up_ticks, receive_idle_ticks=30 * election_ticks,
             early_send=self.early_send >= 1.0)
@@ -262,6 +263,7 @@ class Cluster:
 
         # The checker's memory.
         self.leader_of_term: dict[int, int] = {}  # election safety, over the whole history
+        self.durable_last: dict[tuple[int, int], int] = {}  # (node, term) -> the longest log on its disk in it
         self.leaders: list[tuple[int, int, int, list[Entry]]] = []  # (term, node, snapshot index, log at election)
         self.registry: dict[tuple[int, int], tuple[bytes, int]] = {}  # (index, term) -> (data, prev term)
         self.committed: list[tuple[int, bytes, int]] = []  # index - 1 -> (term, data, term it was seen in)
@@ -900,6 +902,15 @@ class Cluster:
             if first <= d.last_index:
                 self.stats["truncations"] += 1
 
+    def note_durable(self, node: SimNode) -> None:
+        """After a write: the longest log the node's disk has held in its current term. An acknowledgement
+        of that term is true if the disk held its entries once: a later term's leader may have cut the
+        log since, before the acknowledgement (released with a later write) went out, as a network may
+        deliver it late anyway."""
+        d = node.disk
+        key = (node.id, d.hard_state.term)
+        self.durable_last[key] = max(self.durable_last.get(key, 0), d.last_index)
+
     def check_compact(self, node: SimNode, index: int, term: int) -> None:
         held = node.disk.entry(index)
         if held is None or held.term != term or index > node.disk.applied:
@@ -1227,7 +1238,7 @@ class Cluster:
             elif isinstance(m, AppendEntriesResponse):
                 if hs.term < m.term:
                     self.fail(f"node {node.id}: sends {m} in a term its disk does not hold ({hs})")
-                if m.success and m.match_index > d.last_index:
+                if m.success and m.match_index > max(d.last_index, self.durable_last.get((node.id, m.term), 0)):
                     self.fail(f"node {node.id}: acknowledges {m.match_index} with {d.last_index} on disk")
             elif isinstance(m, HeartbeatResponse) and hs.term < m.term:
                 self.fail(f"node {node.id}: sends {m} in a term its disk does not hold ({hs})")

@@ -38,6 +38,8 @@ from zraft.raft.core import HardState, RaftConfig, RaftNode, Ready, SnapshotMeta
 from zraft.raft.log import RaftLog
 from zraft.raft.messages import Entry, InstallSnapshot, Message, StreamMessage
 
+SIM_HISTORY_REVISIONS = 2  # the watch history each simulated state machine keeps: its snapshots carry it
+
 if TYPE_CHECKING:
     from raftsim import Cluster as Checker
 
@@ -64,6 +66,7 @@ class CheckedLog(MemoryLogStore):
             raise SimCrash
         node.checker.check_save(node, hard_state, entries)
         super().save(hard_state, entries)
+        node.checker.note_durable(node)
 
 
 class CheckedState(MemoryStateStore):
@@ -100,6 +103,7 @@ class SimDisk(MemoryStorage):
             raise SimCrash
         node.checker.check_install(node, meta)
         super().install_snapshot(meta, hard_state, entries)
+        node.checker.note_durable(node)
         node.install_pending = node.staged_stream = None
 
     def compact(self, index: int, term: int) -> None:
@@ -190,6 +194,7 @@ class SimWriter:
             seq, hs, entries, _ = self.jobs.popleft()
             self.node.checker.check_save(self.node, hs, entries)
             MemoryLogStore.save(log, hs, entries)  # (not CheckedLog.save: the crash point was the submit)
+            self.node.checker.note_durable(self.node)
             self.durable = seq
 
 
@@ -373,7 +378,9 @@ class SimNode:
         self.staged_stream = None
         self.install_pending = None
         self.writer = SimWriter(self) if async_writes else None
-        self.driver = Driver(raft, d, KVStateMachine(d.state), SimNet(self), SimEvents(self),
+        # A short watch history: the simulation is about Raft, and snapshots carry the history.
+        sm = KVStateMachine(d.state, history_revisions=SIM_HISTORY_REVISIONS)
+        self.driver = Driver(raft, d, sm, SimNet(self), SimEvents(self),
                              config=driver_config, writer=self.writer, rng=random.Random(rng.getrandbits(64)),
                              clock=lambda: float(self.checker.now), stats=self.checker.stats,
                              check_command=_check_command)
