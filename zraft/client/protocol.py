@@ -11,6 +11,8 @@ from typing import Any
 
 import msgpack
 
+from zraft.node.mvcc import prefix_end
+
 SESSION_EXPIRED = "session_expired"
 NOT_LEADER = "not_leader"
 BAD_REQUEST = "bad_request"
@@ -19,10 +21,16 @@ TIMEOUT = "timeout"
 UNAVAILABLE = "unavailable"
 BUSY = "busy"  # too much in flight on this node: did not take effect, retry later
 IN_PROGRESS = "in_progress"  # another membership change is not committed yet: did not take effect
+COMPACTED = "compacted"  # a watch from a revision the history no longer holds
 
-WRITE_OPS = frozenset({"put", "delete", "cas"})
+WRITE_OPS = frozenset({"put", "delete", "cas", "txn"})
+READ_OPS = frozenset({"get", "range"})  # served by the leader through ReadIndex
 MEMBER_OPS = frozenset({"add_member", "remove_member", "promote_member", "transfer_leader"})
-OPS = WRITE_OPS | MEMBER_OPS | {"get", "status", "fault", "compact", "snapshot", "members"}
+OPS = WRITE_OPS | READ_OPS | MEMBER_OPS | {"status", "fault", "compact", "snapshot", "members", "watch"}
+TXN_TARGETS = ("value", "version", "create_revision", "mod_revision", "exists")  # zraft.node.mvcc.TARGETS
+TXN_CMPS = ("==", "!=", "<", ">")
+MAX_TXN_OPS = 128
+MAX_WATCH_TIMEOUT_S = 3600.0
 FAULT_ACTIONS = frozenset({"isolate", "heal", "drop", "delay", "drop_replies", "clear", "show"})
 
 
@@ -51,6 +59,13 @@ class Request:
     session: tuple[int, int] | None = None  # writes: (client_id, seq) for exactly-once
     stream: int | None = None  # op "snapshot": the stream to continue, None to start one
     member: dict[str, Any] | None = None  # membership ops: id (None: any, for transfer_leader), addresses, learner
+    meta: bool = False  # get: with the key's revisions and version
+    end: bytes | None = None  # range, watch: [key, end) (None: to the keyspace's end)
+    limit: int = 0  # range: at most this many keys (0: no limit)
+    keys_only: bool = False  # range
+    txn: tuple[list, list, list] | None = None  # txn: compares, success ops, failure ops (command form)
+    start_revision: int = 0  # watch
+    timeout: float = 30.0  # watch: how long to wait for an event
 
 
 def _as_bytes(req: dict, name: str, limit: int, nil_ok: bool = False) -> bytes | None:
@@ -101,7 +116,7 @@ def _parse_key_op(req: dict, limits: Limits) -> Request:
     op = req["op"]
     key = _as_bytes(req, "key", limits.max_key_bytes)
     if op == "get":
-        return Request(op, key)
+        return Request(op, key, meta=_flag(req, "meta"))
     session = _parse_session(req)
     if op == "delete":
         return Request(op, key, session=session)
@@ -182,6 +197,118 @@ def _parse_member(req: dict, _limits: Limits) -> Request:
     return Request(op, member=out)
 
 
+def _flag(req: dict, name: str) -> bool:
+    v = req.get(name, False)
+    if v is None:
+        return False
+    if type(v) is not bool:
+        raise RequestError(BAD_REQUEST, f"{name} must be true or false")
+    return v
+
+
+def _key_range(req: dict, limits: Limits) -> tuple[bytes, bytes | None]:
+    """A range's ``prefix``, or ``start`` with an optional ``end`` (exclusive; without it, to the keyspace's
+    end); a watch's ``key`` or ``prefix``."""
+
+
+    names = ("key", "prefix") if req["op"] == "watch" else ("prefix", "start")
+    given = [name for name in names if req.get(name) is not None]
+    if len(given) != 1:
+        raise RequestError(BAD_REQUEST, f"{req['op']} needs exactly one of {' or '.join(names)}")
+    name = given[0]
+    first = _as_bytes(req, name, limits.max_key_bytes)
+    assert first is not None
+    if name == "key":
+        return first, first + b"\x00"
+    if name == "prefix":
+        return first, prefix_end(first)
+    end = _as_bytes(req, "end", limits.max_key_bytes, nil_ok=True) if "end" in req else None
+    return first, end
+
+
+def _parse_range(req: dict, limits: Limits) -> Request:
+    start, end = _key_range(req, limits)
+    limit = req.get("limit", 0)
+    if limit is None:
+        limit = 0
+    if type(limit) is not int or not 0 <= limit < 1 << 63:
+        raise RequestError(BAD_REQUEST, "limit must be a non-negative integer (0: no limit)")
+    return Request("range", start, end=end, limit=limit, keys_only=_flag(req, "keys_only"))
+
+
+def _parse_watch(req: dict, limits: Limits) -> Request:
+    start, end = _key_range(req, limits)
+    rev = req.get("start_revision")
+    if type(rev) is not int or not 0 <= rev < 1 << 63:
+        raise RequestError(BAD_REQUEST, "watch needs start_revision, a non-negative integer")
+    timeout = req.get("timeout", 30.0)
+    if timeout is None:
+        timeout = 30.0
+    if type(timeout) not in (int, float) or not 0 <= timeout <= MAX_WATCH_TIMEOUT_S:
+        raise RequestError(BAD_REQUEST, f"timeout must be a number of seconds from 0 to {MAX_WATCH_TIMEOUT_S:g}")
+    return Request("watch", start, end=end, start_revision=rev, timeout=float(timeout))
+
+
+def _parse_txn(req: dict, limits: Limits) -> Request:
+    """txn: compares, then the success or the failure branch (put, delete, get and range maps)."""
+    compares = req.get("compare", [])
+    if compares is None:
+        compares = []
+    if not isinstance(compares, list) or len(compares) > MAX_TXN_OPS:
+        raise RequestError(BAD_REQUEST, f"compare must be a list of at most {MAX_TXN_OPS} compares")
+    cmps = [_parse_compare(c, limits) for c in compares]
+    branches = []
+    for name in ("success", "failure"):
+        ops = req.get(name, [])
+        if ops is None:
+            ops = []
+        if not isinstance(ops, list) or len(ops) > MAX_TXN_OPS:
+            raise RequestError(BAD_REQUEST, f"{name} must be a list of at most {MAX_TXN_OPS} requests")
+        branch = [_parse_txn_op(op, limits) for op in ops]
+        written = [op[1] for op in branch if op[0] in (1, 2)]
+        if len(set(written)) != len(written):
+            raise RequestError(BAD_REQUEST, f"a key is written twice in {name} (etcd's rule: once per branch)")
+        branches.append(branch)
+    return Request("txn", txn=(cmps, branches[0], branches[1]), session=_parse_session(req))
+
+
+def _parse_compare(c: Any, limits: Limits) -> list:
+    if not (isinstance(c, list) and len(c) == 4):
+        raise RequestError(BAD_REQUEST, "a compare is [key, target, cmp, operand]")
+    key = c[0].encode() if isinstance(c[0], str) else c[0]
+    if type(key) is not bytes or len(key) > limits.max_key_bytes:
+        raise RequestError(BAD_REQUEST, "a compare's key must be bin or str within the key limit")
+    if c[1] not in TXN_TARGETS:
+        raise RequestError(BAD_REQUEST, f"a compare's target must be one of {list(TXN_TARGETS)}, not {c[1]!r:.40}")
+    if c[2] not in TXN_CMPS:
+        raise RequestError(BAD_REQUEST, f"a compare's cmp must be one of {list(TXN_CMPS)}, not {c[2]!r:.40}")
+    target, cmp, operand = TXN_TARGETS.index(c[1]), TXN_CMPS.index(c[2]), c[3]
+    if c[1] == "value":
+        operand = operand.encode() if isinstance(operand, str) else operand
+        if type(operand) is not bytes or len(operand) > limits.max_value_bytes:
+            raise RequestError(BAD_REQUEST, "a value compare's operand must be bin or str within the value limit")
+    elif c[1] == "exists":
+        if type(operand) is not bool or cmp > 1:
+            raise RequestError(BAD_REQUEST, "an exists compare takes == or != and true or false")
+    elif type(operand) is not int or not 0 <= operand < 1 << 63:
+        raise RequestError(BAD_REQUEST, f"a {c[1]} compare's operand must be a non-negative integer")
+    return [key, target, cmp, operand]
+
+
+def _parse_txn_op(op: Any, limits: Limits) -> list:
+    """One request of a branch, in the state machine's command form (zraft.node.statemachine)."""
+    if not isinstance(op, dict) or op.get("op") not in ("put", "delete", "get", "range"):
+        raise RequestError(BAD_REQUEST, "a transaction's request is a map with op put, delete, get or range")
+    kind = op["op"]
+    if kind == "range":
+        r = _parse_range(op, limits)
+        return [6, r.key, r.end, r.limit, r.keys_only]
+    key = _as_bytes(op, "key", limits.max_key_bytes)
+    if kind == "put":
+        return [1, key, _as_bytes(op, "value", limits.max_value_bytes)]
+    return [2 if kind == "delete" else 5, key]
+
+
 _PARSERS = {
     "members": _parse_admin,
     "add_member": _parse_member, "remove_member": _parse_member, "promote_member": _parse_member,
@@ -189,6 +316,7 @@ _PARSERS = {
     "status": _parse_admin, "compact": _parse_admin, "snapshot": _parse_snapshot,
     "fault": lambda req, _limits: Request("fault", fault=_parse_fault(req)),
     "get": _parse_key_op, "put": _parse_key_op, "delete": _parse_key_op, "cas": _parse_key_op,
+    "range": _parse_range, "txn": _parse_txn, "watch": _parse_watch,
 }
 assert set(_PARSERS) == OPS, "every op has its parser"
 

@@ -351,6 +351,10 @@ class Settings:
     # on a 2-core host the thread hand-offs cost more than the overlap gains (docs/BENCHMARKS.md).
     async_storage: bool = False
     http_api: bool = True  # serve the HTTP API on each node's http_port (zraft.api.http)
+    # The watch history (zraft.node.mvcc): the events of this many recent revisions, within these bytes.
+    watch_history_revisions: int = 100_000
+    watch_history_bytes: int = 64 << 20
+    max_watches: int = 10_000  # watches waiting on one node at once (past it: busy)
 
     ENV_PREFIX = "ZRAFT_"  # not a field: no annotation
     ENV_ALIASES = {"max_msg_bytes": "ZRAFT_MAX_BATCH_BYTES"}  # older names, read when the new one is unset

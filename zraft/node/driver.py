@@ -95,6 +95,9 @@ class DriverEvents:
     def membership_changed(self, membership: Membership) -> None:
         """The latest configuration changed (an entry appended or replaced, or a snapshot taken in)."""
 
+    def state_replaced(self) -> None:
+        """A snapshot replaced the state machine's state (its data, history and applied index)."""
+
 
 @dataclass(slots=True)
 class _Outgoing:
@@ -277,6 +280,7 @@ class Driver:
                 raise AssertionError(f"node {self.id}: the core took a snapshot no stream staged: {rd.snapshot}")
             self.storage.install_snapshot(rd.snapshot, rd.hard_state, rd.entries)
             self.sm.reload()
+            self.events.state_replaced()
             self.stats["snap_installed"] += 1
             self.stats["snap_reset_log"] += rd.snapshot.reset_log
             log.info("node %d: installed a snapshot at %d (term %d)", self.id, rd.snapshot.index, rd.snapshot.term)

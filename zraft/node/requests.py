@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 Envelope = list[bytes]  # the ROUTER routing frames of one client request, echoed on the reply
 
@@ -18,7 +19,7 @@ Envelope = list[bytes]  # the ROUTER routing frames of one client request, echoe
 @dataclass(slots=True)
 class PendingRead:
     envelope: Envelope
-    key: bytes
+    request: Any  # the read (zraft.client.protocol.Request: a get or a range)
 
 
 class PendingRequests:
@@ -41,10 +42,10 @@ class PendingRequests:
         """How many requests wait."""
         return self.n_writes + len(self.reads)
 
-    def add_read(self, envelope: Envelope, key: bytes, deadline: float) -> int:
+    def add_read(self, envelope: Envelope, request: Any, deadline: float) -> int:
         rid = self._next_read
         self._next_read += 1
-        self.reads[rid] = PendingRead(envelope, key)
+        self.reads[rid] = PendingRead(envelope, request)
         self._deadlines.append((deadline, -1, rid))
         return rid
 

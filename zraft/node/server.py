@@ -41,8 +41,17 @@ from zraft.node.driver import Driver, DriverEvents, new_raft_node
 from zraft.node.interfaces import SnapshotView, Storage
 from zraft.node.leveldb import DamageError, LevelDBStorage, damage_text, storage_error_text
 from zraft.node.requests import Envelope, PendingRequests
-from zraft.node.statemachine import KVStateMachine, check_command, encode_cas, encode_delete, encode_put
+from zraft.node.statemachine import (
+    Compacted,
+    KVStateMachine,
+    check_command,
+    encode_cas,
+    encode_delete,
+    encode_put,
+    encode_txn,
+)
 from zraft.node.transport import PeerTransport
+from zraft.node.watches import Watch, WatchHub
 from zraft.node.writer import StorageWriter
 from zraft.raft import confchange
 from zraft.raft.confchange import ConfChangeError, Member, Membership
@@ -92,7 +101,7 @@ class _Turn:
     bytes: int = 0
     write_bytes: int = 0
     writes: list[tuple[Envelope, bytes]] = field(default_factory=list)
-    reads: list[tuple[Envelope, bytes]] = field(default_factory=list)
+    reads: list[tuple[Envelope, Request]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -118,7 +127,9 @@ class NodeServer(DriverEvents):
         self.settings = s = settings or Settings()
         self.limits = Limits(s.max_key_bytes, s.max_value_bytes, s.max_request_bytes)
         self.storage = storage
-        self.sm = KVStateMachine(storage.state)
+        self.sm = KVStateMachine(storage.state, history_revisions=s.watch_history_revisions,
+                                 history_bytes=s.watch_history_bytes)
+        self.watches = WatchHub()
         self.joining = join
         bootstrap = Membership() if join else bootstrap_membership(cluster)
         raft = new_raft_node(s.raft_config(node_id, () if join else tuple(cluster.ids)), storage, bootstrap=bootstrap)
@@ -291,6 +302,9 @@ class NodeServer(DriverEvents):
 
     def role_changed(self, role: Role, term: int, leader: int | None) -> None:
         log.info("node %d: %s in term %d, leader %s", self.me.id, role.value, term, leader)
+        if leader is None:  # cut off, perhaps: the watchers ask again, elsewhere if this node stays so
+            for w in self.watches.all():
+                self._answer_watch(w, force=True)
 
     def membership_changed(self, membership: Membership) -> None:
         self._set_members(membership)
@@ -321,6 +335,9 @@ class NodeServer(DriverEvents):
         self.members = members
 
     def applied(self, entries: list[Entry], results: list[Any]) -> None:
+        if self.sm.events and self.watches:
+            for w in self.watches.woken({ev["key"] for ev in self.sm.events}):
+                self._answer_watch(w)
         pending = self.pending
         if not pending.writes:
             return
@@ -338,8 +355,23 @@ class NodeServer(DriverEvents):
 
     def read_ready(self, request_id: Any, index: int) -> None:
         read = self.pending.take_read(request_id)
-        if read is not None:
-            self._reply(read.envelope, protocol.ok(value=self.sm.get(read.key)))
+        if read is None:
+            return
+        req, sm = read.request, self.sm
+        if req.op == "range":  # (one cut: nothing is applied while the loop thread reads)
+            kvs, more = sm.range(req.key, req.end, req.limit, req.keys_only, self.settings.max_request_bytes)
+            self._reply(read.envelope, protocol.ok(kvs=kvs, more=more, revision=sm.revision))
+        elif req.meta:
+            meta = sm.get_meta(req.key)
+            self._reply(read.envelope, protocol.ok(value=sm.get(req.key), revision=sm.revision,
+                                                   **(meta.fields() if meta else {})))
+        else:
+            self._reply(read.envelope, protocol.ok(value=sm.get(req.key)))
+
+    def state_replaced(self) -> None:
+        """A snapshot replaced the state machine (and its history): every watch looks again."""
+        for w in self.watches.all():
+            self._answer_watch(w)
 
     def read_dropped(self, request_id: Any) -> None:
         read = self.pending.take_read(request_id)
@@ -350,6 +382,9 @@ class NodeServer(DriverEvents):
         """Answer the membership requests now due, and expire the client requests past their deadline."""
         if self.member_waits:
             self._answer_member_waits(now)
+        if self.watches:
+            for w in self.watches.expired(now):
+                self._answer_watch(w, force=True)
         timeout = self.settings.request_timeout_s
         for envelope, is_write in self.pending.expired(now):
             what = "the write may or may not have been applied" if is_write else "leadership not confirmed"
@@ -380,19 +415,25 @@ class NodeServer(DriverEvents):
             except RequestError as exc:
                 self._reply(envelope, protocol.error(exc.code, str(exc)))
                 continue
-            admin = self._ADMIN.get(req.op)
-            if admin is not None:
-                self._reply(envelope, admin(self, req))
-            elif self.stopping:
-                self._reply(envelope, protocol.error(protocol.UNAVAILABLE, "node is shutting down"))
-            elif self.raft.role is not Role.LEADER:
-                self._reply(envelope, self._not_leader())
-            else:
-                self._admit(envelope, req, turn)
+            self._take(envelope, req, turn)
         if turn.writes:
             self._propose(turn.writes)
         if turn.reads:
             self._read(turn.reads)
+
+    def _take(self, envelope: Envelope, req: Request, turn: _Turn) -> None:
+        """One valid request: answered now (admin ops, refusals), a watch, or into the leader's turn."""
+        admin = self._ADMIN.get(req.op)
+        if admin is not None:
+            self._reply(envelope, admin(self, req))
+        elif self.stopping:
+            self._reply(envelope, protocol.error(protocol.UNAVAILABLE, "node is shutting down"))
+        elif req.op == "watch":
+            self._watch(envelope, req)
+        elif self.raft.role is not Role.LEADER:
+            self._reply(envelope, self._not_leader())
+        else:
+            self._admit(envelope, req, turn)
 
     def _admit(self, envelope: Envelope, req: Request, turn: _Turn) -> None:
         """A leader's client request: into this turn's batch, or ``busy``."""
@@ -403,8 +444,8 @@ class NodeServer(DriverEvents):
             self._reply(envelope, self._busy(f"leadership is being handed to node {self.raft.lead_transferee}"))
         elif len(self.pending) + len(turn.writes) + len(turn.reads) >= s.max_pending_requests:
             self._reply(envelope, self._busy(f"{s.max_pending_requests} requests are waiting"))
-        elif req.op == "get":
-            turn.reads.append((envelope, req.key))
+        elif req.op in protocol.READ_OPS:
+            turn.reads.append((envelope, req))
         else:
             cmd = _command(req)
             held = self.raft.uncommitted_bytes + turn.write_bytes
@@ -427,9 +468,43 @@ class NodeServer(DriverEvents):
         deadline = time.monotonic() + self.settings.request_timeout_s
         self.pending.add_writes(first, self.raft.term, [envelope for envelope, _ in writes], deadline)
 
-    def _read(self, reads: list[tuple[Envelope, bytes]]) -> None:
+    def _read(self, reads: list[tuple[Envelope, Request]]) -> None:
         deadline = time.monotonic() + self.settings.request_timeout_s
-        self.driver.read_index([self.pending.add_read(envelope, key, deadline) for envelope, key in reads])
+        self.driver.read_index([self.pending.add_read(envelope, req, deadline) for envelope, req in reads])
+
+    # ------------------------------------------------------------------ watches
+
+    def _watch(self, envelope: Envelope, req: Request) -> None:
+        """A watch: answered at once if the history holds events for it (or no longer reaches back to its
+        start), else it waits (zraft.node.watches) until an apply brings one or its timeout passes. Any
+        member that knows a leader serves it, from its own applied state and history."""
+        n = self.raft
+        if n.leader is None or n.probation or self.me.id not in n.membership:
+            self._reply(envelope, protocol.error(protocol.UNAVAILABLE, f"node {self.me.id} knows no leader "
+                                                                       "(or is no member): watch elsewhere"))
+            return
+        if len(self.watches) >= self.settings.max_watches:
+            self._reply(envelope, self._busy(f"{len(self.watches)} watches are waiting"))
+            return
+        w = Watch(envelope, req.key, req.end, req.start_revision, time.monotonic() + req.timeout)
+        if not self._answer_watch(w, force=req.timeout == 0):
+            self.watches.add(w)
+
+    def _answer_watch(self, w: Watch, force: bool = False) -> bool:
+        """Answer ``w`` if the history has events for it (or ``force``: its time is up); True if answered."""
+        try:
+            events, upto = self.sm.watch_events(w.start_revision, w.start, w.end)
+        except Compacted as exc:
+            reply = protocol.error(protocol.COMPACTED, f"watch from revision {w.start_revision}: {exc}; start again "
+                                                       f"from a revision after {exc.revision}",
+                                   compact_revision=exc.revision)
+        else:
+            if not events and not force:
+                return False
+            reply = protocol.ok(events=events, revision=upto)
+        self.watches.remove(w)
+        self._reply(w.envelope, reply)
+        return True
 
     def _status(self, _req: Request) -> bytes:
         n = self.raft
@@ -444,7 +519,7 @@ class NodeServer(DriverEvents):
                            snapshot_index=n.log.snapshot_index, pid=os.getpid(), snapshots=snapshots,
                            busy=self.busy_replies, peer_frames_rejected=sum(self.transport.rejected.values()),
                            voters=sorted(m.voters), learners=sorted(m.learners), member=self.me.id in m,
-                           probation=n.probation)
+                           probation=n.probation, revision=self.sm.revision, watches=len(self.watches))
 
     # ------------------------------------------------------------------ membership
 
@@ -702,6 +777,9 @@ class NodeServer(DriverEvents):
             self._reply(w.envelope, protocol.error(protocol.TIMEOUT, f"node is shutting down; {w.what} may "
                                                                      "still happen: see `zraft member list`"))
         self.member_waits = []
+        for w in self.watches.all():
+            self.watches.remove(w)
+            self._reply(w.envelope, unavailable)
 
     def _shutdown(self, clean: bool = True, raise_refused: bool = False) -> None:
         self._answer_all_waiting()
@@ -833,6 +911,9 @@ def _command(req: Request) -> bytes:
         return encode_put(req.key, req.value, req.session)
     if req.op == "delete":
         return encode_delete(req.key, req.session)
+    if req.op == "txn":
+        assert req.txn is not None
+        return encode_txn(*req.txn, req.session)
     return encode_cas(req.key, req.expect, req.value, req.session)
 
 
