@@ -30,7 +30,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +38,11 @@ import msgpack
 import zmq
 
 from zraft.client import protocol
+from zraft.client.txn import Txn
+from zraft.node.mvcc import prefix_end
 
 if TYPE_CHECKING:
+    from zraft.client.watch import Watcher
     from zraft.cluster.keys import KeyRing
 
 CONNECT_TIMEOUT_S = 0.3
@@ -72,6 +75,13 @@ def _ms(seconds: float) -> int:
 
 def _bytes(v: bytes | str) -> bytes:
     return v.encode() if isinstance(v, str) else v
+
+
+@dataclass
+class RangeResult:
+    kvs: list[tuple[bytes, bytes | None, int]]  # (key, value or None with keys_only, mod_revision)
+    more: bool  # more keys follow (past the limit, or past the node's reply size)
+    revision: int  # the store's revision the range was read at
 
 
 class Client:
@@ -110,11 +120,60 @@ class Client:
 
     # ------------------------------------------------------------------ operations
 
-    def put(self, key: bytes | str, value: bytes | str) -> None:
-        self._call({"op": "put", "key": _bytes(key), "value": _bytes(value)}, write=True)
+    def put(self, key: bytes | str, value: bytes | str) -> int:
+        """Set ``key``; the revision of the write."""
+        return self._call({"op": "put", "key": _bytes(key), "value": _bytes(value)}, write=True).get("revision", 0)
 
     def get(self, key: bytes | str) -> bytes | None:
         return self._call({"op": "get", "key": _bytes(key)}, write=False)["value"]
+
+    def get_meta(self, key: bytes | str) -> dict[str, Any]:
+        """``value`` (None: no such key), ``revision`` (the store's), and for a key that exists its
+        ``create_revision``, ``mod_revision``, ``version`` and ``lease``."""
+        rep = self._call({"op": "get", "key": _bytes(key), "meta": True}, write=False)
+        return {k: v for k, v in rep.items() if k not in ("ok", "id")}
+
+    def range(self, prefix: bytes | str | None = None, start: bytes | str | None = None,
+              end: bytes | str | None = None, limit: int = 0, keys_only: bool = False) -> RangeResult:
+        """The keys under ``prefix``, or in [start, end) (no end: to the last key), in key order: at most
+        ``limit`` (0: no limit; the node also cuts a reply at about its request size limit, with ``more``)."""
+        req: dict[str, Any] = {"op": "range", "limit": limit, "keys_only": keys_only}
+        if prefix is not None:
+            req["prefix"] = _bytes(prefix)
+        else:
+            req["start"] = _bytes(start if start is not None else b"")
+            if end is not None:
+                req["end"] = _bytes(end)
+        rep = self._call(req, write=False)
+        return RangeResult([(k, v, rev) for k, v, rev in rep["kvs"]], rep["more"], rep["revision"])
+
+    def range_all(self, prefix: bytes | str, page: int = 1000) -> Iterator[tuple[bytes, bytes, int]]:
+        """Every key under ``prefix``, page by page (each page linearizable; together not one cut)."""
+        start, end = _bytes(prefix), prefix_end(_bytes(prefix))
+        while True:
+            r = self.range(start=start, end=end, limit=page)
+            yield from r.kvs
+            if not r.more or not r.kvs:
+                return
+            start = r.kvs[-1][0] + b"\x00"
+
+    def txn(self) -> Txn:
+        """A transaction to build and commit (zraft.client.txn)."""
+        return Txn(self)
+
+    def raw_txn(self, compare: list, success: list, failure: list) -> dict[str, Any]:
+        return self._call({"op": "txn", "compare": compare, "success": success, "failure": failure}, write=True)
+
+    def watch(self, key: bytes | str | None = None, prefix: bytes | str | None = None,
+              start_revision: int | None = None, poll_s: float = 10.0) -> Watcher:
+        """An iterator over the changes to ``key`` (or under ``prefix``) from ``start_revision`` on (None:
+        from the next write), in revision order, none missed or repeated, resuming by itself across
+        leader changes and lost connections (zraft.client.watch). Close it when done."""
+        from zraft.client.watch import Watcher
+
+        if start_revision is None:
+            start_revision = self.get_meta(b"")["revision"] + 1
+        return Watcher(self.endpoints, key, prefix, start_revision, poll_s, self.keys)
 
     def delete(self, key: bytes | str) -> bool:
         return self._call({"op": "delete", "key": _bytes(key)}, write=True)["deleted"]
@@ -263,7 +322,7 @@ class Client:
         self.seq = 0
 
     def _call(self, req: dict[str, Any], write: bool, leader_only: bool = False,
-              session: bool = True) -> dict[str, Any]:
+              session: bool = True, attempt_timeout: float | None = None) -> dict[str, Any]:
         """One request until its answer or the deadline. ``write``: it changes something, so an attempt
         without an answer leaves the outcome unknown (with a session, it is retried exactly once)."""
         call = _Call(req, write, session=write and session and self.exactly_once,
@@ -275,7 +334,8 @@ class Client:
             call.encode()
         # A read, or a write with a session, that gets no answer is retried (a node that stopped with the
         # request unread never answers), so don't wait the whole deadline on one attempt.
-        attempt_timeout = max(1.0, self.timeout / 4) if call.session or not write else self.timeout
+        if attempt_timeout is None:
+            attempt_timeout = max(1.0, self.timeout / 4) if call.session or not write else self.timeout
         while True:
             remaining = call.deadline - time.monotonic()
             if remaining < MIN_ATTEMPT_S:
