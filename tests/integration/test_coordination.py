@@ -1,0 +1,134 @@
+"""The coordination API on real processes: revisions, range, txn, and watches that miss nothing across
+a leader's death (docs/PROTOCOL.md, "Coordination API")."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from zraft.client import OutcomeUnknown, ZraftError
+from zraft.client.txn import absent, get, put, range_, value, version
+
+from .cluster import Cluster, request
+
+pytestmark = pytest.mark.integration
+
+
+def test_revisions_range_txn_and_meta(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        r1 = c.put(b"cfg/a", b"1")
+        r2 = c.put(b"cfg/b", b"2")
+        r3 = c.put(b"cfg/a", b"3")
+        assert r1 < r2 < r3
+        assert not c.delete(b"cfg/none")  # nothing changed: no revision
+        c.put(b"other", b"x")
+        meta = c.get_meta(b"cfg/a")
+        assert (meta["value"], meta["create_revision"], meta["mod_revision"], meta["version"]) == (
+            b"3", r1, r3, 2)
+        assert c.get_meta(b"cfg/none")["value"] is None
+
+        r = c.range(prefix=b"cfg/")
+        assert [(k, v) for k, v, _ in r.kvs] == [(b"cfg/a", b"3"), (b"cfg/b", b"2")] and not r.more
+        assert [rev for _, _, rev in r.kvs] == [r3, r2] and r.revision == r3 + 1
+        r = c.range(start=b"cfg/", limit=1, keys_only=True)
+        assert r.kvs == [(b"cfg/a", None, r3)] and r.more
+        assert [k for k, _, _ in c.range_all(b"cfg/", page=1)] == [b"cfg/a", b"cfg/b"]
+
+        t = c.txn().when(value("cfg/a") == "3", version("cfg/b") == 1).then(
+            put("cfg/a", "4"), get("cfg/b"), range_(prefix="cfg/")).otherwise(get("cfg/a")).commit()
+        assert t.succeeded and t.revision == r3 + 2
+        assert t.responses[1]["value"] == b"2"
+        assert [kv[1] for kv in t.responses[2]["kvs"]] == [b"4", b"2"]  # the range sees the put before it
+        t = c.txn().when(absent("cfg/a")).then(put("cfg/a", "never")).otherwise(get("cfg/a")).commit()
+        assert not t.succeeded and t.responses == [{"ok": True, "value": b"4"}] and t.revision == r3 + 2
+
+        # Bad input gets bad_request and changes nothing.
+        for bad in ({"op": "txn", "compare": [["k", "colour", "==", 1]]},
+                    {"op": "txn", "success": [{"op": "put", "key": b"k", "value": b"1"},
+                                              {"op": "delete", "key": b"k"}]},
+                    {"op": "range", "prefix": b"a", "start": b"b"},
+                    {"op": "range", "start": b"a", "limit": -1},
+                    {"op": "watch", "prefix": b"a"}):
+            with pytest.raises(ZraftError) as exc:
+                c._call(bad, write=False)
+            assert exc.value.code == "bad_request", bad
+        assert c.get_meta(b"")["revision"] == r3 + 2
+
+
+def _watch_all(c: Cluster, seen: list[dict], stop: threading.Event, start_revision: int, errors: list[str]) -> None:
+    with c.client() as cl, cl.watch(prefix=b"w/", start_revision=start_revision, poll_s=1.0) as w:
+        while not stop.is_set():
+            try:
+                seen.extend(w.poll())
+            except ZraftError as exc:
+                errors.append(str(exc))
+                return
+
+
+def test_a_watcher_sees_exactly_the_acknowledged_writes_across_a_leader_kill(cluster: Cluster) -> None:
+    """Writes go on while the leader is killed and restarted; a watcher (on whatever node answers)
+    gets every acknowledged write's event once, in revision order, and nothing that was not written."""
+    with cluster.client() as c:
+        start = c.put(b"before", b"x") + 1
+    seen: list[dict] = []
+    errors: list[str] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_all, args=(cluster, seen, stop, start, errors), daemon=True)
+    watcher.start()
+    acked: dict[int, tuple[bytes, bytes]] = {}  # revision -> (key, value)
+    unknown: set[tuple[bytes, bytes]] = set()
+    with cluster.client(timeout=10.0) as c:
+        for i in range(300):
+            if i == 100:
+                leader = cluster.wait_leader()
+                cluster.kill(leader)
+            if i == 200:
+                cluster.restart(leader)
+            k, v = b"w/%03d" % (i % 17), b"v%d" % i
+            try:
+                acked[c.put(k, v)] = (k, v)
+            except OutcomeUnknown:
+                unknown.add((k, v))
+        last = max(acked)
+    deadline = time.monotonic() + 20
+    while (not seen or seen[-1]["revision"] < last) and time.monotonic() < deadline and not errors:
+        time.sleep(0.05)
+    stop.set()
+    watcher.join(10)
+    assert not errors, errors
+    revisions = [ev["revision"] for ev in seen]
+    assert revisions == sorted(set(revisions)), "events out of order, or one given twice"
+    got = {ev["revision"]: (ev["key"], ev["value"]) for ev in seen if ev["revision"] <= last}
+    missing = {r: kv for r, kv in acked.items() if got.get(r) != kv}
+    assert not missing, f"acknowledged writes the watcher did not see: {sorted(missing.items())[:5]}"
+    extra = {r: kv for r, kv in got.items() if r not in acked and kv not in unknown}
+    assert not extra, f"events of writes nobody made: {sorted(extra.items())[:5]}"
+    assert all(ev["type"] == "put" for ev in seen)
+
+
+def test_watch_waits_then_answers_and_a_trimmed_history_says_compacted(make_cluster: Callable[..., Cluster]) -> None:
+    c = make_cluster(env={"ZRAFT_WATCH_HISTORY_REVISIONS": "5"})
+    leader = c.wait_leader()
+    ep = c.endpoint(leader)
+    with c.client() as cl:
+        rev = cl.put(b"k", b"1")
+        t0 = time.monotonic()
+        rep = request(ep, {"op": "watch", "key": b"k", "start_revision": rev + 1, "timeout": 0.5})
+        assert rep["ok"] and rep["events"] == [] and rep["revision"] >= rev and time.monotonic() - t0 >= 0.45
+        got: list = []
+        waiter = threading.Thread(target=lambda: got.append(
+            request(ep, {"op": "watch", "key": b"k", "start_revision": rev + 1, "timeout": 10})))
+        waiter.start()
+        time.sleep(0.2)
+        cl.put(b"unrelated", b"x")  # wakes nothing
+        rev2 = cl.put(b"k", b"2")
+        waiter.join(10)
+        assert got and got[0]["ok"] and [(e["key"], e["value"], e["revision"]) for e in got[0]["events"]] == [
+            (b"k", b"2", rev2)]
+        for i in range(10):
+            cl.put(b"k", b"%d" % i)
+        rep = request(ep, {"op": "watch", "key": b"k", "start_revision": rev, "timeout": 1})
+        assert not rep["ok"] and rep["error"] == "compacted" and rep["compact_revision"] >= rev
