@@ -266,6 +266,7 @@ def test_prefix_end() -> None:
     ({"op": "txn", "compare": [[b"k", "exists", "<", True]]}, "exists"),
     ({"op": "txn", "success": [{"op": "cas"}]}, "put, delete, get or range"),
     ({"op": "get", "key": b"k", "meta": 1}, "meta"),
+    ({"op": "put", "key": b"k", "value": b"v", "lease": 7}, "leases are not supported yet"),
 ])
 def test_bad_coordination_requests_are_refused(req, why) -> None:
     with pytest.raises(RequestError, match=why) as exc:

@@ -122,6 +122,8 @@ def _parse_key_op(req: dict, limits: Limits) -> Request:
         return Request(op, key, session=session)
     value = _as_bytes(req, "value", limits.max_value_bytes)
     if op == "put":
+        if req.get("lease") is not None:  # (refused, not ignored: such a key would never expire)
+            raise RequestError(BAD_REQUEST, "leases are not supported yet (docs/PROTOCOL.md, \"Coordination API\")")
         return Request(op, key, value, session=session)
     return Request(op, key, value, _as_bytes(req, "expect", limits.max_value_bytes, nil_ok=True), session=session)
 
