@@ -38,7 +38,7 @@ import msgpack
 import zmq
 
 from zraft.client import protocol
-from zraft.client.txn import Txn
+from zraft.client.txn import Txn, range_
 from zraft.node.mvcc import prefix_end
 
 if TYPE_CHECKING:
@@ -137,14 +137,7 @@ class Client:
               end: bytes | str | None = None, limit: int = 0, keys_only: bool = False) -> RangeResult:
         """The keys under ``prefix``, or in [start, end) (no end: to the last key), in key order: at most
         ``limit`` (0: no limit; the node also cuts a reply at about its request size limit, with ``more``)."""
-        req: dict[str, Any] = {"op": "range", "limit": limit, "keys_only": keys_only}
-        if prefix is not None:
-            req["prefix"] = _bytes(prefix)
-        else:
-            req["start"] = _bytes(start if start is not None else b"")
-            if end is not None:
-                req["end"] = _bytes(end)
-        rep = self._call(req, write=False)
+        rep = self._call(range_(prefix, start, end, limit, keys_only), write=False)
         return RangeResult([(k, v, rev) for k, v, rev in rep["kvs"]], rep["more"], rep["revision"])
 
     def range_all(self, prefix: bytes | str, page: int = 1000) -> Iterator[tuple[bytes, bytes, int]]:
