@@ -15,13 +15,19 @@ from zraft.node.mvcc import CMPS, TARGETS, prefix_end
 from zraft.node.statemachine import (
     DELETE,
     GET,
+    LEASE_GRANT,
+    LEASE_KEEPALIVE,
+    LEASE_REVOKE,
     PUT,
+    PUT_LEASE,
     RANGE,
     Compacted,
     KVStateMachine,
     check_command,
     encode_delete,
+    encode_lease_op,
     encode_put,
+    encode_put_lease,
     encode_txn,
 )
 from zraft.raft.messages import Entry
@@ -266,9 +272,85 @@ def test_prefix_end() -> None:
     ({"op": "txn", "compare": [[b"k", "exists", "<", True]]}, "exists"),
     ({"op": "txn", "success": [{"op": "cas"}]}, "put, delete, get or range"),
     ({"op": "get", "key": b"k", "meta": 1}, "meta"),
-    ({"op": "put", "key": b"k", "value": b"v", "lease": 7}, "leases are not supported yet"),
+    ({"op": "put", "key": b"k", "value": b"v", "lease": 0}, "lease id"),
+    ({"op": "lease_grant", "ttl": 0}, "ttl"),
+    ({"op": "lease_grant", "ttl": 1.5}, "ttl"),
+    ({"op": "lease_keepalive"}, "lease id"),
+    ({"op": "txn", "success": [{"op": "put", "key": b"k", "value": b"v", "lease": -1}]}, "lease id"),
 ])
 def test_bad_coordination_requests_are_refused(req, why) -> None:
     with pytest.raises(RequestError, match=why) as exc:
         parse_request(msgpack.packb(req), Limits())
     assert exc.value.code == "bad_request"
+
+
+# --- leases -------------------------------------------------------------------------------------
+
+
+def test_a_revoked_lease_takes_its_keys_at_one_revision(tmp_path) -> None:
+    s = LevelDBStorage(tmp_path / "db")
+    sm = KVStateMachine(s.state)
+    assert run(sm, encode_lease_op(LEASE_GRANT, 7, 10)) == [{"lease": 7, "ttl": 10, "revision": 1}]
+    assert sm.lease_changes == [("grant", 7, 10)]
+    run(sm, encode_put_lease(b"a", b"1", 7), encode_put_lease(b"b", b"1", 7), encode_put(b"c", b"1"),
+        encode_put_lease(b"d", b"1", 7), encode_put(b"d", b"2"))  # a put without the lease detaches d
+    assert sm.get_meta(b"a").lease == 7 and sm.get_meta(b"d").lease == 0
+    assert sm.lease_keys(7) == [b"a", b"b"]
+    [result] = run(sm, encode_put_lease(b"x", b"1", 8))
+    assert result["error"] == "lease_not_found" and sm.get(b"x") is None and sm.revision == 6
+    assert run(sm, encode_lease_op(LEASE_KEEPALIVE, 7)) == [{"ttl": 10, "revision": 6}]
+    s.close()
+    s = LevelDBStorage(tmp_path / "db")  # leases and their keys survive a restart
+    sm = KVStateMachine(s.state)
+    assert sm.leases() == {7: 10} and sm.lease_keys(7) == [b"a", b"b"]
+    assert run(sm, encode_lease_op(LEASE_REVOKE, 7)) == [{"revision": 7}]
+    events, _ = sm.watch_events(7, b"", None)
+    assert [(e["type"], e["key"], e["revision"]) for e in events] == [("delete", b"a", 7), ("delete", b"b", 7)]
+    assert sm.get(b"a") is None and sm.get(b"c") == b"1" and sm.get(b"d") == b"2" and sm.leases() == {}
+    assert run(sm, encode_lease_op(LEASE_KEEPALIVE, 7))[0]["error"] == "lease_not_found"
+    assert run(sm, encode_lease_op(LEASE_REVOKE, 7))[0]["error"] == "lease_not_found"
+    s.close()
+
+
+def test_leases_in_one_batch_and_in_transactions() -> None:
+    sm = KVStateMachine(MemoryStateStore())
+    txn_ok = encode_txn([], [[PUT_LEASE, b"lock", b"me", 5]], [])
+    txn_bad = encode_txn([], [[PUT, b"other", b"1"], [PUT_LEASE, b"lock2", b"me", 6]], [])
+    results = run(sm, encode_lease_op(LEASE_GRANT, 5, 3), txn_ok, txn_bad, encode_lease_op(LEASE_REVOKE, 5),
+                  encode_lease_op(LEASE_GRANT, 5, 3))
+    assert results[1]["succeeded"] and results[2]["error"] == "lease_not_found"
+    assert sm.get(b"other") is None  # the failed transaction wrote nothing
+    assert results[3] == {"revision": 3} and sm.get(b"lock") is None  # granted, used, revoked in one batch
+    assert results[4] == {"lease": 5, "ttl": 3, "revision": 3} and sm.lease_keys(5) == []
+    assert run(sm, encode_lease_op(LEASE_GRANT, 5, 9))[0]["error"] == "bad_request"  # an id in use
+
+
+def test_a_snapshot_carries_leases() -> None:
+    src = MemoryStateStore()
+    sm = KVStateMachine(src)
+    run(sm, encode_lease_op(LEASE_GRANT, 3, 30), encode_put_lease(b"k", b"v", 3))
+    view = src.open_snapshot()
+    dst = MemoryStateStore()
+    dst.begin_staging()
+    for c in view.chunks(16):
+        dst.stage(c)
+    dst.install_staged(sm.applied_index, 1)
+    copy = KVStateMachine(dst)
+    assert copy.leases() == {3: 30} and copy.lease_keys(3) == [b"k"]
+    run(copy, encode_lease_op(LEASE_REVOKE, 3))
+    assert copy.get(b"k") is None
+
+
+def test_the_lease_clock() -> None:
+    from zraft.node.leases import RETRY_S, LeaseClock
+
+    clock = LeaseClock()
+    clock.reset({1: 10, 2: 5}, now=100.0)  # a new leader: full TTLs from now
+    assert clock.due(104.9) == [] and clock.due(105.0) == [2]
+    assert clock.due(105.5) == []  # proposed: not again before RETRY_S
+    assert clock.due(105.0 + RETRY_S) == [2]
+    clock.revoked(2)  # the revoke was applied
+    clock.refresh(1, 10, now=109.0)  # a keepalive
+    assert clock.due(118.9) == [] and clock.due(119.0) == [1]
+    clock.revoked(1)
+    assert clock.due(1000.0) == [] and len(clock) == 0

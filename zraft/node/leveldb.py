@@ -20,6 +20,8 @@ Key layout (one keyspace; prefixes keep the parts apart and in order):
     k<gen><key>       a key's metadata (zraft.node.mvcc.KeyMeta: revisions, version, lease)
     r<gen>            the store's revision and how far its watch history was trimmed (mvcc.StoreMeta)
     w<gen><rev><seq>  the watch history: one event per change (mvcc.encode_event)
+    e<gen><lease>     a lease and its TTL (mvcc.encode_lease)
+    x<gen><lease><key>  the keys of a lease (no value)
 
 Every value but m/format is sealed: a 4-byte big-endian CRC-32 over the key and the payload,
 then the payload (what is described above). A record is checked when it is read, and one that
@@ -68,7 +70,7 @@ import msgpack
 import plyvel
 
 from zraft.node.interfaces import LogState
-from zraft.node.mvcc import REC_EVENT, REC_KEYMETA, REC_META
+from zraft.node.mvcc import REC_EVENT, REC_KEYMETA, REC_LEASE, REC_LEASE_KEY, REC_META
 from zraft.node.statemachine import (
     REC_CONFIG,
     REC_DATA,
@@ -94,12 +96,12 @@ _LOG = b"l/"
 _DATA = b"d"
 _SESSION = b"s"
 _CONFIG = b"c"
-_TABLES = {REC_META: b"r", REC_EVENT: b"w", REC_KEYMETA: b"k"}  # the coordination API's tables
+_TABLES = {REC_META: b"r", REC_EVENT: b"w", REC_KEYMETA: b"k", REC_LEASE: b"e", REC_LEASE_KEY: b"x"}
 # The prefixes a state machine generation has keys under, by their snapshot record kind.
 _PREFIXES = {REC_DATA: _DATA, REC_SESSION: _SESSION, REC_CONFIG: _CONFIG, **_TABLES}
 _KINDS = tuple(sorted(_PREFIXES.values()))
 _NAMES = {_DATA: "key", _SESSION: "session", _CONFIG: "membership", b"r": "store metadata",
-          b"w": "watch event", b"k": "metadata of key"}
+          b"w": "watch event", b"k": "metadata of key", b"e": "lease", b"x": "lease's key"}
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _U64X2 = struct.Struct(">QQ")

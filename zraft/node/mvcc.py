@@ -12,6 +12,12 @@ and a sequence number within it), written in the same batch as the change, so th
 resume from any revision the history still holds, on any node. The store's :class:`StoreMeta`
 (kind :data:`REC_META`) holds the revision and how far the history was trimmed.
 
+**Leases** (kind :data:`REC_LEASE`: lease id -> its TTL) hold keys (kind :data:`REC_LEASE_KEY`:
+lease id + key, the index of a lease's keys; the key's KeyMeta names its lease too). Granting,
+keeping alive and revoking are log entries; a lease's deadline is the leader's business alone (by
+its clock, never stored): when it passes, the leader proposes the revoke, and every replica
+deletes the lease's keys at the same revision.
+
 Everything here is pure: encodings and the evaluation of a transaction's compares.
 """
 
@@ -25,7 +31,8 @@ from typing import Any
 import msgpack
 
 # Record kinds of the tables beside the data (zraft.node.statemachine has kinds 0-2).
-REC_META, REC_EVENT, REC_KEYMETA = 3, 4, 5
+REC_META, REC_EVENT, REC_KEYMETA, REC_LEASE, REC_LEASE_KEY = 3, 4, 5, 6, 7
+MAX_TTL = 1 << 31  # seconds: a lease's TTL is 1..MAX_TTL
 FIRST_REVISION = 1  # the revision of an empty store (etcd's)
 
 _KEYMETA = struct.Struct(">QQQQ")
@@ -163,3 +170,31 @@ def compare_holds(target: int, cmp: int, operand: Any, value: bytes | None, meta
 
 _CMP: list[Callable[[Any, Any], bool]] = [
     lambda a, b: a == b, lambda a, b: a != b, lambda a, b: a < b, lambda a, b: a > b]
+
+
+# ---------------------------------------------------------------------- leases
+
+_U64 = struct.Struct(">Q")
+
+
+def lease_key(lease: int) -> bytes:
+    return _U64.pack(lease)
+
+
+def lease_id(key: bytes) -> int:
+    return _U64.unpack_from(key)[0]
+
+
+def encode_lease(ttl: int) -> bytes:
+    return msgpack.packb([ttl])
+
+
+def decode_lease(raw: bytes) -> int:
+    """A lease record's TTL; ValueError if it is not one."""
+    try:
+        (ttl,) = msgpack.unpackb(raw)
+    except Exception as exc:  # msgpack's several exception types, or not one field
+        raise ValueError(f"bad lease record {raw[:40]!r}: {exc}") from None
+    if type(ttl) is not int or not 0 < ttl <= MAX_TTL:
+        raise ValueError(f"bad lease record {raw[:40]!r}")
+    return ttl

@@ -40,9 +40,18 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from zraft.client.protocol import SESSION_EXPIRED
+from zraft.client.protocol import BAD_REQUEST, LEASE_NOT_FOUND, SESSION_EXPIRED
 from zraft.node import mvcc
-from zraft.node.mvcc import LEGACY_META, REC_EVENT, REC_KEYMETA, REC_META, KeyMeta, StoreMeta
+from zraft.node.mvcc import (
+    LEGACY_META,
+    REC_EVENT,
+    REC_KEYMETA,
+    REC_LEASE,
+    REC_LEASE_KEY,
+    REC_META,
+    KeyMeta,
+    StoreMeta,
+)
 from zraft.raft.confchange import Membership
 from zraft.raft.messages import Entry, EntryType
 
@@ -51,6 +60,7 @@ if TYPE_CHECKING:
 
 PUT, DELETE, CAS, TXN = 1, 2, 3, 4
 GET, RANGE = 5, 6  # (inside a transaction only)
+LEASE_GRANT, LEASE_KEEPALIVE, LEASE_REVOKE, PUT_LEASE = 7, 8, 9, 10
 
 
 Session = tuple[int, int] | None  # (client_id, seq)
@@ -70,6 +80,16 @@ def encode_cas(key: bytes, expect: bytes | None, value: bytes, session: Session 
 
 def encode_txn(compares: list, success: list, failure: list, session: Session = None) -> bytes:
     return msgpack.packb((TXN, compares, success, failure, session), use_bin_type=True)
+
+
+def encode_put_lease(key: bytes, value: bytes, lease: int, session: Session = None) -> bytes:
+    return msgpack.packb((PUT_LEASE, key, value, lease, session), use_bin_type=True)
+
+
+def encode_lease_op(op: int, lease: int, ttl: int | None = None, session: Session = None) -> bytes:
+    """LEASE_GRANT (with its ttl), LEASE_KEEPALIVE or LEASE_REVOKE of ``lease``."""
+    cmd = (op, lease, ttl, session) if op == LEASE_GRANT else (op, lease, session)
+    return msgpack.packb(cmd, use_bin_type=True)
 
 
 DEFAULT_MAX_SESSIONS = 10_000
@@ -120,6 +140,10 @@ def _check_scalar(value: Any, kind: str, max_key_bytes: int, max_value_bytes: in
         return "a limit that is not a non-negative integer"
     if kind == "b" and type(value) is not bool:
         return "a flag that is not a bool"
+    if kind == "L" and not (type(value) is int and 0 < value <= _MAX_ID):
+        return "a lease id that is not a positive integer"
+    if kind == "t" and not (type(value) is int and 0 < value <= mvcc.MAX_TTL):
+        return "a TTL that is not a positive number of seconds"
     return None
 
 
@@ -153,7 +177,7 @@ def _check_ops(ops: Any, max_key_bytes: int, max_value_bytes: int) -> str | None
         why = _check_fields(op, shape, max_key_bytes, max_value_bytes)
         if why:
             return why
-        if op[0] in (PUT, DELETE):
+        if op[0] in (PUT, DELETE, PUT_LEASE):
             if op[1] in written:
                 return "a key written twice in one transaction branch"
             written.add(op[1])
@@ -164,8 +188,9 @@ MAX_TXN_OPS = 128  # compares, and requests in each branch, of one transaction (
 
 # Command layouts: op, then k(ey), v(alue), e(xpected value or nil), s(ession or nil), C(ompares),
 # B(ranch: a list of requests), K (a range end: key or nil), n (a limit), b (a flag).
-_SHAPES = {PUT: "okvs", DELETE: "oks", CAS: "okevs", TXN: "oCBBs"}
-_TXN_SHAPES = {PUT: "okv", DELETE: "ok", GET: "ok", RANGE: "okKnb"}
+_SHAPES = {PUT: "okvs", DELETE: "oks", CAS: "okevs", TXN: "oCBBs", PUT_LEASE: "okvLs", LEASE_GRANT: "oLts",
+           LEASE_KEEPALIVE: "oLs", LEASE_REVOKE: "oLs"}
+_TXN_SHAPES = {PUT: "okv", DELETE: "ok", GET: "ok", RANGE: "okKnb", PUT_LEASE: "okvL"}
 
 
 @dataclass(slots=True)
@@ -193,6 +218,7 @@ class KVStateMachine:
         self.history_revisions = max(1, history_revisions)
         self.history_bytes = history_bytes
         self.events: list[dict[str, Any]] = []
+        self.lease_changes: list[tuple[str, int, int]] = []  # the last apply's grants, keepalives, revokes
         self.reload()
 
     def reload(self) -> None:
@@ -208,6 +234,7 @@ class KVStateMachine:
         for k, v in backend.table_scan(REC_EVENT):
             self._remember(mvcc.event_revision(k), k, len(k) + len(v))
         self.events = []
+        self.lease_changes = []
 
     @property
     def revision(self) -> int:
@@ -220,6 +247,13 @@ class KVStateMachine:
 
     def get(self, key: bytes) -> bytes | None:
         return self.backend.get(key)
+
+    def leases(self) -> dict[int, int]:
+        """Every lease and its TTL (a new leader gives each its full TTL again)."""
+        return {mvcc.lease_id(k): mvcc.decode_lease(v) for k, v in self.backend.table_scan(REC_LEASE)}
+
+    def lease_keys(self, lease: int) -> list[bytes]:
+        return _Batch(self.backend, self.meta.revision).lease_keys(lease)
 
     def get_meta(self, key: bytes) -> KeyMeta | None:
         """A key's metadata, None if the key does not exist."""
@@ -289,8 +323,10 @@ class KVStateMachine:
     def _record_events(self, batch: _Batch) -> dict[int, dict[bytes, bytes | None]] | None:
         """The batch's events into the history (trimmed to its bounds), and the tables' updates."""
         self.events = batch.events
+        self.lease_changes = batch.lease_changes
+        tables = {kind: rows for kind, rows in batch.rows.items() if rows}
         if not batch.events:
-            return {REC_KEYMETA: batch.metas} if batch.metas else None
+            return {REC_KEYMETA: batch.metas, **tables} if batch.metas or tables else None
         history: dict[bytes, bytes | None] = {}
         for ev, (k, v) in zip(batch.events, batch.event_records, strict=True):
             history[k] = v
@@ -304,7 +340,7 @@ class KVStateMachine:
                 history[k] = None
             compacted = rev
         self.meta = StoreMeta(batch.revision, compacted)
-        return {REC_KEYMETA: batch.metas, REC_EVENT: history, REC_META: {b"": self.meta.encode()}}
+        return {REC_KEYMETA: batch.metas, REC_EVENT: history, REC_META: {b"": self.meta.encode()}, **tables}
 
     def _remember(self, revision: int, key: bytes, size: int) -> None:
         if self._history and self._history[-1][0] == revision:
@@ -379,6 +415,8 @@ class _Batch(_StoreView):
         self.events: list[dict[str, Any]] = []
         self.event_records: list[tuple[bytes, bytes]] = []
         self._first_of_revision = 0  # the position in ``events`` of the newest revision's first event
+        self.rows: dict[int, dict[bytes, bytes | None]] = {REC_LEASE: {}, REC_LEASE_KEY: {}}  # leases' tables
+        self.lease_changes: list[tuple[str, int, int]] = []  # ("grant" | "keepalive" | "revoke", lease, ttl)
 
     def value(self, key: bytes) -> bytes | None:
         return self.updates[key] if key in self.updates else self.backend.get(key)
@@ -411,18 +449,47 @@ class _Batch(_StoreView):
             meta = self.meta(key)
             yield key, value, meta.mod_revision if meta else 0
 
+    # --- leases
+
+    def lease_ttl(self, lease: int) -> int | None:
+        k = mvcc.lease_key(lease)
+        rows = self.rows[REC_LEASE]
+        raw = rows[k] if k in rows else self.backend.table_get(REC_LEASE, k)
+        return None if raw is None else mvcc.decode_lease(raw)
+
+    def lease_keys(self, lease: int) -> list[bytes]:
+        """The keys attached to ``lease`` (the store's index with this batch's changes laid over it)."""
+        prefix = mvcc.lease_key(lease)
+        rows = self.rows[REC_LEASE_KEY]
+        keys = {k for k, _ in self.backend.table_scan(REC_LEASE_KEY, prefix, mvcc.lease_key(lease + 1))
+                if rows.get(k, b"") is not None}
+        keys |= {k for k, v in rows.items() if k.startswith(prefix) and v is not None}
+        return sorted(k[8:] for k in keys)
+
+    def _attach(self, key: bytes, old: int, new: int) -> None:
+        if old != new:
+            if old:
+                self.rows[REC_LEASE_KEY][mvcc.lease_key(old) + key] = None
+            if new:
+                self.rows[REC_LEASE_KEY][mvcc.lease_key(new) + key] = b""
+
     # --- writes, all at revision ``rev`` (the next one)
 
-    def put(self, key: bytes, value: bytes, rev: int) -> None:
+    def put(self, key: bytes, value: bytes, rev: int, lease: int = 0) -> None:
+        """As etcd: a put without a lease detaches the key from the lease it had."""
         old = self.meta(key)
-        meta = KeyMeta(rev, rev, 1) if old is None else KeyMeta(old.create_revision, rev, old.version + 1, old.lease)
+        meta = KeyMeta(rev, rev, 1, lease) if old is None else KeyMeta(old.create_revision, rev, old.version + 1,
+                                                                       lease)
+        self._attach(key, old.lease if old else 0, lease)
         self.updates[key] = value
         self.metas[key] = meta.encode()
         self._event(rev, mvcc.EVENT_PUT, key, value)
 
     def delete(self, key: bytes, rev: int) -> bool:
-        if self.value(key) is None:
+        old = self.meta(key)
+        if old is None:
             return False
+        self._attach(key, old.lease, 0)
         self.updates[key] = None
         self.metas[key] = None
         self._event(rev, mvcc.EVENT_DELETE, key, None)
@@ -440,35 +507,79 @@ class _Batch(_StoreView):
     def command(self, cmd: list, index: int) -> dict[str, Any]:
         op, rev = cmd[0], self.revision + 1
         wrote = len(self.events)
-        if op == PUT:
-            self.put(cmd[1], cmd[2], rev)
-            result: dict[str, Any] = {}
-        elif op == DELETE:
-            result = {"deleted": self.delete(cmd[1], rev)}
-        elif op == CAS:
-            now = self.value(cmd[1])
-            swapped = now == cmd[2]
-            if swapped:
-                self.put(cmd[1], cmd[3], rev)
-                now = cmd[3]
-            result = {"swapped": swapped, "value": now}
+        if op in (PUT, DELETE, CAS, PUT_LEASE):
+            result = self._key_command(cmd, rev)
         elif op == TXN:
             result = self._txn(cmd, rev)
+        elif op in (LEASE_GRANT, LEASE_KEEPALIVE, LEASE_REVOKE):
+            result = self._lease_op(cmd, rev)
         else:
             raise ValueError(f"unknown command {op!r} at index {index}")
         if len(self.events) > wrote:
             self.revision = rev
-        result["revision"] = self.revision
+        if "error" not in result:
+            result["revision"] = self.revision
         return result
+
+    def _key_command(self, cmd: list, rev: int) -> dict[str, Any]:
+        op = cmd[0]
+        if op == PUT:
+            self.put(cmd[1], cmd[2], rev)
+            return {}
+        if op == DELETE:
+            return {"deleted": self.delete(cmd[1], rev)}
+        if op == PUT_LEASE:
+            refused = self._no_lease(cmd[3])
+            if refused:
+                return refused
+            self.put(cmd[1], cmd[2], rev, cmd[3])
+            return {}
+        now = self.value(cmd[1])  # cas
+        swapped = now == cmd[2]
+        if swapped:
+            self.put(cmd[1], cmd[3], rev)
+            now = cmd[3]
+        return {"swapped": swapped, "value": now}
+
+    def _no_lease(self, lease: int) -> dict[str, Any] | None:
+        """The error result for a lease that does not exist (None if it does)."""
+        if self.lease_ttl(lease) is None:
+            return {"error": LEASE_NOT_FOUND, "message": f"lease {lease} does not exist (expired or revoked?)"}
+        return None
+
+    def _lease_op(self, cmd: list, rev: int) -> dict[str, Any]:
+        op, lease = cmd[0], cmd[1]
+        k = mvcc.lease_key(lease)
+        if op == LEASE_GRANT:
+            if self.lease_ttl(lease) is not None:
+                return {"error": BAD_REQUEST, "message": f"lease {lease} exists already"}
+            self.rows[REC_LEASE][k] = mvcc.encode_lease(cmd[2])
+            self.lease_changes.append(("grant", lease, cmd[2]))
+            return {"lease": lease, "ttl": cmd[2]}
+        ttl = self.lease_ttl(lease)
+        if ttl is None:
+            return self._no_lease(lease) or {}
+        if op == LEASE_KEEPALIVE:
+            self.lease_changes.append(("keepalive", lease, ttl))
+            return {"ttl": ttl}
+        for key in self.lease_keys(lease):  # revoke: the lease and its keys go, at one revision
+            self.delete(key, rev)
+        self.rows[REC_LEASE][k] = None
+        self.lease_changes.append(("revoke", lease, ttl))
+        return {}
 
     def _txn(self, cmd: list, rev: int) -> dict[str, Any]:
         succeeded = all(mvcc.compare_holds(target, cmp, operand, self.value(key), self.meta(key))
                         for key, target, cmp, operand in cmd[1])
+        branch = cmd[2] if succeeded else cmd[3]
+        for op in branch:  # as etcd: a put to a lease that does not exist fails the whole transaction
+            if op[0] == PUT_LEASE and self._no_lease(op[3]):
+                return self._no_lease(op[3]) or {}
         responses = []
-        for op in cmd[2] if succeeded else cmd[3]:
+        for op in branch:
             kind = op[0]
-            if kind == PUT:
-                self.put(op[1], op[2], rev)
+            if kind in (PUT, PUT_LEASE):
+                self.put(op[1], op[2], rev, op[3] if kind == PUT_LEASE else 0)
                 responses.append({"ok": True})
             elif kind == DELETE:
                 responses.append({"ok": True, "deleted": self.delete(op[1], rev)})
@@ -517,7 +628,7 @@ class AppliedMark:
 # ---------------------------------------------------------------------- records and chunks
 
 REC_DATA, REC_SESSION, REC_CONFIG = 0, 1, 2  # record kinds in a snapshot chunk (3-5: zraft.node.mvcc's)
-TABLE_KINDS = (REC_META, REC_EVENT, REC_KEYMETA)  # the coordination API's tables beside the data
+TABLE_KINDS = (REC_META, REC_EVENT, REC_KEYMETA, REC_LEASE, REC_LEASE_KEY)  # the coordination API's tables
 RECORD_KINDS = (REC_DATA, REC_SESSION, REC_CONFIG, *TABLE_KINDS)
 DEFAULT_CHUNK_BYTES = 256 << 10
 
@@ -587,5 +698,12 @@ def _check_table_record(kind: int, key: bytes, value: bytes) -> None:
         StoreMeta.decode(value)
     elif kind == REC_KEYMETA:
         KeyMeta.decode(value)
+    elif kind == REC_LEASE:
+        if len(key) != 8:
+            raise ValueError("a lease record's key is an 8-byte lease id")
+        mvcc.decode_lease(value)
+    elif kind == REC_LEASE_KEY:
+        if len(key) < 8 or value:
+            raise ValueError("a lease's key record is a lease id and a key, with no value")
     else:
         mvcc.check_event(key, value)
