@@ -298,9 +298,11 @@ def _out(value: bytes) -> None:
 
 @client_app.command("put")
 def client_put(key: str, value: str, config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
-               timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
+               timeout: float = TimeoutOpt, keys: Path | None = KeysOpt,
+               lease: int | None = typer.Option(None, "--lease", min=1, max=(1 << 63) - 1,
+                                                help="Attach KEY to this lease: it goes when the lease does.")) -> None:
     """Set KEY to VALUE. Prints OK once the write is committed on a majority and applied."""
-    _run_client(config, endpoints, timeout, lambda c: c.put(_arg_bytes(key), _arg_bytes(value)), keys)
+    _run_client(config, endpoints, timeout, lambda c: c.put(_arg_bytes(key), _arg_bytes(value), lease=lease), keys)
     print("OK")
 
 
@@ -393,6 +395,46 @@ def client_watch(name: str = typer.Argument(..., metavar="PREFIX", help="Watch e
         return
     except ZraftError as exc:
         raise _fail(f"{exc.code}: {exc.message}", 2) from None
+
+
+lease_app = typer.Typer(help="Leases: keys that go when their lease expires or is revoked.", no_args_is_help=True)
+client_app.add_typer(lease_app, name="lease")
+LeaseArg = typer.Argument(..., min=1, max=(1 << 63) - 1, help="The lease id (from `lease grant`).")
+
+
+@lease_app.command("grant")
+def lease_grant(ttl: int = typer.Argument(..., min=1, max=1 << 31, help="Seconds it lives without a keepalive."),
+                config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
+                timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
+    """Grant a lease of TTL seconds; prints its id (give it to `client put --lease`)."""
+    print(_run_client(config, endpoints, timeout, lambda c: c.lease_grant(ttl), keys))
+
+
+@lease_app.command("keepalive")
+def lease_keepalive(lease: int = LeaseArg, once: bool = typer.Option(False, "--once", help="One keepalive, then exit."),
+                    config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
+                    timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
+    """Keep the lease alive: a keepalive every third of its TTL until Ctrl-C (or one with --once). Exit code 2
+    once the lease is gone (expired or revoked)."""
+    import time
+
+    try:
+        while True:
+            ttl = _run_client(config, endpoints, timeout, lambda c: c.lease_keepalive(lease), keys)
+            print(f"lease {lease} kept alive, ttl {ttl}", flush=True)
+            if once:
+                return
+            time.sleep(max(0.2, ttl / 3))
+    except KeyboardInterrupt:
+        return
+
+
+@lease_app.command("revoke")
+def lease_revoke(lease: int = LeaseArg, config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
+                 timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
+    """Revoke the lease now: every key attached to it is deleted, at one revision."""
+    _run_client(config, endpoints, timeout, lambda c: c.lease_revoke(lease), keys)
+    print("OK")
 
 
 @client_app.command("status")

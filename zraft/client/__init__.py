@@ -5,6 +5,7 @@
 """
 
 from zraft.client.client import Client, OutcomeUnknown, RangeResult, ZraftError
+from zraft.client.lease import Lease
 from zraft.client.txn import Txn, TxnResult
 
-__all__ = ["Client", "OutcomeUnknown", "RangeResult", "Txn", "TxnResult", "ZraftError"]
+__all__ = ["Client", "Lease", "OutcomeUnknown", "RangeResult", "Txn", "TxnResult", "ZraftError"]

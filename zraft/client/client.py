@@ -42,6 +42,7 @@ from zraft.client.txn import Txn, range_
 from zraft.node.mvcc import prefix_end
 
 if TYPE_CHECKING:
+    from zraft.client.lease import Lease
     from zraft.client.watch import Watcher
     from zraft.cluster.keys import KeyRing
 
@@ -120,9 +121,32 @@ class Client:
 
     # ------------------------------------------------------------------ operations
 
-    def put(self, key: bytes | str, value: bytes | str) -> int:
-        """Set ``key``; the revision of the write."""
-        return self._call({"op": "put", "key": _bytes(key), "value": _bytes(value)}, write=True).get("revision", 0)
+    def put(self, key: bytes | str, value: bytes | str, lease: int | None = None) -> int:
+        """Set ``key`` (attached to ``lease``: it goes when the lease does); the revision of the write."""
+        req: dict[str, Any] = {"op": "put", "key": _bytes(key), "value": _bytes(value)}
+        if lease:
+            req["lease"] = lease
+        return self._call(req, write=True).get("revision", 0)
+
+    # ------------------------------------------------------------------ leases (docs/PROTOCOL.md)
+
+    def lease_grant(self, ttl: int) -> int:
+        """A new lease of ``ttl`` seconds (by the leader's clock, renewed by keepalives); its id."""
+        return self._call({"op": "lease_grant", "ttl": ttl}, write=True)["lease"]
+
+    def lease_keepalive(self, lease: int) -> int:
+        """Start the lease's TTL again; the TTL. ZraftError ``lease_not_found`` once it expired."""
+        return self._call({"op": "lease_keepalive", "lease": lease}, write=True)["ttl"]
+
+    def lease_revoke(self, lease: int) -> None:
+        """End the lease now: its keys are deleted, at one revision."""
+        self._call({"op": "lease_revoke", "lease": lease}, write=True)
+
+    def lease(self, ttl: int) -> Lease:
+        """A lease kept alive in the background while the ``with`` block runs, revoked after it."""
+        from zraft.client.lease import Lease
+
+        return Lease(self, ttl)
 
     def get(self, key: bytes | str) -> bytes | None:
         return self._call({"op": "get", "key": _bytes(key)}, write=False)["value"]

@@ -22,8 +22,10 @@ UNAVAILABLE = "unavailable"
 BUSY = "busy"  # too much in flight on this node: did not take effect, retry later
 IN_PROGRESS = "in_progress"  # another membership change is not committed yet: did not take effect
 COMPACTED = "compacted"  # a watch from a revision the history no longer holds
+LEASE_NOT_FOUND = "lease_not_found"  # the lease expired, was revoked, or never existed
 
-WRITE_OPS = frozenset({"put", "delete", "cas", "txn"})
+LEASE_OPS = frozenset({"lease_grant", "lease_keepalive", "lease_revoke"})
+WRITE_OPS = frozenset({"put", "delete", "cas", "txn"}) | LEASE_OPS
 READ_OPS = frozenset({"get", "range"})  # served by the leader through ReadIndex
 MEMBER_OPS = frozenset({"add_member", "remove_member", "promote_member", "transfer_leader"})
 OPS = WRITE_OPS | READ_OPS | MEMBER_OPS | {"status", "fault", "compact", "snapshot", "members", "watch"}
@@ -65,6 +67,8 @@ class Request:
     keys_only: bool = False  # range
     txn: tuple[list, list, list] | None = None  # txn: compares, success ops, failure ops (command form)
     start_revision: int = 0  # watch
+    lease: int = 0  # put (0: none), lease_keepalive, lease_revoke; lease_grant: the id asked for (0: any)
+    ttl: int = 0  # lease_grant
     timeout: float = 30.0  # watch: how long to wait for an event
 
 
@@ -122,9 +126,7 @@ def _parse_key_op(req: dict, limits: Limits) -> Request:
         return Request(op, key, session=session)
     value = _as_bytes(req, "value", limits.max_value_bytes)
     if op == "put":
-        if req.get("lease") is not None:  # (refused, not ignored: such a key would never expire)
-            raise RequestError(BAD_REQUEST, "leases are not supported yet (docs/PROTOCOL.md, \"Coordination API\")")
-        return Request(op, key, value, session=session)
+        return Request(op, key, value, session=session, lease=_lease_id(req, "lease", optional=True))
     return Request(op, key, value, _as_bytes(req, "expect", limits.max_value_bytes, nil_ok=True), session=session)
 
 
@@ -199,6 +201,26 @@ def _parse_member(req: dict, _limits: Limits) -> Request:
     return Request(op, member=out)
 
 
+def _lease_id(req: dict, name: str, optional: bool = False) -> int:
+    v = req.get(name)
+    if v is None and optional:
+        return 0
+    if type(v) is not int or not 0 < v < 1 << 63:
+        raise RequestError(BAD_REQUEST, f"{req['op']} needs {name}, a lease id from 1 to 2**63-1")
+    return v
+
+
+def _parse_lease(req: dict, _limits: Limits) -> Request:
+    op = req["op"]
+    session = _parse_session(req)
+    if op != "lease_grant":
+        return Request(op, lease=_lease_id(req, "lease"), session=session)
+    ttl = req.get("ttl")
+    if type(ttl) is not int or not 0 < ttl <= 1 << 31:
+        raise RequestError(BAD_REQUEST, "lease_grant needs ttl, a whole number of seconds from 1 to 2**31")
+    return Request(op, ttl=ttl, lease=_lease_id(req, "id", optional=True), session=session)
+
+
 def _flag(req: dict, name: str) -> bool:
     v = req.get(name, False)
     if v is None:
@@ -267,7 +289,7 @@ def _parse_txn(req: dict, limits: Limits) -> Request:
         if not isinstance(ops, list) or len(ops) > MAX_TXN_OPS:
             raise RequestError(BAD_REQUEST, f"{name} must be a list of at most {MAX_TXN_OPS} requests")
         branch = [_parse_txn_op(op, limits) for op in ops]
-        written = [op[1] for op in branch if op[0] in (1, 2)]
+        written = [op[1] for op in branch if op[0] in (1, 2, 10)]
         if len(set(written)) != len(written):
             raise RequestError(BAD_REQUEST, f"a key is written twice in {name} (etcd's rule: once per branch)")
         branches.append(branch)
@@ -307,7 +329,9 @@ def _parse_txn_op(op: Any, limits: Limits) -> list:
         return [6, r.key, r.end, r.limit, r.keys_only]
     key = _as_bytes(op, "key", limits.max_key_bytes)
     if kind == "put":
-        return [1, key, _as_bytes(op, "value", limits.max_value_bytes)]
+        lease = _lease_id(op, "lease", optional=True)
+        value = _as_bytes(op, "value", limits.max_value_bytes)
+        return [10, key, value, lease] if lease else [1, key, value]
     return [2 if kind == "delete" else 5, key]
 
 
@@ -319,6 +343,7 @@ _PARSERS = {
     "fault": lambda req, _limits: Request("fault", fault=_parse_fault(req)),
     "get": _parse_key_op, "put": _parse_key_op, "delete": _parse_key_op, "cas": _parse_key_op,
     "range": _parse_range, "txn": _parse_txn, "watch": _parse_watch,
+    "lease_grant": _parse_lease, "lease_keepalive": _parse_lease, "lease_revoke": _parse_lease,
 }
 assert set(_PARSERS) == OPS, "every op has its parser"
 

@@ -39,15 +39,21 @@ from zraft.cluster.config import ClusterConfig, NodeAddress, Settings
 from zraft.cluster.keys import CLIENT_DOMAIN, KeyRing
 from zraft.node.driver import Driver, DriverEvents, new_raft_node
 from zraft.node.interfaces import SnapshotView, Storage
+from zraft.node.leases import LeaseClock
 from zraft.node.leveldb import DamageError, LevelDBStorage, damage_text, storage_error_text
 from zraft.node.requests import Envelope, PendingRequests
 from zraft.node.statemachine import (
+    LEASE_GRANT,
+    LEASE_KEEPALIVE,
+    LEASE_REVOKE,
     Compacted,
     KVStateMachine,
     check_command,
     encode_cas,
     encode_delete,
+    encode_lease_op,
     encode_put,
+    encode_put_lease,
     encode_txn,
 )
 from zraft.node.transport import PeerTransport
@@ -130,6 +136,7 @@ class NodeServer(DriverEvents):
         self.sm = KVStateMachine(storage.state, history_revisions=s.watch_history_revisions,
                                  history_bytes=s.watch_history_bytes)
         self.watches = WatchHub()
+        self.lease_clock = LeaseClock()  # (the leader's only)
         self.joining = join
         bootstrap = Membership() if join else bootstrap_membership(cluster)
         raft = new_raft_node(s.raft_config(node_id, () if join else tuple(cluster.ids)), storage, bootstrap=bootstrap)
@@ -249,6 +256,11 @@ class NodeServer(DriverEvents):
 
     def _tick(self, now: float) -> None:
         self.driver.tick()
+        if self.lease_clock.deadlines and self.raft.role is Role.LEADER and not self.raft.transferring:
+            expired = self.lease_clock.due(now)
+            if expired:
+                log.info("node %d: leases expired: %s", self.me.id, ", ".join(map(str, expired[:10])))
+                self.driver.propose([encode_lease_op(LEASE_REVOKE, lease) for lease in expired])
         self._close_idle_backups(now)
         if self._probe is not None:
             self._check_probe()
@@ -302,6 +314,10 @@ class NodeServer(DriverEvents):
 
     def role_changed(self, role: Role, term: int, leader: int | None) -> None:
         log.info("node %d: %s in term %d, leader %s", self.me.id, role.value, term, leader)
+        if role is Role.LEADER:  # every lease gets its full TTL again: a failover never expires one early
+            self.lease_clock.reset(self.sm.leases(), time.monotonic())
+        else:
+            self.lease_clock.clear()
         if leader is None:  # cut off, perhaps: the watchers ask again, elsewhere if this node stays so
             for w in self.watches.all():
                 self._answer_watch(w, force=True)
@@ -338,6 +354,8 @@ class NodeServer(DriverEvents):
         if self.sm.events and self.watches:
             for w in self.watches.woken({ev["key"] for ev in self.sm.events}):
                 self._answer_watch(w)
+        if self.sm.lease_changes and self.raft.role is Role.LEADER:
+            self._leases_changed()
         pending = self.pending
         if not pending.writes:
             return
@@ -352,6 +370,15 @@ class NodeServer(DriverEvents):
                     self._reply(envelope, protocol.error(result["error"], result["message"]))
                 else:
                     self._reply(envelope, protocol.ok(**result) if result else protocol.OK)
+
+    def _leases_changed(self) -> None:
+        """The leader's clock: a grant or keepalive applied starts the lease's TTL again; a revoke ends it."""
+        now = time.monotonic()
+        for change, lease, ttl in self.sm.lease_changes:
+            if change == "revoke":
+                self.lease_clock.revoked(lease)
+            else:
+                self.lease_clock.refresh(lease, ttl, now)
 
     def read_ready(self, request_id: Any, index: int) -> None:
         read = self.pending.take_read(request_id)
@@ -908,12 +935,18 @@ def _describe_membership(m: Membership) -> str:
 
 def _command(req: Request) -> bytes:
     if req.op == "put":
+        if req.lease:
+            return encode_put_lease(req.key, req.value or b"", req.lease, req.session)
         return encode_put(req.key, req.value, req.session)
     if req.op == "delete":
         return encode_delete(req.key, req.session)
     if req.op == "txn":
         assert req.txn is not None
         return encode_txn(*req.txn, req.session)
+    if req.op in protocol.LEASE_OPS:
+        op = {"lease_grant": LEASE_GRANT, "lease_keepalive": LEASE_KEEPALIVE, "lease_revoke": LEASE_REVOKE}[req.op]
+        lease = req.lease or random.SystemRandom().randrange(1, 1 << 63)  # (the leader picks a grant's id)
+        return encode_lease_op(op, lease, req.ttl, req.session)
     return encode_cas(req.key, req.expect, req.value, req.session)
 
 
