@@ -132,3 +132,59 @@ def test_watch_waits_then_answers_and_a_trimmed_history_says_compacted(make_clus
             cl.put(b"k", b"%d" % i)
         rep = request(ep, {"op": "watch", "key": b"k", "start_revision": rev, "timeout": 1})
         assert not rep["ok"] and rep["error"] == "compacted" and rep["compact_revision"] >= rev
+
+
+HOLDER = """
+import sys, time
+from zraft.client import Client
+with Client(sys.argv[1:]) as c, c.lease(ttl=2) as lease:
+    c.put(b"svc/holder", b"here", lease=lease.id)
+    print(lease.id, flush=True)
+    while lease.alive:
+        time.sleep(0.1)
+    print("lost", flush=True)
+"""
+
+
+def _gone_within(c: Cluster, key: bytes, seconds: float) -> float | None:
+    t0 = time.monotonic()
+    with c.client() as cl:
+        while time.monotonic() - t0 < seconds:
+            if cl.get(key) is None:
+                return time.monotonic() - t0
+            time.sleep(0.1)
+    return None
+
+
+def test_a_stopped_lease_holder_loses_its_key_and_a_live_one_keeps_it_through_a_failover(cluster: Cluster) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from .cluster import child_env
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, *cluster.endpoints], stdout=subprocess.PIPE,
+                              text=True, env=child_env())
+    try:
+        lease = int(holder.stdout.readline())
+        with cluster.client() as cl, cl.lease(ttl=2) as mine:
+            cl.put(b"svc/mine", b"here", lease=mine.id)
+            assert cl.get_meta(b"svc/holder")["lease"] == lease
+            # A failover: the new leader gives every lease its full TTL again; both holders keep theirs.
+            leader = cluster.wait_leader()
+            cluster.kill(leader)
+            cluster.wait_leader(ids=[i for i in cluster.ids if i != leader])
+            time.sleep(3.0)  # longer than the TTL
+            assert cl.get(b"svc/holder") == b"here" and cl.get(b"svc/mine") == b"here" and mine.alive
+            cluster.restart(leader)
+            # The holder process stops (SIGSTOP): no keepalive; its key goes within the TTL (and a tick).
+            holder.send_signal(signal.SIGSTOP)
+            took = _gone_within(cluster, b"svc/holder", 10.0)
+            assert took is not None and took >= 1.0, f"the stopped holder's key went after {took} s (TTL 2 s)"
+            assert cl.get(b"svc/mine") == b"here"
+            holder.send_signal(signal.SIGCONT)
+            assert holder.stdout.readline().strip() == "lost"  # it learns it lost the lease
+        assert _gone_within(cluster, b"svc/mine", 1.0) is not None  # revoked when the block ended
+    finally:
+        holder.kill()
+        holder.wait(10)
