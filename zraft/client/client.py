@@ -43,6 +43,7 @@ from zraft.node.mvcc import prefix_end
 
 if TYPE_CHECKING:
     from zraft.client.lease import Lease
+    from zraft.client.recipes import Election, Lock
     from zraft.client.watch import Watcher
     from zraft.cluster.keys import KeyRing
 
@@ -141,6 +142,18 @@ class Client:
     def lease_revoke(self, lease: int) -> None:
         """End the lease now: its keys are deleted, at one revision."""
         self._call({"op": "lease_revoke", "lease": lease}, write=True)
+
+    def lock(self, name: bytes | str, ttl: int = 10) -> Lock:
+        """A fair distributed lock (zraft.client.recipes.Lock): ``with client.lock("name"): ...``."""
+        from zraft.client.recipes import Lock
+
+        return Lock(self, name, ttl)
+
+    def election(self, name: bytes | str, ttl: int = 10) -> Election:
+        """Leader election (zraft.client.recipes.Election): campaign, leader, observe, resign."""
+        from zraft.client.recipes import Election
+
+        return Election(self, name, ttl)
 
     def lease(self, ttl: int) -> Lease:
         """A lease kept alive in the background while the ``with`` block runs, revoked after it."""

@@ -79,8 +79,11 @@ def absent(key: Key) -> list:
     return [_b(key), "exists", "==", False]
 
 
-def put(key: Key, val: Key) -> dict[str, Any]:
-    return {"op": "put", "key": _b(key), "value": _b(val)}
+def put(key: Key, val: Key, lease: int | None = None) -> dict[str, Any]:
+    req: dict[str, Any] = {"op": "put", "key": _b(key), "value": _b(val)}
+    if lease:
+        req["lease"] = lease
+    return req
 
 
 def delete(key: Key) -> dict[str, Any]:
