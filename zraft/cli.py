@@ -397,6 +397,68 @@ def client_watch(name: str = typer.Argument(..., metavar="PREFIX", help="Watch e
         raise _fail(f"{exc.code}: {exc.message}", 2) from None
 
 
+@client_app.command("lock", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def client_lock(ctx: typer.Context, name: str = typer.Argument(..., help="The lock's name."),
+                ttl: int = typer.Option(10, "--ttl", min=1, help="Seconds the lock outlives its holder if it dies."),
+                config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
+                keys: Path | None = KeysOpt) -> None:
+    """Run a command while holding the lock NAME (like `etcdctl lock NAME -- CMD`): `zraft client lock jobs --
+    ./nightly.sh`. Waits its turn (fair: first come, first served); exits with the command's exit code. Without a
+    command, prints the lock's key once held and holds it until Ctrl-C."""
+    import subprocess
+
+    from zraft.client import ZraftError
+
+    cmd = list(ctx.args)
+    try:
+        with _client(config, endpoints, keys) as c, c.lock(_arg_bytes(name), ttl=ttl) as lock:
+            if not cmd:
+                print(_show(lock.key), flush=True)
+                import time
+
+                while lock.held:
+                    time.sleep(0.2)
+                raise _fail("the lock's lease expired: it is not held any more", 2)
+            rc = subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return
+    except ZraftError as exc:
+        raise _fail(f"{exc.code}: {exc.message}", 2) from None
+    raise typer.Exit(rc)
+
+
+@client_app.command("elect")
+def client_elect(name: str = typer.Argument(..., help="The election's name."),
+                 proposal: str | None = typer.Argument(None, help="Stand with this value; without it, watch."),
+                 ttl: int = typer.Option(10, "--ttl", min=1, help="Seconds leadership outlives a dead leader."),
+                 config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
+                 keys: Path | None = KeysOpt) -> None:
+    """Leader election (like `etcdctl elect`): with PROPOSAL, stand, print it once elected and lead until Ctrl-C;
+    without, print the leader's value each time it changes."""
+    import time
+
+    from zraft.client import ZraftError
+
+    try:
+        with _client(config, endpoints, keys) as c:
+            election = c.election(_arg_bytes(name), ttl=ttl)
+            if proposal is None:
+                for value in election.observe():
+                    print("(none)" if value is None else _show(value), flush=True)
+            election.campaign(_arg_bytes(proposal))
+            print(proposal, flush=True)
+            try:
+                while election.leading:
+                    time.sleep(0.2)
+            finally:
+                election.resign()
+            raise _fail("the lease expired: no longer leading", 2)
+    except KeyboardInterrupt:
+        return
+    except ZraftError as exc:
+        raise _fail(f"{exc.code}: {exc.message}", 2) from None
+
+
 lease_app = typer.Typer(help="Leases: keys that go when their lease expires or is revoked.", no_args_is_help=True)
 client_app.add_typer(lease_app, name="lease")
 LeaseArg = typer.Argument(..., min=1, max=(1 << 63) - 1, help="The lease id (from `lease grant`).")
