@@ -188,3 +188,88 @@ def test_a_stopped_lease_holder_loses_its_key_and_a_live_one_keeps_it_through_a_
     finally:
         holder.kill()
         holder.wait(10)
+
+
+LOCKER = """
+import os, sys, time
+from zraft.client import Client
+out, rounds, endpoints = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+with Client(endpoints, timeout=15) as c:
+    for i in range(rounds):
+        with c.lock("shared", ttl=2) as lock:
+            with open(out, "a") as f:
+                f.write(f"enter {os.getpid()}\\n")
+            time.sleep(0.05)
+            assert lock.held
+            with open(out, "a") as f:
+                f.write(f"exit {os.getpid()}\\n")
+print("done", flush=True)
+"""
+
+
+def test_lock_holders_never_overlap_under_a_leader_kill_and_a_killed_holder_frees_it_by_its_ttl(
+        cluster: Cluster, tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from .cluster import child_env
+
+    out = tmp_path / "critical.log"
+    procs = [subprocess.Popen([sys.executable, "-c", LOCKER, str(out), "8", *cluster.endpoints],
+                              stdout=subprocess.PIPE, text=True, env=child_env()) for _ in range(3)]
+    try:
+        deadline = time.monotonic() + 20
+        while (not out.exists() or out.read_text().count("exit") < 6) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leader = cluster.wait_leader()
+        cluster.kill(leader)  # in the middle of the contention
+        for p in procs:
+            assert p.stdout.readline().strip() == "done", "a locker did not finish"
+            p.wait(30)
+        cluster.restart(leader)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+    lines = out.read_text().split()
+    pairs = list(zip(lines[0::2], lines[1::2], strict=True))
+    assert len(pairs) == 2 * 3 * 8 and all(
+        a == "enter" and c == "exit" and b == d for (a, b), (c, d) in zip(pairs[0::2], pairs[1::2], strict=True)), (
+        "two holders were inside at once (or one never left): " + " ".join(lines))
+
+    # A holder killed with SIGKILL keeps the lock until its lease's TTL runs out, then the next one gets it.
+    with cluster.client() as c:
+        holder = subprocess.Popen([sys.executable, "-c", (
+            "import sys, time\nfrom zraft.client import Client\nc = Client(sys.argv[1:])\nl = c.lock('shared', ttl=2)\n"
+            "l.acquire()\nprint('held', flush=True)\ntime.sleep(60)\n"), *cluster.endpoints],
+            stdout=subprocess.PIPE, text=True, env=child_env())
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(10)
+            t0 = time.monotonic()
+            with c.lock("shared", ttl=2):
+                took = time.monotonic() - t0
+            assert 0.5 <= took <= 8.0, f"the lock came free {took:.1f} s after its holder died (TTL 2 s)"
+        finally:
+            holder.kill()
+            holder.wait(10)
+
+
+def test_election_campaign_leader_resign(cluster: Cluster) -> None:
+    with cluster.client() as a, cluster.client() as b:
+        first, second = a.election("sched", ttl=3), b.election("sched", ttl=3)
+        assert first.leader() is None
+        first.campaign("node-a")
+        assert first.leading and first.leader()[1] == b"node-a"
+        got: list[bool] = []
+        t = threading.Thread(target=lambda: (second.campaign("node-b"), got.append(True)), daemon=True)
+        t.start()
+        time.sleep(0.5)
+        assert not got and second.leader()[1] == b"node-a"  # b waits its turn
+        first.resign()
+        t.join(10)
+        assert got and second.leading and first.leader()[1] == b"node-b"
+        second.resign()
+        assert first.leader() is None
