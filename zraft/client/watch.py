@@ -54,12 +54,12 @@ class Watcher(Iterator[dict[str, Any]]):
         while not self._buffer:
             if self.closed:
                 raise StopIteration
-            self.poll()
+            self._buffer.extend(self.poll())
         return self._buffer.popleft()
 
     def poll(self, wait_s: float | None = None) -> list[dict[str, Any]]:
-        """One long poll (at most ``wait_s``, default ``poll_s``); the events it brought (also queued
-        for iteration). Errors that another node or a later try may not have are retried quietly."""
+        """One long poll (at most ``wait_s``, default ``poll_s``); the events it brought (use either this
+        or iteration, not both). Errors that another node or a later try may not have are retried quietly."""
         wait = self.poll_s if wait_s is None else wait_s
         req = {**self._req, "start_revision": self.next_revision, "timeout": wait}
         try:
@@ -69,7 +69,5 @@ class Watcher(Iterator[dict[str, Any]]):
                 raise
             time.sleep(0.05)
             return []
-        events = rep["events"]
-        self._buffer.extend(events)
         self.next_revision = rep["revision"] + 1
-        return events
+        return rep["events"]
