@@ -273,3 +273,35 @@ def test_election_campaign_leader_resign(cluster: Cluster) -> None:
         assert got and second.leading and first.leader()[1] == b"node-b"
         second.resign()
         assert first.leader() is None
+
+
+def test_the_asyncio_client(cluster: Cluster) -> None:
+    import asyncio
+
+    from zraft.aio import Client as AioClient
+    from zraft.client.txn import put as txn_put
+
+    async def main() -> None:
+        async with AioClient(cluster.endpoints) as c:
+            rev = await c.put(b"aio/a", b"1")
+            assert await c.get(b"aio/a") == b"1" and (await c.get_meta(b"aio/a"))["mod_revision"] == rev
+            seen = []
+
+            async def watch() -> None:
+                async for ev in c.watch(prefix=b"aio/", start_revision=rev, poll_s=1.0):
+                    seen.append((ev["key"], ev["revision"]))
+                    if len(seen) == 3:
+                        return
+
+            task = asyncio.create_task(watch())
+            r = await c.txn([value("aio/a") == "1"], [txn_put("aio/b", "2")])
+            assert r["succeeded"]
+            lease = await c.lease_grant(5)
+            await c.put(b"aio/c", b"3", lease=lease)
+            await asyncio.wait_for(task, 10)
+            assert [k for k, _ in seen] == [b"aio/a", b"aio/b", b"aio/c"]
+            assert [kv[0] for kv in (await c.range(prefix=b"aio/")).kvs] == [b"aio/a", b"aio/b", b"aio/c"]
+            await c.lease_revoke(lease)
+            assert await c.get(b"aio/c") is None
+
+    asyncio.run(main())
