@@ -347,6 +347,7 @@ class LevelDBStateStore(AppliedMark):
         gen = _get(db, _GEN)
         self.gen = _U32.unpack(gen)[0] if gen else 0
         self._data = _gen_prefix(_DATA, self.gen)
+        self._tables = {kind: _gen_prefix(letter, self.gen) for kind, letter in _TABLES.items()}
         self._gc_resume: dict[bytes, bytes] = {}  # generation prefix -> the first key not yet deleted
         found = self._generations()
         # Whatever is in other generations is an unfinished install or an unfinished clean-up.
@@ -362,10 +363,10 @@ class LevelDBStateStore(AppliedMark):
         return _scan_range(self.db, self._data, start, end)
 
     def table_get(self, kind: int, key: bytes) -> bytes | None:
-        return _get(self.db, _gen_prefix(_TABLES[kind], self.gen) + key)
+        return _get(self.db, self._tables[kind] + key)
 
     def table_scan(self, kind: int, start: bytes = b"", end: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
-        return _scan_range(self.db, _gen_prefix(_TABLES[kind], self.gen), start, end)
+        return _scan_range(self.db, self._tables[kind], start, end)
 
     def write(self, updates: dict[bytes, bytes | None], applied_index: int,
               sessions: dict[int, SessionRecord | None] | None = None, applied_term: int = 0,
@@ -373,7 +374,7 @@ class LevelDBStateStore(AppliedMark):
         data = self._data
         with self.db.write_batch() as wb:
             for kind, rows in (tables or {}).items():
-                prefix = _gen_prefix(_TABLES[kind], self.gen)
+                prefix = self._tables[kind]
                 for k, v in rows.items():
                     if v is None:
                         wb.delete(prefix + k)
@@ -450,6 +451,7 @@ class LevelDBStateStore(AppliedMark):
         self._garbage.append(self.gen)
         self.gen, self.staged_gen = self.staged_gen, None
         self._data = _gen_prefix(_DATA, self.gen)
+        self._tables = {kind: _gen_prefix(letter, self.gen) for kind, letter in _TABLES.items()}
         self._membership = _get(self.db, _gen_prefix(_CONFIG, self.gen))
         self._applied, self._applied_term = meta.index, meta.term
 
