@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from zraft.client import OutcomeUnknown, ZraftError
-from zraft.client.txn import absent, get, put, range_, value, version
+from zraft.client.txn import absent, get, mod_revision, put, range_, value, version
 
 from .cluster import Cluster, request
 
@@ -305,3 +305,79 @@ def test_the_asyncio_client(cluster: Cluster) -> None:
             assert await c.get(b"aio/c") is None
 
     asyncio.run(main())
+
+
+class _Bank:
+    """Jepsen's bank workload on txn: transfers that compare both accounts' mod revisions, and audits."""
+
+    def __init__(self, cluster: Cluster, n: int = 5) -> None:
+        self.cluster = cluster
+        self.accounts = [b"bank/%d" % i for i in range(n)]
+        self.stop = threading.Event()
+        self.totals: list[int] = []
+        self.done: list[bool] = []
+        self.errors: list[str] = []
+
+    def transfer(self, seed: int) -> None:
+        import random
+
+        rng = random.Random(seed)
+        with self.cluster.client(timeout=10.0) as c:
+            while not self.stop.is_set():
+                src, dst = rng.sample(self.accounts, 2)
+                try:
+                    self._move(c, src, dst, rng.randint(1, 20))
+                except OutcomeUnknown:
+                    pass  # applied or not: either keeps the total
+                except ZraftError as exc:
+                    self.errors.append(str(exc))
+
+    def _move(self, c, src: bytes, dst: bytes, amount: int) -> None:
+        got = {k: (int(v), rev) for k, v, rev in c.range(prefix=b"bank/").kvs}
+        if got[src][0] >= amount:
+            r = c.txn().when(mod_revision(src) == got[src][1], mod_revision(dst) == got[dst][1]).then(
+                put(src, str(got[src][0] - amount)), put(dst, str(got[dst][0] + amount))).commit()
+            self.done.append(r.succeeded)
+
+    def audit(self) -> None:
+        with self.cluster.client(timeout=10.0) as c:
+            while not self.stop.is_set():
+                try:
+                    self.totals.append(sum(int(v) for _, v, _ in c.range(prefix=b"bank/").kvs))
+                except ZraftError:
+                    pass
+                time.sleep(0.01)
+
+
+def test_bank_transfers_by_txn_keep_the_total_in_every_range_under_a_leader_kill(cluster: Cluster) -> None:
+    """Jepsen's bank test, as a checker of its own for txn: accounts move money between them with
+    transactions that compare the accounts' mod revisions (optimistic concurrency) while the leader is
+    killed; every range read, one consistent cut, must see the same total, and so must the end."""
+    bank = _Bank(cluster)
+    with cluster.client() as c:
+        for a in bank.accounts:
+            c.put(a, b"100")
+    threads = [threading.Thread(target=bank.transfer, args=(i,), daemon=True) for i in range(3)]
+    threads.append(threading.Thread(target=bank.audit, daemon=True))
+    for t in threads:
+        t.start()
+
+    def until_transfers(n: int) -> None:
+        deadline = time.monotonic() + 30
+        while sum(bank.done) < n and time.monotonic() < deadline and not bank.errors:
+            time.sleep(0.02)
+
+    until_transfers(15)
+    leader = cluster.wait_leader()
+    cluster.kill(leader)
+    cluster.wait_leader(ids=[i for i in cluster.ids if i != leader])
+    until_transfers(sum(bank.done) + 15)  # transfers under the new leader
+    cluster.restart(leader)
+    bank.stop.set()
+    for t in threads:
+        t.join(20)
+    assert not bank.errors, bank.errors[:5]
+    assert sum(bank.done) >= 20, f"only {sum(bank.done)} transfers went through"
+    assert bank.totals and set(bank.totals) == {500}, f"a range saw another total: {sorted(set(bank.totals))}"
+    with cluster.client() as c:
+        assert sum(int(v) for _, v, _ in c.range(prefix=b"bank/").kvs) == 500
