@@ -352,7 +352,10 @@ class NodeServer(DriverEvents):
 
     def applied(self, entries: list[Entry], results: list[Any]) -> None:
         if self.sm.events and self.watches:
+            first = self.sm.events[0]["revision"]
             for w in self.watches.woken({ev["key"] for ev in self.sm.events}):
+                # A waiting watch has seen every earlier event go by without a match: look from this batch on.
+                w.start_revision = max(w.start_revision, first)
                 self._answer_watch(w)
         if self.sm.lease_changes and self.raft.role is Role.LEADER:
             self._leases_changed()
@@ -515,6 +518,9 @@ class NodeServer(DriverEvents):
             return
         w = Watch(envelope, req.key, req.end, req.start_revision, time.monotonic() + req.timeout)
         if not self._answer_watch(w, force=req.timeout == 0):
+            # Nothing for it up to the store's revision: it waits for what comes after (the hub sees every
+            # event from now on, so a wake never needs to look further back than the batch that woke it).
+            w.start_revision = max(w.start_revision, self.sm.revision + 1)
             self.watches.add(w)
 
     def _answer_watch(self, w: Watch, force: bool = False) -> bool:
@@ -526,8 +532,8 @@ class NodeServer(DriverEvents):
                                                        f"from a revision after {exc.revision}",
                                    compact_revision=exc.revision)
         else:
-            if not events and not force:
-                return False
+            if not events and not force and upto >= self.sm.revision:
+                return False  # (a scan cut short answers at once: the watcher goes on from upto + 1)
             reply = protocol.ok(events=events, revision=upto)
         self.watches.remove(w)
         self._reply(w.envelope, reply)
