@@ -42,7 +42,7 @@ def test_keys_through_any_node(cluster: Cluster) -> None:
 
     # A write through a follower is carried to the leader; a read anywhere sees it.
     status, _, body = call(cluster, follower, "PUT", kv(b"foo"), b"bar")
-    assert (status, json.loads(body)) == (200, {"ok": True})
+    assert status == 200 and json.loads(body)["ok"] is True and json.loads(body)["revision"] > 1
     for node in cluster.ids:
         status, headers, body = call(cluster, node, "GET", kv(b"foo"))
         assert (status, body) == (200, b"bar")
@@ -119,3 +119,54 @@ def test_bad_requests_get_clear_errors(cluster: Cluster) -> None:
     # A key over the server's limit comes back as the wire protocol's error.
     status, _, body = call(cluster, node, "PUT", kv(b"k" * 5000), b"v")
     assert status == 413, body
+
+
+def test_coordination_routes_range_txn_meta_leases_and_a_watch_stream(cluster: Cluster) -> None:
+    import threading
+
+    leader = cluster.wait_leader()
+    follower = next(i for i in cluster.ids if i != leader)
+    for k, v in ((b"cfg/a", b"1"), (b"cfg/b", b"\xff"), (b"other", b"x")):
+        assert call(cluster, follower, "PUT", kv(k), v)[0] == 200
+    status, _, body = call(cluster, follower, "GET", "/v1/kv?prefix=cfg/")
+    r = json.loads(body)
+    assert status == 200 and [(kv_["key"], kv_["value"]) for kv_ in r["kvs"]] == [("cfg/a", "1"), ("cfg/b", None)]
+    assert r["kvs"][1]["value_base64"] == "/w==" and r["more"] is False
+    status, _, body = call(cluster, leader, "GET", "/v1/kv?start=cfg/&end=cfg/b%ff&limit=1&keys_only=1")
+    r = json.loads(body)
+    assert [(kv_["key"], kv_["value"]) for kv_ in r["kvs"]] == [("cfg/a", None)] and r["more"] is True
+    meta = json.loads(call(cluster, follower, "GET", kv(b"cfg/a") + "?meta")[2])
+    assert meta["value"] == "1" and meta["version"] == 1 and meta["create_revision"] == meta["mod_revision"]
+
+    txn = {"compare": [["cfg/a", "value", "==", "1"]], "success": [{"op": "put", "key": "cfg/a", "value": "2"},
+                                                                   {"op": "get", "key": "cfg/b"}]}
+    status, _, body = call(cluster, follower, "POST", "/v1/txn", json.dumps(txn).encode())
+    r = json.loads(body)
+    assert status == 200 and r["succeeded"] and r["responses"][1]["value_base64"] == "/w=="
+    assert call(cluster, follower, "POST", "/v1/txn", b'{"compare": [["k", "colour", "==", 1]]}')[0] == 400
+    assert call(cluster, follower, "GET", "/v1/txn")[0] == 405
+
+    # A watch stream (Server-Sent Events) from the txn's revision: its put, then two more writes.
+    lines: list[bytes] = []
+
+    def stream() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", cluster.base + 200 + follower - 1, timeout=10)
+        conn.request("GET", f"/v1/watch?prefix=cfg/&start_revision={r['revision']}&timeout=3")
+        rep = conn.getresponse()
+        assert rep.status == 200 and rep.getheader("Content-Type") == "text/event-stream"
+        lines.extend(rep.read().splitlines())
+        conn.close()
+
+    t = threading.Thread(target=stream, daemon=True)
+    t.start()
+    status, _, body = call(cluster, leader, "POST", "/v1/lease/grant", b'{"ttl": 30}')
+    lease = json.loads(body)["lease"]
+    assert call(cluster, leader, "PUT", kv(b"cfg/c") + f"?lease={lease}", b"3")[0] == 200
+    assert json.loads(call(cluster, follower, "POST", "/v1/lease/keepalive",
+                           json.dumps({"lease": lease}).encode())[2])["ttl"] == 30
+    assert call(cluster, follower, "POST", "/v1/lease/revoke", json.dumps({"lease": lease}).encode())[0] == 200
+    t.join(15)
+    events = [json.loads(line[len(b"data: "):]) for line in lines if line.startswith(b"data: ")]
+    assert [(e["type"], e["key"]) for e in events] == [("put", "cfg/a"), ("put", "cfg/c"), ("delete", "cfg/c")]
+    status, _, body = call(cluster, follower, "POST", "/v1/lease/keepalive", json.dumps({"lease": lease}).encode())
+    assert status == 404 and json.loads(body)["error"] == "lease_not_found"

@@ -1,6 +1,6 @@
 """The HTTP API each node serves on its ``http_port``: keys, status and health for curl.
 
-    curl -X PUT --data-binary bar http://127.0.0.1:5100/v1/kv/foo      {"ok": true}
+    curl -X PUT --data-binary bar http://127.0.0.1:5100/v1/kv/foo      {"ok": true, "revision": 2}
     curl http://127.0.0.1:5100/v1/kv/foo                              bar
     curl -X DELETE http://127.0.0.1:5100/v1/kv/foo                    {"deleted": true}
     curl http://127.0.0.1:5100/health                                 {"health": true, ...}
@@ -30,7 +30,6 @@ an idle or stalled connection is closed after IDLE_TIMEOUT_S.
 
 from __future__ import annotations
 
-import base64
 import hmac
 import ipaddress
 import json
@@ -47,6 +46,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
+from zraft.api.coordination import CoordinationRoutes, text_fields
+from zraft.api.coordination import Invalid as _Invalid
+from zraft.api.coordination import non_negative as _int
 from zraft.client import Client, OutcomeUnknown, ZraftError, protocol
 from zraft.cluster.config import ClusterConfig, NodeAddress
 from zraft.cluster.keys import HTTP_TOKEN_FILE, KeyRing, KeysError
@@ -87,6 +89,8 @@ _ERROR_STATUS = {
     protocol.TIMEOUT: HTTPStatus.GATEWAY_TIMEOUT,
     protocol.IN_PROGRESS: HTTPStatus.CONFLICT,  # another membership change is not committed yet
     protocol.NOT_LEADER: HTTPStatus.SERVICE_UNAVAILABLE,  # a membership change lost with its leader
+    protocol.COMPACTED: HTTPStatus.GONE,  # a watch from a revision the history no longer holds
+    protocol.LEASE_NOT_FOUND: HTTPStatus.NOT_FOUND,
 }
 
 
@@ -328,7 +332,7 @@ def _handler_for(gw: HttpGateway) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(CoordinationRoutes, BaseHTTPRequestHandler):
     gateway: HttpGateway
     server_version = "zraft"
     protocol_version = "HTTP/1.1"  # keep-alive: curl and load tools reuse the connection
@@ -435,13 +439,16 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._begin():
             return
         path, _ = self._target()
-        if self._membership(path):
+        if self._membership(path) or self._coordination(path):
             return
         if path.startswith(KV_PREFIX):
             target = self._kv_target()
             if target is not None:
-                key = target[0]
-                self._with_client(lambda c: self._send_value(c.get(key)))
+                key, query = target
+                if "meta" in query:
+                    self._with_client(lambda c: self._json(HTTPStatus.OK, _meta_json(c.get_meta(key))))
+                else:
+                    self._with_client(lambda c: self._send_value(c.get(key)))
         elif path == "/v1/status":
             self._with_client(self._status)
         elif path == "/v1/cluster":
@@ -453,7 +460,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._not_found(path)
 
     def do_PUT(self) -> None:  # noqa: N802
-        if self._begin() and not self._membership(self._target()[0]):
+        if self._begin() and not self._membership(self._target()[0]) and not self._coordination(self._target()[0]):
             self._kv_put()
 
     def do_POST(self) -> None:  # noqa: N802
@@ -482,8 +489,14 @@ class _Handler(BaseHTTPRequestHandler):
         if "expect" in query or "absent" in query:
             expect = unquote_to_bytes(query["expect"]) if "expect" in query else None
             self._with_client(lambda c: self._swapped(*c.cas(key, expect, value)))
-        else:
-            self._with_client(lambda c: (c.put(key, value), self._json(HTTPStatus.OK, {"ok": True})))
+            return
+        try:
+            lease = _int(query.get("lease", "0").encode(), "lease")
+        except _Invalid:
+            self._error(HTTPStatus.BAD_REQUEST, protocol.BAD_REQUEST, "?lease= takes a lease id (from /v1/lease/grant)")
+            return
+        self._with_client(lambda c: self._json(HTTPStatus.OK, {"ok": True, "revision": c.put(
+            key, value, lease=lease or None)}))
 
     # ------------------------------------------------------------------ membership routes
 
@@ -655,12 +668,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _swapped(self, swapped: bool, current: bytes | None) -> None:
         body: dict[str, Any] = {"swapped": swapped}
         if not swapped:
-            body.update(_value_fields(current))
+            body.update(text_fields("value", current))
         self._json(HTTPStatus.OK if swapped else HTTPStatus.PRECONDITION_FAILED, body)
 
     def _not_found(self, path: str) -> None:
         self._error(HTTPStatus.NOT_FOUND, "not_found", f"no route {self.command} {path}; see docs/PROTOCOL.md "
-                                                       "(/v1/kv/KEY, /v1/status, /v1/cluster, /v1/members, "
+                                                       "(/v1/kv/KEY, /v1/kv?prefix=, /v1/txn, /v1/watch, "
+                                                       "/v1/lease/..., /v1/status, /v1/cluster, /v1/members, "
                                                        "/v1/leader, /health)")
 
     def _error(self, status: HTTPStatus, code: str, message: str, allow: str | None = None) -> None:
@@ -695,19 +709,9 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http %s: " + format, self.address_string(), *args)
 
 
-def _value_fields(value: bytes | None) -> dict[str, Any]:
-    """A value in JSON: as text when it is UTF-8, and always as base64 (values are bytes)."""
-    if value is None:
-        return {"value": None, "value_base64": None}
-    try:
-        text: str | None = value.decode()
-    except UnicodeDecodeError:
-        text = None
-    return {"value": text, "value_base64": base64.b64encode(value).decode()}
-
-
-class _Invalid(Exception):
-    """A membership request the gateway refuses as sent (400 bad_request, with this message)."""
+def _meta_json(rep: dict[str, Any]) -> dict[str, Any]:
+    """GET /v1/kv/KEY?meta: the value (text and base64), the store's revision and the key's metadata."""
+    return {**text_fields("value", rep.get("value")), **{k: v for k, v in rep.items() if k != "value"}}
 
 
 def _no_duplicate_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
