@@ -63,6 +63,20 @@ class _Queue:
                 return sorted(kvs), revision
             start = r.kvs[-1][0] + b"\x00"
 
+    def take_turn(self, value: bytes = b"") -> None:
+        """Join the queue and block until first in it (on any failure, leave it)."""
+        self.enter(value)
+        try:
+            self.wait_first()
+        except BaseException:
+            self.leave()
+            raise
+
+    @property
+    def holding(self) -> bool:
+        """In the queue, with the lease alive (first in it, once take_turn has returned)."""
+        return bool(self.key) and self.lease is not None and self.lease.alive
+
     def wait_first(self) -> None:
         """Block until our key is the first of the queue."""
         while True:
@@ -106,19 +120,14 @@ class Lock:
         self._q = _Queue(client, b"locks/" + name, ttl)
 
     def acquire(self) -> None:
-        self._q.enter()
-        try:
-            self._q.wait_first()
-        except BaseException:
-            self._q.leave()
-            raise
+        self._q.take_turn()
 
     def release(self) -> None:
         self._q.leave()
 
     @property
     def held(self) -> bool:
-        return bool(self._q.key) and self._q.lease is not None and self._q.lease.alive
+        return self._q.holding
 
     @property
     def key(self) -> bytes:
@@ -143,19 +152,14 @@ class Election:
 
     def campaign(self, value: bytes | str) -> None:
         """Stand, and block until this candidate leads."""
-        self._q.enter(value.encode() if isinstance(value, str) else value)
-        try:
-            self._q.wait_first()
-        except BaseException:
-            self._q.leave()
-            raise
+        self._q.take_turn(value.encode() if isinstance(value, str) else value)
 
     def resign(self) -> None:
         self._q.leave()
 
     @property
     def leading(self) -> bool:
-        return bool(self._q.key) and self._q.lease is not None and self._q.lease.alive
+        return self._q.holding
 
     def leader(self) -> tuple[bytes, bytes] | None:
         """The leader's (key, value), or None if nobody stands."""
