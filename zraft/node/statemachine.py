@@ -228,6 +228,7 @@ class KVStateMachine:
         self.applied_term = backend.applied_term
         self.sessions = backend.load_sessions()
         self.meta = StoreMeta.decode(backend.table_get(REC_META, b""))
+        self._metas = _MetaCache(backend)
         # The history's revisions, oldest first: (revision, bytes, event keys). Rebuilt from the table.
         self._history: deque[tuple[int, int, list[bytes]]] = deque()
         self._history_size = 0
@@ -253,11 +254,11 @@ class KVStateMachine:
         return {mvcc.lease_id(k): mvcc.decode_lease(v) for k, v in self.backend.table_scan(REC_LEASE)}
 
     def lease_keys(self, lease: int) -> list[bytes]:
-        return _Batch(self.backend, self.meta.revision).lease_keys(lease)
+        return _Batch(self.backend, self.meta.revision, self._metas).lease_keys(lease)
 
     def get_meta(self, key: bytes) -> KeyMeta | None:
         """A key's metadata, None if the key does not exist."""
-        return _stored_meta(self.backend, key)
+        return self._metas.get(key)
 
     def range(self, start: bytes, end: bytes | None, limit: int = 0, keys_only: bool = False,
               max_bytes: int = 1 << 62) -> tuple[list[list], bool]:
@@ -289,7 +290,7 @@ class KVStateMachine:
             return []
         if entries[0].index != self.applied_index + 1:
             raise AssertionError(f"apply of {entries[0].index} after {self.applied_index}: a gap or a replay")
-        batch = _Batch(self.backend, self.meta.revision)
+        batch = _Batch(self.backend, self.meta.revision, self._metas)
         session_updates: dict[int, SessionRecord | None] = {}
         results: list[Any] = []
         membership: bytes | None = None
@@ -318,6 +319,7 @@ class KVStateMachine:
         tables = self._record_events(batch)
         self.backend.write(batch.updates, self.applied_index, session_updates, self.applied_term, membership,
                            tables)
+        self._metas.update(batch.meta_objs)  # (after the write: the cache never runs ahead of the store)
         return results
 
     def _record_events(self, batch: _Batch) -> dict[int, dict[bytes, bytes | None]] | None:
@@ -371,6 +373,35 @@ class KVStateMachine:
             session_updates[client_id] = None
 
 
+class _MetaCache:
+    """Key metadata as the store holds it (None: no such key), for the keys read or written lately: a put
+    reads its key's metadata, and most puts go to keys written before. Exact, not a guess: every apply
+    updates it after its write, and a snapshot install (reload) starts a new one. Bounded: it starts
+    over once it holds ``MAX`` keys."""
+
+    MAX = 200_000
+
+    def __init__(self, backend: StateStore) -> None:
+        self.backend = backend
+        self.metas: dict[bytes, KeyMeta | None] = {}
+
+    def get(self, key: bytes) -> KeyMeta | None:
+        try:
+            return self.metas[key]
+        except KeyError:
+            meta = self.metas[key] = _stored_meta(self.backend, key)
+            self._bound()
+            return meta
+
+    def update(self, metas: dict[bytes, KeyMeta | None]) -> None:
+        self.metas.update(metas)
+        self._bound()
+
+    def _bound(self) -> None:
+        if len(self.metas) > self.MAX:
+            self.metas.clear()
+
+
 def _stored_meta(backend: StateStore, key: bytes) -> KeyMeta | None:
     """A stored key's metadata (a key has it exactly while it exists, unless written before revisions)."""
     raw = backend.table_get(REC_KEYMETA, key)
@@ -407,11 +438,13 @@ class _StoreView:
 class _Batch(_StoreView):
     """One apply batch: its writes (seen by the later commands in it), new key metadata and events."""
 
-    def __init__(self, backend: StateStore, revision: int) -> None:
+    def __init__(self, backend: StateStore, revision: int, stored: _MetaCache) -> None:
         super().__init__(backend)
         self.revision = revision  # the store's revision after the commands so far
+        self.stored = stored
         self.updates: dict[bytes, bytes | None] = {}
-        self.metas: dict[bytes, bytes | None] = {}
+        self.metas: dict[bytes, bytes | None] = {}  # the metadata records this batch writes (None: deleted)
+        self.meta_objs: dict[bytes, KeyMeta | None] = {}  # ... and what they hold
         self.events: list[dict[str, Any]] = []
         self.event_records: list[tuple[bytes, bytes]] = []
         self._first_of_revision = 0  # the position in ``events`` of the newest revision's first event
@@ -422,10 +455,9 @@ class _Batch(_StoreView):
         return self.updates[key] if key in self.updates else self.backend.get(key)
 
     def meta(self, key: bytes) -> KeyMeta | None:
-        if key in self.metas:  # written in this batch (None: deleted)
-            raw = self.metas[key]
-            return None if raw is None else KeyMeta.decode(raw)
-        return _stored_meta(self.backend, key)
+        if key in self.meta_objs:  # written in this batch (None: deleted)
+            return self.meta_objs[key]
+        return self.stored.get(key)
 
     def scan(self, start: bytes, end: bytes | None) -> Iterator[tuple[bytes, bytes, int]]:
         """The store's scan with this batch's writes laid over it."""
@@ -483,6 +515,7 @@ class _Batch(_StoreView):
         self._attach(key, old.lease if old else 0, lease)
         self.updates[key] = value
         self.metas[key] = meta.encode()
+        self.meta_objs[key] = meta
         self._event(rev, mvcc.EVENT_PUT, key, value)
 
     def delete(self, key: bytes, rev: int) -> bool:
@@ -492,6 +525,7 @@ class _Batch(_StoreView):
         self._attach(key, old.lease, 0)
         self.updates[key] = None
         self.metas[key] = None
+        self.meta_objs[key] = None
         self._event(rev, mvcc.EVENT_DELETE, key, None)
         return True
 
