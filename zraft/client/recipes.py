@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from zraft.client import txn
+from zraft.client import protocol, txn
+from zraft.client.client import ZraftError
 from zraft.client.lease import Lease
 from zraft.node.mvcc import prefix_end
 
@@ -42,13 +43,24 @@ class _Queue:
         self.revision = 0  # the create revision of our key: our place in the queue
 
     def enter(self, value: bytes = b"") -> None:
-        if self.lease is None:
-            self.lease = Lease(self.client, self.ttl)
-        self.key = self.prefix + b"%016x" % self.lease.id
-        r = (self.client.txn().when(txn.create_revision(self.key) == 0)
-             .then(txn.put(self.key, value, lease=self.lease.id))
-             .otherwise(txn.get(self.key)).commit())
-        self.revision = r.revision if r.succeeded else self.client.get_meta(self.key)["create_revision"]
+        """Write our key (once: a retry finds it there). A lease of our own that expired before we could
+        use it (a failover longer than its TTL) is replaced by a new one, once."""
+        for attempt in (1, 2):
+            if self.lease is None:
+                self.lease = Lease(self.client, self.ttl)
+            self.key = self.prefix + b"%016x" % self.lease.id
+            try:
+                r = (self.client.txn().when(txn.create_revision(self.key) == 0)
+                     .then(txn.put(self.key, value, lease=self.lease.id))
+                     .otherwise(txn.get(self.key)).commit())
+            except ZraftError as exc:
+                if exc.code != protocol.LEASE_NOT_FOUND or attempt == 2 or not self._own_lease:
+                    raise
+                self.lease.revoke()
+                self.lease = None
+                continue
+            self.revision = r.revision if r.succeeded else self.client.get_meta(self.key)["create_revision"]
+            return
 
     def queue(self) -> tuple[list[tuple[int, bytes, bytes]], int]:
         """Everyone in the queue as (create revision, key, value), first first, and the revision read at.
