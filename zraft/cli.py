@@ -347,8 +347,9 @@ def client_range(prefix: str = typer.Argument(..., help="Every key that starts w
                  as_json: bool = typer.Option(False, "--json", help="One JSON object: kvs, more, revision."),
                  config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
                  timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
-    """Print the keys under PREFIX in key order, each key on a line and its value on the next (etcdctl get
-    --prefix). Each page is a linearizable read (a node cuts a reply at about 2 MiB; the next page follows)."""
+    """Print the keys under PREFIX in key order: each key, then its value (like etcdctl get --prefix).
+
+    Each page is a linearizable read (a node cuts a reply at about 2 MiB; the next page follows)."""
     from zraft.node.mvcc import prefix_end
 
     def read(c):
@@ -380,8 +381,10 @@ def client_watch(name: str = typer.Argument(..., metavar="PREFIX", help="Watch e
                  rev: int = typer.Option(0, "--rev", min=0, help="Start at this revision (0: the next write)."),
                  config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
                  keys: Path | None = KeysOpt) -> None:
-    """Print each change as it is committed, one line each: `REVISION PUT KEY VALUE` or `REVISION DELETE KEY`,
-    until Ctrl-C. It resumes by itself across leader changes; exit code 2 if the history no longer holds --rev."""
+    """Print each change under PREFIX as it is committed, until Ctrl-C.
+
+    One line each: `REVISION PUT KEY VALUE` or `REVISION DELETE KEY`. It resumes by itself across leader
+    changes; exit code 2 if the history no longer holds --rev."""
     from zraft.client import ZraftError
 
     try:
@@ -402,9 +405,10 @@ def client_lock(ctx: typer.Context, name: str = typer.Argument(..., help="The lo
                 ttl: int = typer.Option(10, "--ttl", min=1, help="Seconds the lock outlives its holder if it dies."),
                 config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
                 keys: Path | None = KeysOpt) -> None:
-    """Run a command while holding the lock NAME (like `etcdctl lock NAME -- CMD`): `zraft client lock jobs --
-    ./nightly.sh`. Waits its turn (fair: first come, first served); exits with the command's exit code. Without a
-    command, prints the lock's key once held and holds it until Ctrl-C."""
+    """Run a command while holding the lock NAME (like etcdctl lock NAME -- CMD).
+
+    `zraft client lock jobs -- ./nightly.sh` waits its turn (fair: first come, first served) and exits with the
+    command's exit code. Without a command, it prints the lock's key once held and holds it until Ctrl-C."""
     import subprocess
 
     from zraft.client import ZraftError
@@ -433,8 +437,10 @@ def client_elect(name: str = typer.Argument(..., help="The election's name."),
                  ttl: int = typer.Option(10, "--ttl", min=1, help="Seconds leadership outlives a dead leader."),
                  config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
                  keys: Path | None = KeysOpt) -> None:
-    """Leader election (like `etcdctl elect`): with PROPOSAL, stand, print it once elected and lead until Ctrl-C;
-    without, print the leader's value each time it changes."""
+    """Leader election NAME (like etcdctl elect): stand with PROPOSAL, or watch the leader.
+
+    With PROPOSAL: stand, print it once elected and lead until Ctrl-C. Without: print the leader's value each
+    time it changes."""
     import time
 
     from zraft.client import ZraftError
@@ -476,8 +482,9 @@ def lease_grant(ttl: int = typer.Argument(..., min=1, max=1 << 31, help="Seconds
 def lease_keepalive(lease: int = LeaseArg, once: bool = typer.Option(False, "--once", help="One keepalive, then exit."),
                     config: Path = ConfigOpt, endpoints: list[str] | None = EndpointsOpt,
                     timeout: float = TimeoutOpt, keys: Path | None = KeysOpt) -> None:
-    """Keep the lease alive: a keepalive every third of its TTL until Ctrl-C (or one with --once). Exit code 2
-    once the lease is gone (expired or revoked)."""
+    """Keep the lease alive until Ctrl-C (or once, with --once).
+
+    A keepalive every third of its TTL; exit code 2 once the lease is gone (expired or revoked)."""
     import time
 
     try:
