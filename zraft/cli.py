@@ -350,19 +350,16 @@ def client_range(prefix: str = typer.Argument(..., help="Every key that starts w
     """Print the keys under PREFIX in key order: each key, then its value (like etcdctl get --prefix).
 
     Each page is a linearizable read (a node cuts a reply at about 2 MiB; the next page follows)."""
-    from zraft.node.mvcc import prefix_end
-
     def read(c):
         kvs, more, revision = [], False, 0
-        start, end = _arg_bytes(prefix), prefix_end(_arg_bytes(prefix))
-        while True:
-            r = c.range(start=start, end=end, limit=limit - len(kvs) if limit else 0, keys_only=keys_only)
+        for r in c.range_pages(_arg_bytes(prefix), page=min(limit or 1000, 1000), keys_only=keys_only):
             kvs += r.kvs
             revision = revision or r.revision
             more = r.more
-            if not r.more or not r.kvs or (limit and len(kvs) >= limit):
-                return kvs, more, revision
-            start = r.kvs[-1][0] + b"\x00"
+            if limit and len(kvs) >= limit:
+                more = more or len(kvs) > limit
+                return kvs[:limit], more, revision
+        return kvs, more, revision
 
     kvs, more, revision = _run_client(config, endpoints, timeout, read, keys)
     if as_json:

@@ -177,15 +177,20 @@ class Client:
         rep = self._call(range_(prefix, start, end, limit, keys_only), write=False)
         return RangeResult([(k, v, rev) for k, v, rev in rep["kvs"]], rep["more"], rep["revision"])
 
-    def range_all(self, prefix: bytes | str, page: int = 1000) -> Iterator[tuple[bytes, bytes, int]]:
-        """Every key under ``prefix``, page by page (each page linearizable; together not one cut)."""
+    def range_pages(self, prefix: bytes | str, page: int = 1000, keys_only: bool = False) -> Iterator[RangeResult]:
+        """Every key under ``prefix``, page after page (each page linearizable; together not one cut)."""
         start, end = _bytes(prefix), prefix_end(_bytes(prefix))
         while True:
-            r = self.range(start=start, end=end, limit=page)
-            yield from r.kvs
+            r = self.range(start=start, end=end, limit=page, keys_only=keys_only)
+            yield r
             if not r.more or not r.kvs:
                 return
             start = r.kvs[-1][0] + b"\x00"
+
+    def range_all(self, prefix: bytes | str, page: int = 1000) -> Iterator[tuple[bytes, bytes, int]]:
+        """Every key under ``prefix`` as (key, value, mod_revision), page by page (see range_pages)."""
+        for r in self.range_pages(prefix, page):
+            yield from r.kvs
 
     def txn(self) -> Txn:
         """A transaction to build and commit (zraft.client.txn)."""

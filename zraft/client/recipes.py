@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 from zraft.client import protocol, txn
 from zraft.client.client import ZraftError
 from zraft.client.lease import Lease
-from zraft.node.mvcc import prefix_end
 
 if TYPE_CHECKING:
     from zraft.client.client import Client
@@ -66,14 +65,10 @@ class _Queue:
         """Everyone in the queue as (create revision, key, value), first first, and the revision read at.
         (Each key is written once, so its mod revision is its create revision.)"""
         kvs, revision = [], 0
-        start = self.prefix
-        while True:
-            r = self.client.range(start=start, end=prefix_end(self.prefix), limit=1000)
+        for r in self.client.range_pages(self.prefix):
             kvs += [(rev, k, v) for k, v, rev in r.kvs]
             revision = revision or r.revision
-            if not r.more or not r.kvs:
-                return sorted(kvs), revision
-            start = r.kvs[-1][0] + b"\x00"
+        return sorted(kvs), revision
 
     def take_turn(self, value: bytes = b"") -> None:
         """Join the queue and block until first in it (on any failure, leave it)."""
