@@ -70,7 +70,7 @@ import msgpack
 import plyvel
 
 from zraft.node.interfaces import LogState
-from zraft.node.mvcc import REC_EVENT, REC_KEYMETA, REC_LEASE, REC_LEASE_KEY, REC_META
+from zraft.node.mvcc import REC_EVENT, REC_KEYMETA, REC_LEASE, REC_LEASE_KEY, REC_META, prefix_end
 from zraft.node.statemachine import (
     REC_CONFIG,
     REC_DATA,
@@ -184,7 +184,7 @@ def _scan_range(db: plyvel.DB | plyvel.Snapshot, prefix: bytes, start: bytes, en
                 ) -> Iterator[tuple[bytes, bytes]]:
     """(key without ``prefix``, payload) of the sealed records under ``prefix`` with keys in [start, end)."""
     cut = len(prefix)
-    stop = prefix + end if end is not None else _after_prefix(prefix)
+    stop = prefix + end if end is not None else prefix_end(prefix)  # (a generation prefix has one)
     try:
         with db.iterator(start=prefix + start, stop=stop, verify_checksums=True) as it:
             for k, v in it:
@@ -193,13 +193,14 @@ def _scan_range(db: plyvel.DB | plyvel.Snapshot, prefix: bytes, start: bytes, en
         raise DamageError(damage_text(exc)) from None
 
 
-def _after_prefix(prefix: bytes) -> bytes:
-    """The first key after every key under ``prefix`` (a generation prefix never ends in 0xff bytes only)."""
-    p = bytearray(prefix)
-    while p[-1] == 0xFF:
-        p.pop()
-    p[-1] += 1
-    return bytes(p)
+def _write_rows(wb: plyvel.WriteBatch, prefix: bytes, rows: dict[bytes, bytes | None]) -> None:
+    """Sealed puts (and deletes, for None) of the records under ``prefix``."""
+    for k, v in rows.items():
+        key = prefix + k
+        if v is None:
+            wb.delete(key)
+        else:
+            wb.put(key, _seal(key, v))
 
 
 def damage_text(exc: DamageError | plyvel.CorruptionError) -> str:
@@ -371,24 +372,14 @@ class LevelDBStateStore(AppliedMark):
     def write(self, updates: dict[bytes, bytes | None], applied_index: int,
               sessions: dict[int, SessionRecord | None] | None = None, applied_term: int = 0,
               membership: bytes | None = None, tables: dict[int, dict[bytes, bytes | None]] | None = None) -> None:
-        data = self._data
         with self.db.write_batch() as wb:
             for kind, rows in (tables or {}).items():
-                prefix = self._tables[kind]
-                for k, v in rows.items():
-                    if v is None:
-                        wb.delete(prefix + k)
-                    else:
-                        wb.put(prefix + k, _seal(prefix + k, v))
+                _write_rows(wb, self._tables[kind], rows)
             if membership is not None:
                 key = _gen_prefix(_CONFIG, self.gen)
                 wb.put(key, _seal(key, membership))
                 self._membership = membership
-            for k, v in updates.items():
-                if v is None:
-                    wb.delete(data + k)
-                else:
-                    wb.put(data + k, _seal(data + k, v))
+            _write_rows(wb, self._data, updates)
             sp = _gen_prefix(_SESSION, self.gen)
             for client_id, rec in (sessions or {}).items():
                 key = sp + _U64.pack(client_id)
