@@ -11,7 +11,8 @@ from typing import Any
 
 import msgpack
 
-from zraft.node.mvcc import prefix_end
+from zraft.node import mvcc
+from zraft.node.mvcc import MAX_TXN_OPS, prefix_end
 
 SESSION_EXPIRED = "session_expired"
 NOT_LEADER = "not_leader"
@@ -29,9 +30,6 @@ WRITE_OPS = frozenset({"put", "delete", "cas", "txn"}) | LEASE_OPS
 READ_OPS = frozenset({"get", "range"})  # served by the leader through ReadIndex
 MEMBER_OPS = frozenset({"add_member", "remove_member", "promote_member", "transfer_leader"})
 OPS = WRITE_OPS | READ_OPS | MEMBER_OPS | {"status", "fault", "compact", "snapshot", "members", "watch"}
-TXN_TARGETS = ("value", "version", "create_revision", "mod_revision", "exists")  # zraft.node.mvcc.TARGETS
-TXN_CMPS = ("==", "!=", "<", ">")
-MAX_TXN_OPS = 128
 MAX_WATCH_TIMEOUT_S = 3600.0
 FAULT_ACTIONS = frozenset({"isolate", "heal", "drop", "delay", "drop_replies", "clear", "show"})
 
@@ -289,7 +287,7 @@ def _parse_txn(req: dict, limits: Limits) -> Request:
         if not isinstance(ops, list) or len(ops) > MAX_TXN_OPS:
             raise RequestError(BAD_REQUEST, f"{name} must be a list of at most {MAX_TXN_OPS} requests")
         branch = [_parse_txn_op(op, limits) for op in ops]
-        written = [op[1] for op in branch if op[0] in (1, 2, 10)]
+        written = [op[1] for op in branch if op[0] in (mvcc.PUT, mvcc.DELETE, mvcc.PUT_LEASE)]
         if len(set(written)) != len(written):
             raise RequestError(BAD_REQUEST, f"a key is written twice in {name} (etcd's rule: once per branch)")
         branches.append(branch)
@@ -302,11 +300,11 @@ def _parse_compare(c: Any, limits: Limits) -> list:
     key = c[0].encode() if isinstance(c[0], str) else c[0]
     if type(key) is not bytes or len(key) > limits.max_key_bytes:
         raise RequestError(BAD_REQUEST, "a compare's key must be bin or str within the key limit")
-    if c[1] not in TXN_TARGETS:
-        raise RequestError(BAD_REQUEST, f"a compare's target must be one of {list(TXN_TARGETS)}, not {c[1]!r:.40}")
-    if c[2] not in TXN_CMPS:
-        raise RequestError(BAD_REQUEST, f"a compare's cmp must be one of {list(TXN_CMPS)}, not {c[2]!r:.40}")
-    target, cmp, operand = TXN_TARGETS.index(c[1]), TXN_CMPS.index(c[2]), c[3]
+    if c[1] not in mvcc.TARGETS:
+        raise RequestError(BAD_REQUEST, f"a compare's target must be one of {list(mvcc.TARGETS)}, not {c[1]!r:.40}")
+    if c[2] not in mvcc.CMPS:
+        raise RequestError(BAD_REQUEST, f"a compare's cmp must be one of {list(mvcc.CMPS)}, not {c[2]!r:.40}")
+    target, cmp, operand = mvcc.TARGETS.index(c[1]), mvcc.CMPS.index(c[2]), c[3]
     if c[1] == "value":
         operand = operand.encode() if isinstance(operand, str) else operand
         if type(operand) is not bytes or len(operand) > limits.max_value_bytes:
@@ -326,13 +324,13 @@ def _parse_txn_op(op: Any, limits: Limits) -> list:
     kind = op["op"]
     if kind == "range":
         r = _parse_range(op, limits)
-        return [6, r.key, r.end, r.limit, r.keys_only]
+        return [mvcc.RANGE, r.key, r.end, r.limit, r.keys_only]
     key = _as_bytes(op, "key", limits.max_key_bytes)
     if kind == "put":
         lease = _lease_id(op, "lease", optional=True)
         value = _as_bytes(op, "value", limits.max_value_bytes)
-        return [10, key, value, lease] if lease else [1, key, value]
-    return [2 if kind == "delete" else 5, key]
+        return [mvcc.PUT_LEASE, key, value, lease] if lease else [mvcc.PUT, key, value]
+    return [mvcc.DELETE if kind == "delete" else mvcc.GET, key]
 
 
 _PARSERS = {

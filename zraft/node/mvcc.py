@@ -41,6 +41,13 @@ _EVENT_KEY = struct.Struct(">QI")
 EVENT_PUT, EVENT_DELETE = 0, 1
 EVENT_TYPES = ("put", "delete")
 
+# The state machine's command codes (zraft.node.statemachine), here so that the wire protocol can build a
+# transaction's requests in command form without importing the state machine.
+PUT, DELETE, CAS, TXN = 1, 2, 3, 4
+GET, RANGE = 5, 6  # (inside a transaction only)
+LEASE_GRANT, LEASE_KEEPALIVE, LEASE_REVOKE, PUT_LEASE = 7, 8, 9, 10
+MAX_TXN_OPS = 128  # compares, and requests in each branch, of one transaction (etcd's default)
+
 # Transaction compares: targets and comparisons, as small ints in commands (names on the wire).
 TARGETS = ("value", "version", "create_revision", "mod_revision", "exists")
 CMPS = ("==", "!=", "<", ">")

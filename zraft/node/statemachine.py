@@ -42,13 +42,24 @@ import msgpack
 
 from zraft.client.protocol import BAD_REQUEST, LEASE_NOT_FOUND, SESSION_EXPIRED
 from zraft.node import mvcc
-from zraft.node.mvcc import (
+from zraft.node.mvcc import (  # (the command codes live in mvcc, for the wire protocol; used by their names here)
+    CAS,
+    DELETE,
+    GET,
+    LEASE_GRANT,
+    LEASE_KEEPALIVE,
+    LEASE_REVOKE,
     LEGACY_META,
+    MAX_TXN_OPS,
+    PUT,
+    PUT_LEASE,
+    RANGE,
     REC_EVENT,
     REC_KEYMETA,
     REC_LEASE,
     REC_LEASE_KEY,
     REC_META,
+    TXN,
     KeyMeta,
     StoreMeta,
 )
@@ -57,10 +68,6 @@ from zraft.raft.messages import Entry, EntryType
 
 if TYPE_CHECKING:
     from zraft.node.interfaces import StateStore
-
-PUT, DELETE, CAS, TXN = 1, 2, 3, 4
-GET, RANGE = 5, 6  # (inside a transaction only)
-LEASE_GRANT, LEASE_KEEPALIVE, LEASE_REVOKE, PUT_LEASE = 7, 8, 9, 10
 
 
 Session = tuple[int, int] | None  # (client_id, seq)
@@ -183,8 +190,6 @@ def _check_ops(ops: Any, max_key_bytes: int, max_value_bytes: int) -> str | None
             written.add(op[1])
     return None
 
-
-MAX_TXN_OPS = 128  # compares, and requests in each branch, of one transaction (etcd's default)
 
 # Command layouts: op, then k(ey), v(alue), e(xpected value or nil), s(ession or nil), C(ompares),
 # B(ranch: a list of requests), K (a range end: key or nil), n (a limit), b (a flag).
@@ -661,7 +666,7 @@ class AppliedMark:
 
 # ---------------------------------------------------------------------- records and chunks
 
-REC_DATA, REC_SESSION, REC_CONFIG = 0, 1, 2  # record kinds in a snapshot chunk (3-5: zraft.node.mvcc's)
+REC_DATA, REC_SESSION, REC_CONFIG = 0, 1, 2  # record kinds in a snapshot chunk (3-7: zraft.node.mvcc's)
 TABLE_KINDS = (REC_META, REC_EVENT, REC_KEYMETA, REC_LEASE, REC_LEASE_KEY)  # the coordination API's tables
 RECORD_KINDS = (REC_DATA, REC_SESSION, REC_CONFIG, *TABLE_KINDS)
 DEFAULT_CHUNK_BYTES = 256 << 10
