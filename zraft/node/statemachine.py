@@ -324,7 +324,7 @@ class KVStateMachine:
         tables = self._record_events(batch)
         self.backend.write(batch.updates, self.applied_index, session_updates, self.applied_term, membership,
                            tables)
-        self._metas.update(batch.meta_objs)  # (after the write: the cache never runs ahead of the store)
+        self._metas.update(batch.metas)  # (after the write: the cache never runs ahead of the store)
         return results
 
     def _record_events(self, batch: _Batch) -> dict[int, dict[bytes, bytes | None]] | None:
@@ -332,8 +332,10 @@ class KVStateMachine:
         self.events = batch.events
         self.lease_changes = batch.lease_changes
         tables = {kind: rows for kind, rows in batch.rows.items() if rows}
+        if batch.metas:
+            tables[REC_KEYMETA] = {k: None if m is None else m.encode() for k, m in batch.metas.items()}
         if not batch.events:
-            return {REC_KEYMETA: batch.metas, **tables} if batch.metas or tables else None
+            return tables or None
         history: dict[bytes, bytes | None] = {}
         for ev, (k, v) in zip(batch.events, batch.event_records, strict=True):
             history[k] = v
@@ -347,7 +349,7 @@ class KVStateMachine:
                 history[k] = None
             compacted = rev
         self.meta = StoreMeta(batch.revision, compacted)
-        return {REC_KEYMETA: batch.metas, REC_EVENT: history, REC_META: {b"": self.meta.encode()}, **tables}
+        return {**tables, REC_EVENT: history, REC_META: {b"": self.meta.encode()}}
 
     def _remember(self, revision: int, key: bytes, size: int) -> None:
         if self._history and self._history[-1][0] == revision:
@@ -448,8 +450,7 @@ class _Batch(_StoreView):
         self.revision = revision  # the store's revision after the commands so far
         self.stored = stored
         self.updates: dict[bytes, bytes | None] = {}
-        self.metas: dict[bytes, bytes | None] = {}  # the metadata records this batch writes (None: deleted)
-        self.meta_objs: dict[bytes, KeyMeta | None] = {}  # ... and what they hold
+        self.metas: dict[bytes, KeyMeta | None] = {}  # the key metadata this batch writes (None: deleted)
         self.events: list[dict[str, Any]] = []
         self.event_records: list[tuple[bytes, bytes]] = []
         self._first_of_revision = 0  # the position in ``events`` of the newest revision's first event
@@ -460,8 +461,8 @@ class _Batch(_StoreView):
         return self.updates[key] if key in self.updates else self.backend.get(key)
 
     def meta(self, key: bytes) -> KeyMeta | None:
-        if key in self.meta_objs:  # written in this batch (None: deleted)
-            return self.meta_objs[key]
+        if key in self.metas:  # written in this batch (None: deleted)
+            return self.metas[key]
         return self.stored.get(key)
 
     def scan(self, start: bytes, end: bytes | None) -> Iterator[tuple[bytes, bytes, int]]:
@@ -519,8 +520,7 @@ class _Batch(_StoreView):
                                                                        lease)
         self._attach(key, old.lease if old else 0, lease)
         self.updates[key] = value
-        self.metas[key] = meta.encode()
-        self.meta_objs[key] = meta
+        self.metas[key] = meta
         self._event(rev, mvcc.EVENT_PUT, key, value)
 
     def delete(self, key: bytes, rev: int) -> bool:
@@ -530,7 +530,6 @@ class _Batch(_StoreView):
         self._attach(key, old.lease, 0)
         self.updates[key] = None
         self.metas[key] = None
-        self.meta_objs[key] = None
         self._event(rev, mvcc.EVENT_DELETE, key, None)
         return True
 
@@ -582,9 +581,7 @@ class _Batch(_StoreView):
 
     def _no_lease(self, lease: int) -> dict[str, Any] | None:
         """The error result for a lease that does not exist (None if it does)."""
-        if self.lease_ttl(lease) is None:
-            return {"error": LEASE_NOT_FOUND, "message": f"lease {lease} does not exist (expired or revoked?)"}
-        return None
+        return _lease_not_found(lease) if self.lease_ttl(lease) is None else None
 
     def _lease_op(self, cmd: list, rev: int) -> dict[str, Any]:
         op, lease = cmd[0], cmd[1]
@@ -597,7 +594,7 @@ class _Batch(_StoreView):
             return {"lease": lease, "ttl": cmd[2]}
         ttl = self.lease_ttl(lease)
         if ttl is None:
-            return self._no_lease(lease) or {}
+            return _lease_not_found(lease)
         if op == LEASE_KEEPALIVE:
             self.lease_changes.append(("keepalive", lease, ttl))
             return {"ttl": ttl}
@@ -612,8 +609,9 @@ class _Batch(_StoreView):
                         for key, target, cmp, operand in cmd[1])
         branch = cmd[2] if succeeded else cmd[3]
         for op in branch:  # as etcd: a put to a lease that does not exist fails the whole transaction
-            if op[0] == PUT_LEASE and self._no_lease(op[3]):
-                return self._no_lease(op[3]) or {}
+            refused = self._no_lease(op[3]) if op[0] == PUT_LEASE else None
+            if refused:
+                return refused
         responses = []
         for op in branch:
             kind = op[0]
@@ -643,6 +641,10 @@ def _range(view: _StoreView, start: bytes, end: bytes | None, limit: int, keys_o
         out.append([k, None if keys_only else v, rev])
         size += len(k) + (0 if keys_only else len(v)) + 12
     return out, False
+
+
+def _lease_not_found(lease: int) -> dict[str, Any]:
+    return {"error": LEASE_NOT_FOUND, "message": f"lease {lease} does not exist (expired or revoked?)"}
 
 
 def _session_error(message: str) -> dict[str, str]:
